@@ -14,8 +14,20 @@ from xend_lite.kvm.vm import MsrFilterRange, Vm
 #: Constants a caller needs by name (capabilities, exit reasons, MSR exit reasons).
 const = _lib
 
+
+def buffer_address(buf) -> int:
+    """The host virtual address of a writable buffer (e.g. an mmap), for memory slots.
+
+    The caller keeps ``buf`` alive and unmoved for as long as KVM uses the address."""
+    from xend_lite.kvm._ffi import ffi
+
+    c = ffi.from_buffer(buf, require_writable=True)
+    addr = int(ffi.cast("uintptr_t", c))
+    ffi.release(c)
+    return addr
+
 __all__ = [
     "CAPABILITIES", "CpuidEntry", "Dtable", "Kvm", "KvmError", "MsrFilterRange", "Regs",
     "SYNC_EVENTS", "SYNC_REGS", "SYNC_SREGS", "Segment", "Sregs", "Translation", "Vcpu", "Vm",
-    "const", "exits",
+    "buffer_address", "const", "exits",
 ]

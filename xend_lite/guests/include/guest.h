@@ -1,0 +1,72 @@
+/* Shared definitions for xend-lite's test and default guests (GNU as, AT&T syntax, run
+ * through the C preprocessor). Guests start as the PVH ABI says: 32-bit protected mode,
+ * paging off, EBX = hvm_start_info. */
+#ifndef XEND_LITE_GUEST_H
+#define XEND_LITE_GUEST_H
+
+#define DEBUG_PORT 0xe9
+#define XEN_ELFNOTE_PHYS32_ENTRY 18
+#define MSR_EFER 0xc0000080
+
+/* GDT selectors laid out by GUEST_GDT below. */
+#define SEL_CODE64 0x08
+#define SEL_DATA 0x10
+#define SEL_CODE32 0x18
+#define SEL_UCODE64 0x23
+#define SEL_UDATA 0x2b
+#define SEL_UCODE32 0x33
+
+/* The PVH entry note: the loader starts the guest at `entry` with EBX = start_info. */
+#define PVH_NOTE(entry) \
+    .pushsection .note.Xen, "a", @note; .balign 4; \
+    .long 4; .long 4; .long XEN_ELFNOTE_PHYS32_ENTRY; .asciz "Xen"; .balign 4; \
+    .long entry; .balign 4; .popsection
+
+/* A flat GDT: 64-bit kernel code, data, 32-bit kernel code, and ring-3 variants. */
+#define GUEST_GDT \
+    .pushsection .data; .balign 16; \
+guest_gdt: \
+    .quad 0; \
+    .quad 0x00af9a000000ffff; \
+    .quad 0x00cf92000000ffff; \
+    .quad 0x00cf9a000000ffff; \
+    .quad 0x00affa000000ffff; \
+    .quad 0x00cff2000000ffff; \
+    .quad 0x00cffa000000ffff; \
+guest_gdt_end: \
+    .balign 8; \
+guest_gdt_desc: .word guest_gdt_end - guest_gdt - 1; .quad guest_gdt; \
+    .popsection
+
+/* Identity page tables for the first 4 GiB with 2 MiB pages (for long mode). */
+#define GUEST_PAGE_TABLES \
+    .pushsection .data; .balign 4096; \
+guest_pml4: .quad guest_pdpt + 0x3; .fill 511, 8, 0; \
+guest_pdpt: .quad guest_pd + 0x3; .quad guest_pd + 0x1003; .quad guest_pd + 0x2003; \
+    .quad guest_pd + 0x3003; .fill 508, 8, 0; \
+guest_pd: .set pd_i, 0; .rept 2048; .quad (pd_i << 21) | 0x87; .set pd_i, pd_i + 1; .endr; \
+    .popsection
+
+/* From 32-bit protected mode (paging off) to 64-bit long mode at `target`.
+ * Clobbers EAX, ECX, EDX. Needs GUEST_GDT and GUEST_PAGE_TABLES in the image. */
+#define ENTER_LONG_MODE(target) \
+    lgdt guest_gdt_desc; \
+    movl %cr4, %eax; orl $0x20, %eax; movl %eax, %cr4; \
+    movl $guest_pml4, %eax; movl %eax, %cr3; \
+    movl $MSR_EFER, %ecx; rdmsr; orl $0x100, %eax; wrmsr; \
+    movl %cr0, %eax; orl $0x80000000, %eax; movl %eax, %cr0; \
+    ljmp $SEL_CODE64, $target
+
+/* Write the NUL-terminated string at `label` to the debug port (64-bit code). */
+#define PUTS64(label) \
+    pushq %rsi; pushq %rax; pushq %rdx; leaq label(%rip), %rsi; movw $DEBUG_PORT, %dx; \
+9001: lodsb; testb %al, %al; jz 9002f; outb %al, %dx; jmp 9001b; \
+9002: popq %rdx; popq %rax; popq %rsi
+
+/* The same from 32-bit code. */
+#define PUTS32(label) \
+    pushl %esi; pushl %eax; pushl %edx; movl $label, %esi; movw $DEBUG_PORT, %dx; \
+9003: lodsb; testb %al, %al; jz 9004f; outb %al, %dx; jmp 9003b; \
+9004: popl %edx; popl %eax; popl %esi
+
+#endif

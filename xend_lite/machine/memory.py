@@ -1,0 +1,433 @@
+"""Guest memory: backings, the flat memory map with overlay pages, and bounds-checked access.
+
+The memory map is a flat view of guest-physical space: RAM regions, overlay pages that lie
+above RAM (or above nothing), and RAM pages taken out by ballooning. From that view it
+computes the KVM memory slots, splitting RAM around every overlay and every ballooned page,
+and applies only the difference. Callers change the map with every vCPU paused
+(Machine.update_memory); a failed apply restores the previous slots before it raises.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from xend_lite.errors import GuestMemoryError, InvalidArgument, NotFound
+from xend_lite.kvm import buffer_address
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+INVALID_GPA = (1 << 64) - 1
+# Low RAM ends here; RAM beyond it continues at 4 GiB (the hole holds the TSS and the
+# identity-map page KVM needs, and is where a PC keeps its MMIO).
+LOW_RAM_TOP = 0xC000_0000
+HIGH_RAM_BASE = 0x1_0000_0000
+
+
+class Backing:
+    """Page-aligned host memory that can back guest-physical pages.
+
+    ``anonymous`` memory is a memfd mapped MAP_SHARED (so untouched pages stay holes and a
+    snapshot can find the data cheaply); ``from_file`` maps a file MAP_PRIVATE, so a restored
+    guest never writes into its snapshot.
+    """
+
+    def __init__(self, name: str, fd: int, size: int, offset: int = 0, private: bool = False,
+                 owns_fd: bool = True):
+        if size <= 0 or size % PAGE_SIZE or offset % mmap.PAGESIZE:
+            raise InvalidArgument(f"backing {name}: size and offset must be page multiples")
+        self.name = name
+        self.fd = fd
+        self.size = size
+        self.offset = offset
+        self.private = private
+        self._owns_fd = owns_fd
+        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        self.map = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        self.view = memoryview(self.map)
+        self.addr = buffer_address(self.map)
+
+    @classmethod
+    def anonymous(cls, name: str, size: int) -> Backing:
+        fd = os.memfd_create(f"xend-lite:{name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return cls(name, fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def from_file(cls, name: str, fd: int, offset: int, size: int) -> Backing:
+        return cls(name, fd, size, offset=offset, private=True, owns_fd=False)
+
+    def zero(self, offset: int = 0, length: int | None = None) -> None:
+        """Zero a range; for memfd backings the pages are released (they read back as zero)."""
+        length = self.size - offset if length is None else length
+        if not self.private:
+            try:
+                fallocate_punch(self.fd, self.offset + offset, length)
+                return
+            except OSError:
+                pass
+        self.view[offset:offset + length] = bytes(length)
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+            self.map.close()
+            if self._owns_fd:
+                os.close(self.fd)
+
+
+def fallocate_punch(fd: int, offset: int, length: int) -> None:
+    """Punch a hole (release pages, reads give zeros) with fallocate(2)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    falloc = libc.fallocate
+    falloc.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+    if falloc(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass(frozen=True, slots=True)
+class RamRegion:
+    gpa: int
+    size: int
+    backing: Backing
+    offset: int  # into the backing
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One contiguous, backed stretch of guest-physical space (one KVM slot)."""
+
+    gpa: int
+    size: int
+    backing: Backing
+    offset: int
+    kind: str  # "ram" | "overlay"
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def host_addr(self) -> int:
+        return self.backing.addr + self.offset
+
+
+class SlotSink(Protocol):
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int,
+                               userspace_addr: int, flags: int = 0) -> None: ...
+
+
+class MemoryMap:
+    """The flat view and the KVM slots it implies."""
+
+    def __init__(self, sink: SlotSink, ram: list[RamRegion], phys_bits: int = 39,
+                 reserved: list[tuple[int, int, str]] | None = None):
+        self._sink = sink
+        self.ram = sorted(ram, key=lambda r: r.gpa)
+        self.phys_bits = phys_bits
+        self.reserved = list(reserved or [])  # (gpa, size, name): RAM a guest must not use
+        self._overlays: dict[str, tuple[int, Backing]] = {}
+        self._ballooned: set[int] = set()
+        self._slots: dict[tuple[int, int, int], int] = {}  # (gpa, size, host_addr) -> slot
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._lock = threading.Lock()
+        self.segments: tuple[Segment, ...] = ()
+        self._starts: list[int] = []
+        self.generation = 0
+        self.apply()
+
+    # -- the view ------------------------------------------------------------------------
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(r.size for r in self.ram)
+
+    @property
+    def ballooned_pages(self) -> int:
+        return len(self._ballooned)
+
+    def max_gpa(self) -> int:
+        return (1 << self.phys_bits) - 1
+
+    def overlay_gpa(self, name: str) -> int | None:
+        o = self._overlays.get(name)
+        return None if o is None else o[0]
+
+    def overlays(self) -> dict[str, int]:
+        return {n: g for n, (g, _) in self._overlays.items()}
+
+    def ram_region_at(self, gpa: int) -> RamRegion | None:
+        for r in self.ram:
+            if r.gpa <= gpa < r.end:
+                return r
+        return None
+
+    def is_ram_page(self, gfn: int) -> bool:
+        """True when the frame is guest RAM that has not been ballooned out."""
+        return gfn not in self._ballooned and self.ram_region_at(gfn << PAGE_SHIFT) is not None
+
+    def is_ballooned(self, gfn: int) -> bool:
+        return gfn in self._ballooned
+
+    def regions(self) -> list[dict]:
+        """Every backed stretch, in address order, plus reserved ranges."""
+        out = [{"gpa": s.gpa, "size": s.size, "kind": s.kind, "name": s.name} for s in self.segments]
+        out += [{"gpa": g, "size": n, "kind": "reserved", "name": name} for g, n, name in self.reserved]
+        return sorted(out, key=lambda d: (d["gpa"], d["kind"] != "reserved"))
+
+    def _compute(self) -> list[Segment]:
+        cuts = {g for g, _ in self._overlays.values()}
+        cuts |= {gfn << PAGE_SHIFT for gfn in self._ballooned}
+        cut_list = sorted(cuts)
+        segs: list[Segment] = []
+        for r in self.ram:
+            pos = r.gpa
+            i = bisect.bisect_left(cut_list, r.gpa)
+            while i < len(cut_list) and cut_list[i] < r.end:
+                c = cut_list[i]
+                if c > pos:
+                    segs.append(Segment(pos, c - pos, r.backing, r.offset + pos - r.gpa, "ram", r.backing.name))
+                pos = c + PAGE_SIZE
+                i += 1
+            if pos < r.end:
+                segs.append(Segment(pos, r.end - pos, r.backing, r.offset + pos - r.gpa, "ram", r.backing.name))
+        for name, (gpa, backing) in self._overlays.items():
+            segs.append(Segment(gpa, PAGE_SIZE, backing, 0, "overlay", name))
+        segs.sort(key=lambda s: s.gpa)
+        return segs
+
+    # -- changes (callers hold every vCPU paused) ----------------------------------------
+
+    def check_gpa(self, gpa: int) -> None:
+        if not isinstance(gpa, int) or isinstance(gpa, bool):
+            raise InvalidArgument("gpa must be an integer")
+        if gpa % PAGE_SIZE:
+            raise InvalidArgument(f"gpa {gpa:#x} is not page aligned")
+        if gpa < 0 or gpa + PAGE_SIZE - 1 > self.max_gpa():
+            raise InvalidArgument(
+                f"gpa {gpa:#x} is beyond the guest's {self.phys_bits}-bit physical address space")
+
+    def map_overlay(self, name: str, backing: Backing, gpa: int) -> None:
+        """Lay ``backing`` (one page) at ``gpa``; mapping a page again moves it."""
+        self.check_gpa(gpa)
+        if backing.size != PAGE_SIZE:
+            raise InvalidArgument("an overlay is exactly one page")
+        for other, (g, _) in self._overlays.items():
+            if g == gpa and other != name:
+                raise InvalidArgument(f"gpa {gpa:#x} already holds overlay {other}")
+        old = self._overlays.get(name)
+        self._overlays[name] = (gpa, backing)
+        try:
+            self.apply()
+        except BaseException:
+            if old is None:
+                del self._overlays[name]
+            else:
+                self._overlays[name] = old
+            raise
+
+    def unmap_overlay(self, name: str) -> None:
+        old = self._overlays.pop(name, None)
+        if old is None:
+            return
+        try:
+            self.apply()
+        except BaseException:
+            self._overlays[name] = old
+            raise
+
+    def remove_ram_page(self, gfn: int) -> None:
+        """Take a RAM frame out of the guest's map (ballooning out)."""
+        if not self.is_ram_page(gfn):
+            raise NotFound(f"frame {gfn:#x} is not populated RAM")
+        self._ballooned.add(gfn)
+        try:
+            self.apply()
+        except BaseException:
+            self._ballooned.discard(gfn)
+            raise
+        r = self.ram_region_at(gfn << PAGE_SHIFT)
+        r.backing.zero(r.offset + (gfn << PAGE_SHIFT) - r.gpa, PAGE_SIZE)
+
+    def restore_ram_page(self, gfn: int) -> None:
+        """Put a ballooned-out frame back, zeroed."""
+        if gfn not in self._ballooned:
+            raise NotFound(f"frame {gfn:#x} is not ballooned out")
+        self._ballooned.discard(gfn)
+        try:
+            self.apply()
+        except BaseException:
+            self._ballooned.add(gfn)
+            raise
+
+    def ballooned(self) -> list[int]:
+        return sorted(self._ballooned)
+
+    def set_ballooned(self, gfns: list[int]) -> None:
+        self._ballooned = set(gfns)
+        self.apply()
+
+    def clear(self) -> None:
+        """Unmap every overlay and put back every ballooned page (a reset)."""
+        self._overlays.clear()
+        self._ballooned.clear()
+        self.apply()
+
+    def apply(self) -> None:
+        """Make KVM's slots match the view, changing only what differs."""
+        with self._lock:
+            segs = self._compute()
+            want = {(s.gpa, s.size, s.host_addr): s for s in segs}
+            removed = [k for k in self._slots if k not in want]
+            added = [k for k in want if k not in self._slots]
+            done_remove: list[tuple[tuple[int, int, int], int]] = []
+            done_add: list[tuple[int, int, int]] = []
+            try:
+                for key in removed:
+                    slot = self._slots[key]
+                    self._sink.set_user_memory_region(slot, key[0], 0, key[2])
+                    done_remove.append((key, slot))
+                    del self._slots[key]
+                    self._free_slots.append(slot)
+                for key in added:
+                    slot = self._take_slot()
+                    try:
+                        self._sink.set_user_memory_region(slot, key[0], key[1], key[2])
+                    except BaseException:
+                        self._free_slots.append(slot)
+                        raise
+                    self._slots[key] = slot
+                    done_add.append(key)
+            except BaseException:
+                self._rollback(done_remove, done_add)
+                raise
+            self.segments = tuple(segs)
+            self._starts = [s.gpa for s in segs]
+            self.generation += 1
+
+    def _rollback(self, done_remove, done_add) -> None:
+        for key in done_add:
+            slot = self._slots.pop(key)
+            self._sink.set_user_memory_region(slot, key[0], 0, key[2])
+            self._free_slots.append(slot)
+        for key, _slot in done_remove:
+            slot = self._take_slot()
+            self._sink.set_user_memory_region(slot, key[0], key[1], key[2])
+            self._slots[key] = slot
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def slot_count(self) -> int:
+        return len(self._slots)
+
+    # -- lookup --------------------------------------------------------------------------
+
+    def find(self, gpa: int) -> Segment | None:
+        starts = self._starts
+        i = bisect.bisect_right(starts, gpa) - 1
+        if i < 0:
+            return None
+        s = self.segments[i]
+        return s if gpa < s.end else None
+
+
+class GuestMemory:
+    """Bounds-checked access to guest-physical memory, honouring overlays and holes.
+
+    Every guest address and length is checked: an access that touches an unbacked byte,
+    wraps, or is absurdly long raises GuestMemoryError and changes nothing.
+    """
+
+    MAX_ACCESS = 1 << 30
+
+    def __init__(self, memmap: MemoryMap):
+        self.map = memmap
+
+    def _pieces(self, gpa: int, length: int):
+        if not isinstance(gpa, int) or not isinstance(length, int):
+            raise GuestMemoryError("address and length must be integers", 0, 0)
+        if gpa < 0 or length < 0 or length > self.MAX_ACCESS or gpa + length > (1 << 64):
+            raise GuestMemoryError(f"bad guest access {gpa:#x}+{length:#x}", gpa, length)
+        pieces = []
+        pos, end = gpa, gpa + length
+        while pos < end:
+            seg = self.map.find(pos)
+            if seg is None:
+                raise GuestMemoryError(f"guest-physical {pos:#x} is not backed", gpa, length)
+            n = min(end, seg.end) - pos
+            off = seg.offset + pos - seg.gpa
+            pieces.append((seg.backing, off, n))
+            pos += n
+        return pieces
+
+    def read(self, gpa: int, length: int) -> bytes:
+        seg = self.map.find(gpa) if length else None
+        if seg is not None and gpa + length <= seg.end and length <= self.MAX_ACCESS:
+            off = seg.offset + gpa - seg.gpa
+            return seg.backing.map[off:off + length]
+        out = bytearray()
+        for backing, off, n in self._pieces(gpa, length):
+            out += backing.view[off:off + n]
+        return bytes(out)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        pieces = self._pieces(gpa, length)  # all checked before anything is written
+        pos = 0
+        for backing, off, n in pieces:
+            backing.view[off:off + n] = data[pos:pos + n]
+            pos += n
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 2), "little")
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 4), "little")
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    def write_u8(self, gpa: int, v: int) -> None:
+        self.write(gpa, (v & 0xFF).to_bytes(1, "little"))
+
+    def write_u16(self, gpa: int, v: int) -> None:
+        self.write(gpa, (v & 0xFFFF).to_bytes(2, "little"))
+
+    def write_u32(self, gpa: int, v: int) -> None:
+        self.write(gpa, (v & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def write_u64(self, gpa: int, v: int) -> None:
+        self.write(gpa, (v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
+
+    def is_backed(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._pieces(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True

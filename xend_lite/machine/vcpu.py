@@ -1,0 +1,191 @@
+"""One thread per vCPU: a small state machine driven by pause / resume / stop requests.
+
+The owner asks a runner to pause by setting its flag, then immediate_exit, then sending the
+kick signal (in that order, so a runner about to enter KVM_RUN cannot miss it), and waits
+for the runner to say it is paused. While paused the thread waits on a condition and the
+owner may use the vCPU's ioctls.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+from xend_lite.kvm import SYNC_REGS, SYNC_SREGS, KvmError, Vcpu, exits
+from xend_lite.kvm import const as K
+
+if TYPE_CHECKING:
+    from xend_lite.machine.machine import Machine
+
+log = logging.getLogger("xend_lite.vcpu")
+
+# Runner states
+CREATED, RUNNING, PAUSED, STOPPED = "created", "running", "paused", "stopped"
+
+_EXIT_IO = K.KVM_EXIT_IO
+_EXIT_IO_OUT = K.KVM_EXIT_IO_OUT
+
+
+class VcpuRunner:
+    def __init__(self, machine: Machine, vcpu: Vcpu):
+        self.machine = machine
+        self.vcpu = vcpu
+        self.index = vcpu.id
+        self.state = CREATED
+        self.exit_counts: collections.Counter[str] = collections.Counter()
+        self.exits_total = 0
+        self.last_rip = 0
+        self._cond = threading.Condition()
+        self._pause_req = False
+        self._stop_req = False
+        self._paused = False
+        self.thread: threading.Thread | None = None
+        self.error: str | None = None
+        vcpu.enable_sync_regs(SYNC_REGS | SYNC_SREGS)
+
+    # -- owner side ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
+        self.thread.start()
+
+    def request_pause(self) -> None:
+        with self._cond:
+            self._pause_req = True
+            self._cond.notify_all()
+        self._interrupt()
+
+    def wait_paused(self, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._paused and self.state not in (STOPPED, CREATED):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+                if not self._paused:
+                    self._interrupt()  # a kick can land just before KVM_RUN: kick again
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._pause_req = False
+            self.vcpu.set_immediate_exit(False)
+            self._cond.notify_all()
+
+    def request_stop(self) -> None:
+        with self._cond:
+            self._stop_req = True
+            self._cond.notify_all()
+        self._interrupt()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def _interrupt(self) -> None:
+        if self.vcpu.fd < 0:
+            return
+        self.vcpu.set_immediate_exit(True)
+        t = self.thread
+        if t is not None and t.is_alive() and t.ident is not None:
+            try:
+                Vcpu.kick(t.ident)
+            except (ProcessLookupError, OSError):
+                pass
+
+    # -- for handlers on this thread -----------------------------------------------------
+
+    def should_yield(self) -> bool:
+        """True when the owner wants this vCPU paused or stopped: a blocking handler returns."""
+        return self._pause_req or self._stop_req
+
+    def block(self, timeout: float | None, wake: Callable[[], bool]) -> bool:
+        """Wait (for a blocking hypercall) until ``wake()`` is true, ``timeout`` passes, or the
+        owner asks for a pause/stop. Returns wake()'s final value. Wake it with notify()."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not wake():
+                if self._pause_req or self._stop_req:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._cond.wait(left if left is not None else 1.0)
+            return wake()
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the thread must report, never die silently
+            log.exception("vcpu%d failed", self.index)
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.machine.vcpu_failed(self, self.error)
+        finally:
+            with self._cond:
+                self.state = STOPPED
+                self._paused = False
+                self._cond.notify_all()
+
+    def _park(self) -> bool:
+        """Paused: wait for release or stop. Returns False when the runner must stop."""
+        try:
+            self.vcpu.flush_dirty_regs()
+        except KvmError as exc:
+            log.error("vcpu%d: %s", self.index, exc)
+        with self._cond:
+            self._paused = True
+            self.state = PAUSED
+            self._cond.notify_all()
+            while self._pause_req and not self._stop_req:
+                self._cond.wait()
+            self._paused = False
+            if self._stop_req:
+                return False
+            self.state = RUNNING
+            return True
+
+    def _loop(self) -> None:
+        vcpu = self.vcpu
+        machine = self.machine
+        io_out = machine._io_out
+        counts = self.exit_counts
+        self.state = RUNNING
+        while True:
+            if self._pause_req or self._stop_req:
+                if self._stop_req or not self._park():
+                    return
+                continue
+            ex = vcpu.run()
+            self.exits_total += 1
+            # Fast path: port writes (console, hypercall stubs) skip the generic dispatch.
+            if type(ex) is exits.IoOut:
+                counts["io"] += 1
+                h = io_out.get(ex.port)
+                if h is not None:
+                    try:
+                        h(self, ex)
+                    except Exception as exc:  # noqa: BLE001 - a handler bug stops this VM, not the daemon
+                        machine.handler_failed(self, ex, exc)
+                        return
+                continue
+            if ex is exits.INTERRUPTED:
+                counts["intr"] += 1
+                continue
+            counts[type(ex).__name__] += 1
+            try:
+                go_on = machine.handle_exit(self, ex)
+            except Exception as exc:  # noqa: BLE001
+                machine.handler_failed(self, ex, exc)
+                return
+            if not go_on:
+                return
