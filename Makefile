@@ -10,7 +10,7 @@ ARGS ?=
 $(STAMP): pyproject.toml setup.py xend_lite/kvm/_build.py xend_lite/kvm/_xen_build.py scripts/host-deps
 	sh scripts/host-deps
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

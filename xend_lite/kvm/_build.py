@@ -227,6 +227,8 @@ int xl_ioctl_int(int fd, unsigned long req, unsigned long arg);
 int xl_install_kick_handler(int signo);
 int xl_sigrtmin(void);
 uint64_t xl_system_event_data0(struct kvm_run *run);
+int64_t xl_run(int fd, struct kvm_run *run);
+void xl_set_rax(struct kvm_run *run, uint64_t value);
 """
 
 SOURCE = r"""
@@ -266,6 +268,20 @@ static int xl_install_kick_handler(int signo) {
     return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
 }
 static int xl_sigrtmin(void) { return SIGRTMIN; }
+/* KVM_RUN for the vCPU loop's hot path: -errno, or the exit reason with, for a port write,
+ * (port + 1) in bits 32..48 so the caller needs no further field reads to route it. */
+static int64_t xl_run(int fd, struct kvm_run *run) {
+    if (ioctl(fd, KVM_RUN, 0) < 0)
+        return -errno;
+    if (run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_OUT)
+        return (int64_t)run->exit_reason | ((int64_t)run->io.port + 1) << 32;
+    return run->exit_reason;
+}
+/* A hypercall's result: RAX through the synced registers, loaded on the next KVM_RUN. */
+static void xl_set_rax(struct kvm_run *run, uint64_t value) {
+    run->s.regs.regs.rax = value;
+    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+}
 static uint64_t xl_system_event_data0(struct kvm_run *run) {
     return run->system_event.ndata ? run->system_event.data[0] : 0;
 }

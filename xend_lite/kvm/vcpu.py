@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 SYNC_REGS = lib.KVM_SYNC_X86_REGS
 SYNC_SREGS = lib.KVM_SYNC_X86_SREGS
 SYNC_EVENTS = lib.KVM_SYNC_X86_EVENTS
+#: run_raw() puts (port + 1) here for a port write.
+PORT_SHIFT = 32
+_xl_run = lib.xl_run
+_xl_set_rax = lib.xl_set_rax
 _EINTR = 4
 _EAGAIN = 11
 
@@ -182,21 +186,37 @@ class Vcpu:
     def enable_sync_regs(self, mask: int) -> None:
         """Ask KVM to copy these register sets into kvm_run on every exit."""
         self._valid_regs = mask
+        self.run_struct.kvm_valid_regs = mask  # KVM never clears it
 
     def mark_regs_dirty(self, mask: int = SYNC_REGS) -> None:
         """Have KVM load the synced registers back on the next run()."""
         self.run_struct.kvm_dirty_regs |= mask
 
-    def run(self) -> exits.Exit:
-        """KVM_RUN once (the GIL is released meanwhile) and decode the exit."""
-        run = self.run_struct
-        run.kvm_valid_regs = self._valid_regs
-        ret = lib.xl_ioctl_int(self.fd, self._run_req, 0)
+    def run_raw(self) -> int:
+        """KVM_RUN once (the GIL is released meanwhile), for the vCPU loop's hot path.
+
+        Returns -1 when KVM_RUN was interrupted (a kick or immediate_exit); otherwise the
+        exit reason, with (port + 1) << 32 added for a port write (see PORT_SHIFT)."""
+        ret = _xl_run(self.fd, self.run_struct)
         if ret < 0:
             if ret == -_EINTR or ret == -_EAGAIN:
-                return exits.INTERRUPTED
+                return -1
             raise KvmError("KVM_RUN", -ret)
-        return exits.decode(run, self._map)
+        return ret
+
+    def set_rax(self, value: int) -> None:
+        """Set the guest's RAX through the synced registers (applied on the next run)."""
+        _xl_set_rax(self.run_struct, value & 0xFFFFFFFFFFFFFFFF)
+
+    def decode_exit(self) -> exits.Exit:
+        """The last exit as a typed value."""
+        return exits.decode(self.run_struct, self._map)
+
+    def run(self) -> exits.Exit:
+        """KVM_RUN once and decode the exit."""
+        if self.run_raw() == -1:
+            return exits.INTERRUPTED
+        return exits.decode(self.run_struct, self._map)
 
     def set_immediate_exit(self, on: bool) -> None:
         self.run_struct.immediate_exit = 1 if on else 0

@@ -30,6 +30,7 @@ EFER_LMA = 1 << 10
 
 IoOutHandler = Callable[[VcpuRunner, exits.IoOut], None]
 IoInHandler = Callable[[VcpuRunner, exits.IoIn], bytes]
+DoorbellHandler = Callable[[VcpuRunner], None]
 MsrReadHandler = Callable[[VcpuRunner], "int | None"]
 MsrWriteHandler = Callable[[VcpuRunner, int], bool]
 
@@ -89,6 +90,7 @@ class Machine:
             self.vm.close()
             raise
         self._io_out: dict[int, IoOutHandler] = {}
+        self._doorbells: dict[int, DoorbellHandler] = {}
         self._io_in: dict[int, IoInHandler] = {}
         self._msr_read: dict[int, MsrReadHandler] = {}
         self._msr_write: dict[int, MsrWriteHandler] = {}
@@ -115,6 +117,11 @@ class Machine:
 
     def register_io_out(self, port: int, fn: IoOutHandler) -> None:
         self._io_out[port] = fn
+
+    def register_doorbell(self, port: int, fn: DoorbellHandler) -> None:
+        """A port whose writes carry no data of interest (the value is in the registers):
+        handled on the vCPU loop's hot path without decoding the exit."""
+        self._doorbells[port] = fn
 
     def register_io_in(self, port: int, fn: IoInHandler) -> None:
         self._io_in[port] = fn
@@ -308,6 +315,11 @@ class Machine:
         if custom is not None:
             return bool(custom(runner, ex))
         v = runner.vcpu
+        if isinstance(ex, exits.IoOut):
+            h = self._io_out.get(ex.port)
+            if h is not None:
+                h(runner, ex)
+            return True
         if isinstance(ex, exits.IoIn):
             h = self._io_in.get(ex.port)
             v.complete_io_in(h(runner, ex) if h else b"\xff" * (ex.size * ex.count))

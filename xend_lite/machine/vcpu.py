@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from xend_lite.kvm import SYNC_REGS, SYNC_SREGS, KvmError, Vcpu, exits
-from xend_lite.kvm import const as K
+from xend_lite.kvm.vcpu import PORT_SHIFT
 
 if TYPE_CHECKING:
     from xend_lite.machine.machine import Machine
@@ -25,8 +25,7 @@ log = logging.getLogger("xend_lite.vcpu")
 # Runner states
 CREATED, RUNNING, PAUSED, STOPPED = "created", "running", "paused", "stopped"
 
-_EXIT_IO = K.KVM_EXIT_IO
-_EXIT_IO_OUT = K.KVM_EXIT_IO_OUT
+_PORT_BIT = (1 << PORT_SHIFT) - 1
 
 
 class VcpuRunner:
@@ -156,8 +155,9 @@ class VcpuRunner:
 
     def _loop(self) -> None:
         vcpu = self.vcpu
+        run = vcpu.run_struct
         machine = self.machine
-        io_out = machine._io_out
+        doorbells = machine._doorbells
         counts = self.exit_counts
         self.state = RUNNING
         while True:
@@ -165,22 +165,22 @@ class VcpuRunner:
                 if self._stop_req or not self._park():
                     return
                 continue
-            ex = vcpu.run()
+            reason = vcpu.run_raw()
             self.exits_total += 1
-            # Fast path: port writes (console, hypercall stubs) skip the generic dispatch.
-            if type(ex) is exits.IoOut:
-                counts["io"] += 1
-                h = io_out.get(ex.port)
+            # Hot path: a doorbell port (the hypercall stubs) needs no decoded exit.
+            if reason > _PORT_BIT:
+                h = doorbells.get((reason >> PORT_SHIFT) - 1)
                 if h is not None:
                     try:
-                        h(self, ex)
+                        h(self)
                     except Exception as exc:  # noqa: BLE001 - a handler bug stops this VM, not the daemon
-                        machine.handler_failed(self, ex, exc)
+                        machine.handler_failed(self, run.io.port, exc)
                         return
-                continue
-            if ex is exits.INTERRUPTED:
+                    continue
+            if reason < 0:
                 counts["intr"] += 1
                 continue
+            ex = vcpu.decode_exit()
             counts[type(ex).__name__] += 1
             try:
                 go_on = machine.handle_exit(self, ex)
