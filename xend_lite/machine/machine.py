@@ -211,6 +211,26 @@ class Machine:
             self.memmap.clear()
             self.ram.zero()
 
+    def rearm(self) -> None:
+        """After the run ended (a guest shutdown or reboot), make the machine startable again:
+        threads joined, status cleared, hardware at power-on. The caller reloads the image."""
+        with self._lock:
+            if self.state != "stopped":
+                raise StateError(f"machine is {self.state}, not stopped", self.state, ("stopped",))
+            for r in self.runners:
+                r.join(5.0)
+                if r.thread is not None and r.thread.is_alive():
+                    raise StateError(f"vcpu{r.index} did not stop", self.state)
+            if self._monitor is not None:
+                self._monitor.join(2.0)
+            for r in self.runners:
+                r.reset_thread_state()
+            self.status = None
+            self._done.clear()
+            self._pause_depth = 0
+            self.reset_hardware()
+            self.state = "created"
+
     # -- running -------------------------------------------------------------------------
 
     def start(self, paused: bool = False) -> None:

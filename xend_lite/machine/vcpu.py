@@ -51,6 +51,15 @@ class VcpuRunner:
         self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
+    def reset_thread_state(self) -> None:
+        """Forget a finished thread so start() can run the vCPU again."""
+        with self._cond:
+            self._pause_req = self._stop_req = self._paused = False
+            self.thread = None
+            self.state = CREATED
+            self.error = None
+            self.vcpu.set_immediate_exit(False)
+
     def request_pause(self) -> None:
         with self._cond:
             self._pause_req = True
