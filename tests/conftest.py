@@ -51,3 +51,6 @@ def pytest_sessionfinish(session, exitstatus):
             tr = session.config.pluginmanager.get_plugin("terminalreporter")
             if tr is not None:
                 tr.write_line(f"FAILED: {KVM_PATH} is present but no KVM test ran", red=True)
+
+
+pytest_plugins = ["tests.guestbuild"]
