@@ -1,21 +1,162 @@
 """cffi API-mode builder for Xen's public ABI (64-bit layouts), from libxen-dev's headers.
 
-Built at install time into ``xend_lite.kvm._xen``; ``xend_lite.kvm.xenabi`` is the only reader.
+Structs are declared with ``...;`` so the compiler supplies sizes and offsets; numbers are
+``#define X ...`` so their values come from the headers. Built at install time into
+``xend_lite.kvm._xen``; ``xend_lite.kvm.xenabi`` is the only reader.
 """
 
 from cffi import FFI
 
-CDEF = r"""
-#define __XEN_LATEST_INTERFACE_VERSION__ ...
+CONSTANTS = """
+__HYPERVISOR_set_trap_table __HYPERVISOR_mmu_update __HYPERVISOR_set_gdt
+__HYPERVISOR_stack_switch __HYPERVISOR_set_callbacks __HYPERVISOR_fpu_taskswitch
+__HYPERVISOR_sched_op_compat __HYPERVISOR_platform_op __HYPERVISOR_set_debugreg
+__HYPERVISOR_get_debugreg __HYPERVISOR_update_descriptor __HYPERVISOR_memory_op
+__HYPERVISOR_multicall __HYPERVISOR_update_va_mapping __HYPERVISOR_set_timer_op
+__HYPERVISOR_event_channel_op_compat __HYPERVISOR_xen_version __HYPERVISOR_console_io
+__HYPERVISOR_physdev_op_compat __HYPERVISOR_grant_table_op __HYPERVISOR_vm_assist
+__HYPERVISOR_update_va_mapping_otherdomain __HYPERVISOR_iret __HYPERVISOR_vcpu_op
+__HYPERVISOR_set_segment_base __HYPERVISOR_mmuext_op __HYPERVISOR_xsm_op
+__HYPERVISOR_nmi_op __HYPERVISOR_sched_op __HYPERVISOR_callback_op __HYPERVISOR_xenoprof_op
+__HYPERVISOR_event_channel_op __HYPERVISOR_physdev_op __HYPERVISOR_hvm_op
+__HYPERVISOR_sysctl __HYPERVISOR_domctl __HYPERVISOR_kexec_op __HYPERVISOR_tmem_op
+__HYPERVISOR_argo_op __HYPERVISOR_xenpmu_op __HYPERVISOR_dm_op __HYPERVISOR_hypfs_op
+
+XEN_EPERM XEN_ENOENT XEN_ESRCH XEN_EIO XEN_ENXIO XEN_E2BIG XEN_ENOEXEC XEN_EBADF
+XEN_ECHILD XEN_EAGAIN XEN_ENOMEM XEN_EACCES XEN_EFAULT XEN_EBUSY XEN_EEXIST XEN_EXDEV
+XEN_ENODEV XEN_EINVAL XEN_ENFILE XEN_EMFILE XEN_ENOSPC XEN_EROFS XEN_EMLINK XEN_EDOM
+XEN_ERANGE XEN_EDEADLK XEN_ENAMETOOLONG XEN_ENOLCK XEN_ENOSYS XEN_ENODATA XEN_ETIME
+XEN_EBADMSG XEN_EOVERFLOW XEN_EILSEQ XEN_ENOTEMPTY XEN_EOPNOTSUPP
+XEN_ETIMEDOUT XEN_EISCONN XEN_ENOTCONN
+
+XENVER_version XENVER_extraversion XENVER_compile_info XENVER_capabilities XENVER_changeset
+XENVER_platform_parameters XENVER_get_features XENVER_pagesize XENVER_guest_handle
+XENVER_commandline XENVER_build_id
+XENFEAT_writable_page_tables XENFEAT_auto_translated_physmap XENFEAT_supervisor_mode_kernel
+XENFEAT_hvm_callback_vector XENFEAT_hvm_safe_pvclock XENFEAT_hvm_pirqs XENFEAT_memory_op_vnode_supported
+XENFEAT_NR_SUBMAPS
+
+XENMEM_increase_reservation XENMEM_decrease_reservation XENMEM_populate_physmap
+XENMEM_maximum_ram_page XENMEM_current_reservation XENMEM_maximum_reservation
+XENMEM_add_to_physmap XENMEM_add_to_physmap_batch XENMEM_memory_map XENMEM_machine_memory_map
+XENMEM_remove_from_physmap XENMEM_maximum_gpfn
+XENMAPSPACE_shared_info XENMAPSPACE_grant_table XENMAPSPACE_gmfn XENMAPSPACE_gmfn_range
+XENMAPSPACE_gmfn_foreign XENMAPSPACE_dev_mmio XENMAPIDX_grant_table_status
+XENMEMF_populate_on_demand
+
+HVMOP_set_param HVMOP_get_param HVMOP_set_evtchn_upcall_vector HVMOP_pagetable_dying
+HVMOP_get_time HVMOP_flush_tlbs
+HVM_PARAM_CALLBACK_IRQ HVM_PARAM_STORE_PFN HVM_PARAM_STORE_EVTCHN 
+HVM_PARAM_IOREQ_PFN HVM_PARAM_BUFIOREQ_PFN HVM_PARAM_TIMER_MODE HVM_PARAM_HPET_ENABLED
+HVM_PARAM_CONSOLE_PFN HVM_PARAM_CONSOLE_EVTCHN HVM_PARAM_NR_IOREQ_SERVER_PAGES
+HVM_NR_PARAMS HVM_PARAM_CALLBACK_TYPE_GSI HVM_PARAM_CALLBACK_TYPE_PCI_INTX
+HVM_PARAM_CALLBACK_TYPE_VECTOR 
+
+CONSOLEIO_write CONSOLEIO_read
+
+SCHEDOP_yield SCHEDOP_block SCHEDOP_shutdown SCHEDOP_poll SCHEDOP_remote_shutdown
+SCHEDOP_shutdown_code SCHEDOP_watchdog SCHEDOP_pin_override
+SHUTDOWN_poweroff SHUTDOWN_reboot SHUTDOWN_suspend SHUTDOWN_crash SHUTDOWN_watchdog
+SHUTDOWN_soft_reset
+
+EVTCHNOP_bind_interdomain EVTCHNOP_bind_virq EVTCHNOP_bind_pirq EVTCHNOP_close
+EVTCHNOP_send EVTCHNOP_status EVTCHNOP_alloc_unbound EVTCHNOP_bind_ipi EVTCHNOP_bind_vcpu
+EVTCHNOP_unmask EVTCHNOP_reset EVTCHNOP_init_control EVTCHNOP_expand_array
+EVTCHNOP_set_priority 
+EVTCHNSTAT_closed EVTCHNSTAT_unbound EVTCHNSTAT_interdomain EVTCHNSTAT_pirq
+EVTCHNSTAT_virq EVTCHNSTAT_ipi
+VIRQ_TIMER VIRQ_DEBUG VIRQ_CONSOLE VIRQ_DOM_EXC NR_VIRQS
+
+GNTTABOP_map_grant_ref GNTTABOP_unmap_grant_ref GNTTABOP_setup_table GNTTABOP_dump_table
+GNTTABOP_transfer GNTTABOP_copy GNTTABOP_query_size GNTTABOP_unmap_and_replace
+GNTTABOP_set_version GNTTABOP_get_status_frames GNTTABOP_get_version GNTTABOP_swap_grant_ref
+GNTTABOP_cache_flush
+GNTST_okay GNTST_general_error GNTST_bad_domain GNTST_permission_denied
+
+VCPUOP_initialise VCPUOP_up VCPUOP_down VCPUOP_is_up VCPUOP_get_runstate_info
+VCPUOP_register_runstate_memory_area VCPUOP_set_periodic_timer VCPUOP_stop_periodic_timer
+VCPUOP_set_singleshot_timer VCPUOP_stop_singleshot_timer VCPUOP_register_vcpu_info
+VCPUOP_send_nmi VCPUOP_get_physid VCPUOP_register_vcpu_time_memory_area
+VCPU_SSHOTTMR_future
+
+DOMID_SELF DOMID_FIRST_RESERVED XEN_LEGACY_MAX_VCPUS
+XEN_CPUID_FIRST_LEAF XEN_CPUID_MAX_NUM_LEAVES
+XEN_HVM_CPUID_APIC_ACCESS_VIRT XEN_HVM_CPUID_X2APIC_VIRT XEN_HVM_CPUID_IOMMU_MAPPINGS
+XEN_HVM_CPUID_VCPU_ID_PRESENT XEN_HVM_CPUID_DOMID_PRESENT
+XEN_ELFNOTE_PHYS32_ENTRY
+""".split()
+
+STRUCTS = r"""
+typedef uint16_t domid_t;
+typedef uint32_t evtchn_port_t;
+typedef uint32_t grant_ref_t;
+
+struct vcpu_time_info { uint32_t version; uint64_t tsc_timestamp; uint64_t system_time;
+    uint32_t tsc_to_system_mul; int8_t tsc_shift; uint8_t flags; ...; };
+struct arch_vcpu_info { unsigned long cr2; ...; };
+struct vcpu_info { uint8_t evtchn_upcall_pending; uint8_t evtchn_upcall_mask;
+    unsigned long evtchn_pending_sel; struct arch_vcpu_info arch; struct vcpu_time_info time; ...; };
+struct arch_shared_info { unsigned long max_pfn; ...; };
+struct shared_info { struct vcpu_info vcpu_info[...]; unsigned long evtchn_pending[...];
+    unsigned long evtchn_mask[...]; uint32_t wc_version; uint32_t wc_sec; uint32_t wc_nsec;
+    uint32_t wc_sec_hi; struct arch_shared_info arch; ...; };
+
+struct xen_add_to_physmap { domid_t domid; uint16_t size; unsigned int space;
+    unsigned long idx; unsigned long gpfn; ...; };
+struct xen_memory_reservation { void *extent_start; unsigned long nr_extents;
+    unsigned int extent_order; unsigned int mem_flags; domid_t domid; ...; };
+struct xen_memory_map { unsigned int nr_entries; void *buffer; ...; };
+
+struct xen_hvm_param { domid_t domid; uint32_t index; uint64_t value; ...; };
+struct xen_hvm_evtchn_upcall_vector { uint32_t vcpu; uint8_t vector; ...; };
+
+struct sched_shutdown { unsigned int reason; ...; };
+struct sched_poll { void *ports; unsigned int nr_ports; uint64_t timeout; ...; };
+
+struct evtchn_alloc_unbound { domid_t dom; domid_t remote_dom; evtchn_port_t port; ...; };
+struct evtchn_bind_interdomain { domid_t remote_dom; evtchn_port_t remote_port;
+    evtchn_port_t local_port; ...; };
+struct evtchn_bind_virq { uint32_t virq; uint32_t vcpu; evtchn_port_t port; ...; };
+struct evtchn_bind_ipi { uint32_t vcpu; evtchn_port_t port; ...; };
+struct evtchn_close { evtchn_port_t port; ...; };
+struct evtchn_send { evtchn_port_t port; ...; };
+struct evtchn_status { domid_t dom; evtchn_port_t port; uint32_t status; uint32_t vcpu; ...; };
+struct evtchn_unmask { evtchn_port_t port; ...; };
+struct evtchn_bind_vcpu { evtchn_port_t port; uint32_t vcpu; ...; };
+
+struct gnttab_setup_table { domid_t dom; uint32_t nr_frames; int16_t status; void *frame_list; ...; };
+struct gnttab_query_size { domid_t dom; uint32_t nr_frames; uint32_t max_nr_frames; int16_t status; ...; };
+struct gnttab_set_version { uint32_t version; ...; };
+struct gnttab_get_version { domid_t dom; uint16_t pad; uint32_t version; ...; };
+struct grant_entry_v1 { uint16_t flags; domid_t domid; uint32_t frame; ...; };
+
+struct vcpu_register_vcpu_info { uint64_t mfn; uint32_t offset; uint32_t rsvd; ...; };
+struct vcpu_set_singleshot_timer { uint64_t timeout_abs_ns; uint32_t flags; ...; };
+
+struct xen_feature_info { unsigned int submap_idx; uint32_t submap; ...; };
+struct xen_platform_parameters { unsigned long virt_start; ...; };
 """
 
 SOURCE = r"""
 #define __XEN_INTERFACE_VERSION__ __XEN_LATEST_INTERFACE_VERSION__
+#include <stdint.h>
 #include <xen/xen.h>
+#include <xen/errno.h>
+#include <xen/version.h>
+#include <xen/features.h>
+#include <xen/memory.h>
+#include <xen/sched.h>
+#include <xen/event_channel.h>
+#include <xen/grant_table.h>
+#include <xen/vcpu.h>
+#include <xen/hvm/params.h>
+#include <xen/hvm/hvm_op.h>
+#include <xen/arch-x86/cpuid.h>
+#include <xen/elfnote.h>
 """
 
 ffi = FFI()
-ffi.cdef(CDEF)
+ffi.cdef("\n".join(f"#define {name} ..." for name in CONSTANTS) + STRUCTS)
 ffi.set_source("xend_lite.kvm._xen", SOURCE)
 
 if __name__ == "__main__":
