@@ -82,7 +82,7 @@ class Vm:
         f.flags = lib.KVM_MSR_FILTER_DEFAULT_DENY if default_deny else lib.KVM_MSR_FILTER_DEFAULT_ALLOW
         keep = []
         for i, r in enumerate(ranges):
-            bm = ffi.new("uint8_t[]", r.bitmap)
+            bm = ffi.new("__u8[]", r.bitmap)
             keep.append(bm)
             f.ranges[i].flags = r.flags
             f.ranges[i].nmsrs = r.nmsrs
