@@ -384,8 +384,9 @@ class GuestMemory:
         return pieces
 
     def read(self, gpa: int, length: int) -> bytes:
-        seg = self.map.find(gpa) if length else None
-        if seg is not None and gpa + length <= seg.end and length <= self.MAX_ACCESS:
+        fast = isinstance(gpa, int) and isinstance(length, int) and 0 < length <= self.MAX_ACCESS
+        seg = self.map.find(gpa) if fast else None
+        if seg is not None and gpa + length <= seg.end:
             off = seg.offset + gpa - seg.gpa
             return seg.backing.map[off:off + length]
         out = bytearray()
