@@ -153,9 +153,7 @@ class Machine:
         if not getattr(self, "_user_msr_enabled", False):
             self.vm.enable_cap(K.KVM_CAP_X86_USER_SPACE_MSR, K.KVM_MSR_EXIT_REASON_FILTER)
             self._user_msr_enabled = True
-        flags = K.KVM_MSR_FILTER_READ | K.KVM_MSR_FILTER_WRITE
-        ranges = [MsrFilterRange(flags, idx, b"\xfe") for idx in indices]  # bit 0 clear: trap
-        self.vm.set_msr_filter(ranges)
+        self.vm.set_msr_filter(_msr_filter_ranges(indices))
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         """Replace every vCPU's CPUID table (before start)."""
@@ -424,6 +422,27 @@ class Machine:
         return [{"cpu": r.index, "state": r.state, "rip": r.vcpu.sync_regs.rip if r.vcpu.fd >= 0 else 0,
                  "exits": dict(r.exit_counts), "thread_id": r.thread.native_id if r.thread else None}
                 for r in self.runners]
+
+
+def _msr_filter_ranges(indices: list[int]) -> list[MsrFilterRange]:
+    """Filter ranges trapping exactly ``indices`` (sorted). A bitmap covers whole bytes, i.e.
+    8 MSRs, and KVM obeys the first range holding an index, so indices close together share
+    one range (clear bit: trap, set bit: KVM handles it) instead of overlapping ranges."""
+    flags = K.KVM_MSR_FILTER_READ | K.KVM_MSR_FILTER_WRITE
+    groups: list[list[int]] = []
+    for idx in indices:
+        if groups and idx - groups[-1][0] < 0x400:
+            groups[-1].append(idx)
+        else:
+            groups.append([idx])
+    ranges = []
+    for group in groups:
+        base = group[0]
+        bitmap = bytearray(b"\xff" * ((group[-1] - base) // 8 + 1))
+        for idx in group:
+            bitmap[(idx - base) // 8] &= ~(1 << ((idx - base) % 8)) & 0xFF
+        ranges.append(MsrFilterRange(flags, base, bytes(bitmap)))
+    return ranges
 
 
 def _phys_bits(cpuid: list[CpuidEntry]) -> int:
