@@ -25,7 +25,7 @@ common:
     movl (%ebx), %eax
     movw $0x5e2, %dx
     outl %eax, %dx
-    movl 16(%ebx), %esi          /* cmdline_paddr, low half */
+    movl 24(%ebx), %esi          /* cmdline_paddr, low half */
     movl (%esi), %eax
     movw $0x5e3, %dx
     outl %eax, %dx
