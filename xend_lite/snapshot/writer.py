@@ -1,0 +1,390 @@
+"""Writing a snapshot: states and sparse guest memory into one file, published atomically.
+
+``save_snapshot`` writes to a temporary file in the target's directory (``.NAME.PID.RAND.tmp``,
+locked with flock while it is written), fsyncs it, renames it over the target and fsyncs the
+directory. Whatever happens before the rename (SIGKILL, disk full, an exception), an earlier
+snapshot at the target stays intact. Temporary files left by writers that died are removed by
+the next save into the same directory.
+
+Memory is copied chunk by chunk. Holes of the source (found with SEEK_DATA/SEEK_HOLE on its
+fd, so untouched memfd pages are never read) and all-zero pages within data are not written:
+they stay holes in the output file, whose disk use follows the data the guest really has.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import time
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from xend_lite.snapshot import fileformat as ff
+from xend_lite.snapshot.errors import SnapshotWriteError, StateClassError, StateEncodeError
+from xend_lite.snapshot.state import State, encode_state, split_section_name
+
+__all__ = ["MemoryRegion", "SnapshotInfo", "save_snapshot", "Progress"]
+
+Progress = Callable[[int, int], None]
+PROGRESS_STEP = 64 << 20
+TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """Guest memory to save: ``size`` bytes at guest address ``gpa``, read from ``fd`` at
+    ``offset`` (a memfd or a file; holes are skipped without reading). Where the memory is a
+    MAP_PRIVATE mapping whose pages differ from its file, pass the mapping as ``buffer``
+    instead (fd -1): every page of it is then read."""
+
+    name: str
+    gpa: int
+    size: int
+    fd: int = -1
+    offset: int = 0
+    buffer: Any = None  # a bytes-like object of at least ``size`` bytes, or None
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What a save produced. ``bytes_written`` counts metadata plus memory data written."""
+
+    path: str
+    logical_size: int
+    size_on_disk: int
+    bytes_written: int
+    memory_size: int
+    memory_data: int
+    sections: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RegionLike = MemoryRegion | tuple[str, int, int, int, int]
+
+
+def _regions(regions: Iterable[RegionLike]) -> list[MemoryRegion]:
+    out: list[MemoryRegion] = []
+    names: set[str] = set()
+    for r in regions:
+        if not isinstance(r, MemoryRegion):
+            r = MemoryRegion(*r)
+        if not ff.valid_region_name(r.name) or r.name in names:
+            raise StateClassError(f"memory region name {r.name!r} is invalid or repeated")
+        for k in ("gpa", "size", "offset", "fd"):
+            if type(getattr(r, k)) is not int:
+                raise StateClassError(f"memory region {r.name!r}: {k} must be an int")
+        if not 0 <= r.gpa <= ff.MAX_U64:
+            raise StateClassError(f"memory region {r.name!r}: gpa out of range")
+        if r.size <= 0 or r.size % ff.PAGE_SIZE or r.offset < 0 or r.offset % ff.PAGE_SIZE:
+            raise StateClassError(f"memory region {r.name!r}: size and offset must be page "
+                                  "multiples")
+        if r.buffer is not None:
+            if memoryview(r.buffer).nbytes < r.size:
+                raise StateClassError(f"memory region {r.name!r}: buffer smaller than size")
+        elif r.fd < 0:
+            raise StateClassError(f"memory region {r.name!r}: needs an fd or a buffer")
+        names.add(r.name)
+        out.append(r)
+    return out
+
+
+def _sections(states: Mapping[str, State] | Iterable[State]) -> list[tuple[str, State]]:
+    items = list(states.items()) if isinstance(states, Mapping) else \
+        [(s.NAME, s) for s in states]
+    seen: set[str] = set()
+    out = []
+    for name, st in items:
+        if not isinstance(st, State):
+            raise StateEncodeError(f"section {name!r}: {type(st).__name__} is not a State")
+        base, _ = split_section_name(name)
+        if base != st.NAME:
+            raise StateClassError(f"section {name!r} holds a {st.NAME!r} state")
+        if name in seen:
+            raise StateClassError(f"section {name!r} given twice")
+        seen.add(name)
+        out.append((name, st))
+    return out
+
+
+class _Tracker:
+    def __init__(self, total: int, cb: Progress | None):
+        self.total = total
+        self.done = 0
+        self.cb = cb
+        self.last = 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.cb is not None and (self.done - self.last >= PROGRESS_STEP
+                                    or self.done == self.total):
+            self.last = self.done
+            self.cb(self.done, self.total)
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, off: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, off)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        mv = mv[n:]
+        off += n
+
+
+_ZERO_CRC: dict[int, int] = {}
+
+
+def zero_crc(n: int) -> int:
+    """CRC-32 of ``n`` zero bytes (cached; n is a chunk length)."""
+    c = _ZERO_CRC.get(n)
+    if c is None:
+        c = _ZERO_CRC[n] = zlib.crc32(bytes(n))
+    return c
+
+
+class _MemoryCopier:
+    """Copies regions into the output, page holes kept, one chunk CRC per chunk."""
+
+    def __init__(self, out_fd: int, chunk: int, tracker: _Tracker):
+        self.out = out_fd
+        self.chunk = chunk
+        self.buf = bytearray(chunk)
+        self.view = memoryview(self.buf)
+        self.zero_chunk = bytes(chunk)
+        self.zero_page = bytes(ff.PAGE_SIZE)
+        self.tracker = tracker
+        self.written = 0
+
+    def region(self, r: MemoryRegion, out_off: int) -> tuple[int, list[int]]:
+        """Copy one region to ``out_off``; return (data bytes written, chunk CRCs)."""
+        n_chunks = ff.chunk_count(r.size, self.chunk)
+        crcs = [zero_crc(min(self.chunk, r.size - i * self.chunk)) for i in range(n_chunks)]
+        data = 0
+        for lo, hi in self._extents(r):
+            c = lo // self.chunk * self.chunk
+            while c < hi:
+                length = min(self.chunk, r.size - c)
+                n, crcs[c // self.chunk] = self._chunk(r, c, length, out_off + c)
+                data += n
+                c += length
+        self.tracker.advance(r.size)
+        return data, crcs
+
+    def _extents(self, r: MemoryRegion) -> Iterable[tuple[int, int]]:
+        """Ranges (relative to the region) that may hold data, in order, chunk-disjoint."""
+        if r.buffer is not None:
+            yield 0, r.size
+            return
+        pos = 0
+        while pos < r.size:
+            try:
+                d = os.lseek(r.fd, r.offset + pos, os.SEEK_DATA) - r.offset
+            except OSError as err:
+                if err.errno == errno.ENXIO:  # no data after pos
+                    return
+                if err.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE):
+                    yield pos, r.size  # no hole support: read everything
+                    return
+                raise
+            if d >= r.size:
+                return
+            h = min(os.lseek(r.fd, r.offset + d, os.SEEK_HOLE) - r.offset, r.size)
+            yield d, h
+            # the chunk holding h was read whole: go on after it
+            pos = max(h, (h + self.chunk - 1) // self.chunk * self.chunk)
+
+    def _chunk(self, r: MemoryRegion, c: int, length: int, out_off: int) -> tuple[int, int]:
+        buf, view = self.buf, self.view
+        if r.buffer is not None:
+            buf[:length] = memoryview(r.buffer).cast("B")[c:c + length]
+        else:
+            got = os.preadv(r.fd, [view[:length]], r.offset + c)
+            if got < length:  # past the source's end: zeros
+                view[got:length] = self.zero_chunk[:length - got]
+        if buf.startswith(self.zero_chunk[:length] if length != self.chunk
+                          else self.zero_chunk):
+            return 0, zero_crc(length)
+        page = ff.PAGE_SIZE
+        zp = self.zero_page
+        written = 0
+        run = -1
+        for p in range(0, length, page):
+            if buf.startswith(zp, p):
+                if run >= 0:
+                    _pwrite_all(self.out, view[run:p], out_off + run)
+                    written += p - run
+                    run = -1
+            elif run < 0:
+                run = p
+        if run >= 0:
+            _pwrite_all(self.out, view[run:length], out_off + run)
+            written += length - run
+        self.written += written
+        return written, zlib.crc32(view[:length])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tmp_prefix(base: str) -> str:
+    return f".{base}."
+
+
+def cleanup_stale_temps(path: str) -> list[str]:
+    """Remove temporary files of dead writers for ``path``; return the names removed.
+    A file is stale when its writer's pid is gone and nobody holds its lock."""
+    d, base = os.path.split(os.path.abspath(path))
+    prefix = _tmp_prefix(base)
+    removed = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(TMP_SUFFIX)):
+            continue
+        mid = name[len(prefix):-len(TMP_SUFFIX)].split(".")
+        if len(mid) != 2 or not mid[0].isdigit():
+            continue
+        pid = int(mid[0])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        full = os.path.join(d, name)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st, now = os.fstat(fd), os.lstat(full)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                os.unlink(full)
+                removed.append(name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_snapshot(path: str | os.PathLike[str],
+                  states: Mapping[str, State] | Iterable[State],
+                  regions: Iterable[RegionLike],
+                  *, progress: Progress | None = None) -> SnapshotInfo:
+    """Write ``states`` and the memory ``regions`` to ``path`` as one snapshot.
+
+    ``states`` maps section names (``NAME`` or ``NAME/INSTANCE``) to State objects, or is an
+    iterable of States named by their NAME. States whose ``needed()`` is False are left out;
+    ``pre_save()`` runs on the others before they are encoded. ``progress(done, total)`` is
+    called about every 64 MiB of memory and once at the end. Raises StateEncodeError /
+    StateClassError before touching the disk, SnapshotWriteError on any OS error (with the
+    temporary file removed and the earlier file at ``path`` untouched).
+    """
+    t0 = time.monotonic()
+    path = os.fspath(path)
+    sections = _sections(states)
+    mem = _regions(regions)
+
+    entries: list[ff.SectionEntry] = []
+    payloads: list[bytes] = []
+    pos = 0
+    for name, st in sections:
+        if not st.needed():
+            continue
+        st.pre_save()
+        blob = encode_state(st)
+        entries.append(ff.SectionEntry(name, type(st).VERSION, pos, len(blob),
+                                       zlib.crc32(blob)))
+        payloads.append(blob)
+        pos += len(blob)
+    payload_len = pos
+
+    chunk = ff.CHUNK_SIZE
+    placed, off = [], 0
+    for r in mem:  # offsets relative to the memory offset
+        placed.append(ff.RegionEntry(r.name, r.gpa, r.size, off))
+        off += r.size
+    table = ff.build_table(entries, placed)
+    meta_len = len(table) + payload_len + ff.sums_length([r.size for r in mem], chunk)
+    mem_offset = ff.align_up(ff.HEADER_SIZE + meta_len)
+    file_end = mem_offset + sum(r.size for r in mem)
+
+    d, base = os.path.split(os.path.abspath(path))
+    cleanup_stale_temps(path)
+    tmp = os.path.join(d, f"{_tmp_prefix(base)}{os.getpid()}.{secrets.token_hex(4)}"
+                          f"{TMP_SUFFIX}")
+    fd = -1
+    published = False
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, file_end)
+        tracker = _Tracker(sum(r.size for r in mem), progress)
+        if progress is not None:
+            progress(0, tracker.total)
+        copier = _MemoryCopier(fd, chunk, tracker)
+        sums = bytearray()
+        data_total = 0
+        for r, e in zip(mem, placed):
+            data, crcs = copier.region(r, mem_offset + e.offset)
+            data_total += data
+            sums += ff.SUM_HEAD.pack(data)
+            sums += b"".join(c.to_bytes(4, "little") for c in crcs)
+        created_ns = time.time_ns()
+        head = ff.Header(ff.FORMAT_VERSION, 0, created_ns, meta_len, mem_offset, file_end,
+                         len(table), chunk, ff.PAGE_SIZE, 0)
+        pre = bytearray(head.pack())
+        pre += table
+        for blob in payloads:
+            pre += blob
+        pre += sums
+        pre += bytes(mem_offset - len(pre))
+        crc = ff.header_crc(pre)
+        pre[ff.CRC_OFFSET:ff.HEADER_SIZE] = crc.to_bytes(4, "little")
+        _pwrite_all(fd, memoryview(pre), 0)
+        os.fsync(fd)
+        st = os.fstat(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, path)
+        published = True
+        _fsync_dir(d)
+    except OSError as err:
+        where = "publishing" if published else "writing"
+        raise SnapshotWriteError(f"{where} snapshot {path} failed: "
+                                 f"{os.strerror(err.errno) if err.errno else err}",
+                                 err.errno) from err
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if not published:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return SnapshotInfo(
+        path=path, logical_size=file_end, size_on_disk=st.st_blocks * 512,
+        bytes_written=len(pre) + copier.written, memory_size=tracker.total,
+        memory_data=data_total, sections=len(entries), seconds=time.monotonic() - t0)
