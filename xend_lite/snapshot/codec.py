@@ -131,7 +131,7 @@ class _Decoder:
     def __init__(self, buf: bytes | memoryview):
         self.buf = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
         self.pos = 0
-        self.end = len(buf)
+        self.end = len(self.buf)
 
     def byte(self, path: str) -> int:
         if self.pos >= self.end:

@@ -114,8 +114,13 @@ class RegionEntry:
 
 
 def parse_header(raw: bytes, file_size: int) -> Header:
-    """Check magic, format version and the header's sizes against the file's size."""
-    if len(raw) < len(MAGIC) or raw[:len(MAGIC)] != MAGIC:
+    """First look at a header: magic, format version and the metadata length, which says how
+    much to read for the checksum. Fields the checksum protects are checked afterwards by
+    :func:`check_header_fields`, so that a flipped bit is reported as corruption."""
+    if len(raw) < len(MAGIC) and MAGIC.startswith(raw):
+        raise Truncated(f"file ends inside the header ({len(raw)} of {HEADER_SIZE} bytes)",
+                        HEADER_SIZE, len(raw))
+    if raw[:len(MAGIC)] != MAGIC:
         raise BadMagic("not a xend-lite snapshot (bad magic)")
     if len(raw) < HEADER_SIZE:
         raise Truncated(f"file ends inside the header ({len(raw)} of {HEADER_SIZE} bytes)",
@@ -126,22 +131,18 @@ def parse_header(raw: bytes, file_size: int) -> Header:
         raise UnsupportedFormat(f"snapshot format version {h.format_version} is {what} this "
                                 f"program (it reads version {FORMAT_VERSION})",
                                 h.format_version, FORMAT_VERSION)
-    meta_end = HEADER_SIZE + h.meta_len
     if h.meta_len > MAX_METADATA:
         raise MalformedSnapshot(f"metadata length {h.meta_len} exceeds {MAX_METADATA}")
+    meta_end = HEADER_SIZE + h.meta_len
     if file_size < meta_end:
         raise Truncated(f"file is {file_size} bytes, shorter than its {meta_end} bytes of "
                         f"header and sections", meta_end, file_size)
-    if h.mem_offset != align_up(meta_end):
-        raise MalformedSnapshot(f"memory offset {h.mem_offset} is not the page after the "
-                                f"metadata ({align_up(meta_end)})")
-    if h.file_end < h.mem_offset or h.file_end % PAGE_SIZE:
-        raise MalformedSnapshot(f"file end {h.file_end} is before the memory offset or "
-                                "not page-aligned")
-    if file_size < h.file_end:
-        raise Truncated(f"file is {file_size} bytes, shorter than the declared memory end "
-                        f"{h.file_end}", h.file_end, file_size)
     return h
+
+
+def pre_memory_length(h: Header) -> int:
+    """Bytes the header checksum covers: header, metadata and padding to the next page."""
+    return align_up(HEADER_SIZE + h.meta_len)
 
 
 def check_header_fields(h: Header, file_size: int) -> None:
@@ -158,6 +159,15 @@ def check_header_fields(h: Header, file_size: int) -> None:
     if h.table_len > h.meta_len:
         raise MalformedSnapshot(f"table length {h.table_len} exceeds the metadata "
                                 f"({h.meta_len})")
+    if h.mem_offset != pre_memory_length(h):
+        raise MalformedSnapshot(f"memory offset {h.mem_offset} is not the page after the "
+                                f"metadata ({pre_memory_length(h)})")
+    if h.file_end < h.mem_offset or h.file_end % PAGE_SIZE:
+        raise MalformedSnapshot(f"file end {h.file_end} is before the memory offset or "
+                                "not page-aligned")
+    if file_size < h.file_end:
+        raise Truncated(f"file is {file_size} bytes, shorter than the declared memory end "
+                        f"{h.file_end}", h.file_end, file_size)
     if file_size != h.file_end:
         raise MalformedSnapshot(f"file is {file_size} bytes but declares its end at "
                                 f"{h.file_end} (trailing data)")
@@ -234,8 +244,9 @@ def parse_table(h: Header, table: bytes) -> tuple[list[SectionEntry], list[Regio
             raise MemoryTableError(f"memory region {name!r} appears twice")
         if e["size"] == 0 or e["size"] % PAGE_SIZE or e["offset"] % PAGE_SIZE:
             raise MemoryTableError(f"memory region {name!r}: size or offset not page-aligned")
-        if e["gpa"] > MAX_U64:
-            raise MemoryTableError(f"memory region {name!r}: guest address past 2^64")
+        if e["gpa"] % PAGE_SIZE or e["gpa"] + e["size"] - 1 > MAX_U64:
+            raise MemoryTableError(f"memory region {name!r}: guest address not page-aligned "
+                                   "or past 2^64")
         if e["offset"] < end:
             raise MemoryTableError(f"memory region {name!r} overlaps the region before it")
         end = e["offset"] + e["size"]
@@ -244,6 +255,11 @@ def parse_table(h: Header, table: bytes) -> tuple[list[SectionEntry], list[Regio
                                    f"past the file end {h.file_end}")
         rnames.add(name)
         regions.append(RegionEntry(**e))
+    by_gpa = sorted(regions, key=lambda r: r.gpa)
+    for a, b in zip(by_gpa, by_gpa[1:]):
+        if b.gpa < a.gpa + a.size:
+            raise MemoryTableError(f"memory regions {a.name!r} and {b.name!r} overlap in "
+                                   "guest memory")
     if h.mem_offset + end != h.file_end:
         raise MemoryTableError(f"memory ends at {h.mem_offset + end} but the file end is "
                                f"{h.file_end}")
@@ -253,3 +269,24 @@ def parse_table(h: Header, table: bytes) -> tuple[list[SectionEntry], list[Regio
         raise MalformedSnapshot(f"metadata length {h.meta_len} does not match its table, "
                                 f"sections and memory checksums ({expected})")
     return sections, regions
+
+
+def parse_sums(h: Header, regions: list[RegionEntry], blob: bytes) -> list[tuple[int, list[int]]]:
+    """Split the memory checksum block into (data bytes, chunk CRCs) per region."""
+    out = []
+    pos = 0
+    for r in regions:
+        n = chunk_count(r.size, h.chunk_size)
+        if pos + SUM_HEAD.size + 4 * n > len(blob):
+            raise MemoryTableError("memory checksums are shorter than the memory table needs")
+        (data,) = SUM_HEAD.unpack_from(blob, pos)
+        pos += SUM_HEAD.size
+        if data > r.size or data % PAGE_SIZE:
+            raise MemoryTableError(f"memory region {r.name!r}: {data} data bytes do not fit "
+                                   f"its {r.size} bytes in whole pages")
+        crcs = [int.from_bytes(blob[pos + 4 * i:pos + 4 * i + 4], "little") for i in range(n)]
+        pos += 4 * n
+        out.append((data, crcs))
+    if pos != len(blob):
+        raise MemoryTableError("memory checksums are longer than the memory table needs")
+    return out

@@ -190,7 +190,11 @@ def _compile(tp: Any, where: str, seen: tuple[type, ...] = ()) -> tuple[ToWire, 
 
         return any_to, any_from
 
-    if tp in _SCALARS:
+    try:
+        scalar = tp in _SCALARS
+    except TypeError:  # an unhashable annotation is no type we know
+        raise StateClassError(f"{where}: {tp!r} is not a type") from None
+    if scalar:
         out_types = _SCALARS[tp]
         in_type = out_types[0]
         want = "None" if in_type is type(None) else in_type.__name__
@@ -368,6 +372,10 @@ def check_state_class(cls: type[State]) -> None:
     if type(v) is not int or type(mv) is not int or not 1 <= mv <= v < (1 << 32):
         raise StateClassError(f"{cls.__qualname__}: need 1 <= MIN_VERSION ({mv!r}) <= "
                               f"VERSION ({v!r}) < 2**32")
+    for f in dataclasses.fields(cls):
+        if f.name in ("NAME", "VERSION", "MIN_VERSION"):
+            raise StateClassError(f"{cls.__qualname__}.{f.name} must be a class constant "
+                                  "(no annotation), not a saved field")
     _build_schema(cls)
 
 
@@ -375,7 +383,10 @@ def encode_state(state: State) -> bytes:
     """Check a state against its declared types and encode its fields."""
     cls = type(state)
     check_state_class(cls)
-    raw = _fields_to_wire(_build_schema(cls), state, "")
+    try:
+        raw = _fields_to_wire(_build_schema(cls), state, "")
+    except StateEncodeError as err:
+        raise StateEncodeError(f"state {cls.NAME!r}: {err}", err.field) from None
     try:
         return codec.encode(raw)
     except codec.CodecError as err:

@@ -80,8 +80,9 @@ def _regions(regions: Iterable[RegionLike]) -> list[MemoryRegion]:
         for k in ("gpa", "size", "offset", "fd"):
             if type(getattr(r, k)) is not int:
                 raise StateClassError(f"memory region {r.name!r}: {k} must be an int")
-        if not 0 <= r.gpa <= ff.MAX_U64:
-            raise StateClassError(f"memory region {r.name!r}: gpa out of range")
+        if not 0 <= r.gpa or r.gpa % ff.PAGE_SIZE or r.gpa + r.size - 1 > ff.MAX_U64:
+            raise StateClassError(f"memory region {r.name!r}: gpa not page-aligned or out of "
+                                  "range")
         if r.size <= 0 or r.size % ff.PAGE_SIZE or r.offset < 0 or r.offset % ff.PAGE_SIZE:
             raise StateClassError(f"memory region {r.name!r}: size and offset must be page "
                                   "multiples")
@@ -90,6 +91,10 @@ def _regions(regions: Iterable[RegionLike]) -> list[MemoryRegion]:
                 raise StateClassError(f"memory region {r.name!r}: buffer smaller than size")
         elif r.fd < 0:
             raise StateClassError(f"memory region {r.name!r}: needs an fd or a buffer")
+        for o in out:
+            if r.gpa < o.gpa + o.size and o.gpa < r.gpa + r.size:
+                raise StateClassError(f"memory regions {o.name!r} and {r.name!r} overlap in "
+                                      "guest memory")
         names.add(r.name)
         out.append(r)
     return out
@@ -97,7 +102,7 @@ def _regions(regions: Iterable[RegionLike]) -> list[MemoryRegion]:
 
 def _sections(states: Mapping[str, State] | Iterable[State]) -> list[tuple[str, State]]:
     items = list(states.items()) if isinstance(states, Mapping) else \
-        [(s.NAME, s) for s in states]
+        [(getattr(s, "NAME", "?"), s) for s in states]
     seen: set[str] = set()
     out = []
     for name, st in items:
@@ -120,12 +125,17 @@ class _Tracker:
         self.cb = cb
         self.last = 0
 
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.cb is not None and (self.done - self.last >= PROGRESS_STEP
-                                    or self.done == self.total):
-            self.last = self.done
-            self.cb(self.done, self.total)
+    def advance_to(self, target: int) -> None:
+        """Move to ``target`` bytes done, reporting every PROGRESS_STEP crossed on the way
+        (so a large hole skipped at once still yields one call per step) and the end."""
+        if self.cb is not None:
+            while target - self.last >= PROGRESS_STEP:
+                self.last += PROGRESS_STEP
+                self.cb(self.last, self.total)
+            if target == self.total and self.last != target:
+                self.last = target
+                self.cb(target, self.total)
+        self.done = target
 
 
 def _pwrite_all(fd: int, data: memoryview | bytes, off: int) -> None:
@@ -167,6 +177,7 @@ class _MemoryCopier:
         n_chunks = ff.chunk_count(r.size, self.chunk)
         crcs = [zero_crc(min(self.chunk, r.size - i * self.chunk)) for i in range(n_chunks)]
         data = 0
+        base = self.tracker.done
         for lo, hi in self._extents(r):
             c = lo // self.chunk * self.chunk
             while c < hi:
@@ -174,7 +185,8 @@ class _MemoryCopier:
                 n, crcs[c // self.chunk] = self._chunk(r, c, length, out_off + c)
                 data += n
                 c += length
-        self.tracker.advance(r.size)
+                self.tracker.advance_to(base + c)
+        self.tracker.advance_to(base + r.size)
         return data, crcs
 
     def _extents(self, r: MemoryRegion) -> Iterable[tuple[int, int]]:
