@@ -372,6 +372,8 @@ def check_state_class(cls: type[State]) -> None:
     if type(v) is not int or type(mv) is not int or not 1 <= mv <= v < (1 << 32):
         raise StateClassError(f"{cls.__qualname__}: need 1 <= MIN_VERSION ({mv!r}) <= "
                               f"VERSION ({v!r}) < 2**32")
+    if not dataclasses.is_dataclass(cls):
+        raise StateClassError(f"{cls.__qualname__} must be a dataclass")
     for f in dataclasses.fields(cls):
         if f.name in ("NAME", "VERSION", "MIN_VERSION"):
             raise StateClassError(f"{cls.__qualname__}.{f.name} must be a class constant "
