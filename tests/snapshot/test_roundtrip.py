@@ -1,0 +1,296 @@
+"""Save then load: states and memory come back equal, the file is sparse, untouched memory
+is never read, progress is reported, describe() summarises without reading memory."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import pytest
+
+from xend_lite.snapshot import (
+    MemoryChecksumMismatch,
+    MemoryRegion,
+    SnapshotError,
+    SnapshotReadError,
+    StateClassError,
+    StateEncodeError,
+    describe,
+    load_snapshot,
+    save_snapshot,
+)
+
+from .helpers import (
+    CLASSES,
+    PAGE,
+    ClockState,
+    MiB,
+    close_regions,
+    fill_pages,
+    memfd,
+    read_all,
+    sample_states,
+    small_memory,
+)
+
+BIG = 256 * MiB
+BIG_PAGES = [0, 1, 2, 100, 4095, 4096, 30000, 65535]  # a few data pages in 65536
+ZERO_PAGES = [50, 51, 40000]  # written with zeros: allocated in the source, holes in the file
+
+
+@pytest.fixture
+def big_and_small():
+    """Region "ram": 256 MiB, mostly never touched. Region "rom": 8 MiB, every page data."""
+    ram = memfd(BIG, "ram")
+    fill_pages(ram, BIG_PAGES, 1)
+    for p in ZERO_PAGES:
+        os.pwrite(ram, bytes(PAGE), p * PAGE)
+    rom = memfd(8 * MiB, "rom")
+    os.pwrite(rom, os.urandom(8 * MiB), 0)
+    regions = [MemoryRegion("ram", 0, BIG, ram), MemoryRegion("rom", 0xFF80_0000, 8 * MiB, rom)]
+    yield regions
+    close_regions(regions)
+
+
+def assert_same_memory(snap, region: MemoryRegion) -> None:
+    m = snap.map_region(region.name)
+    try:
+        step = 32 * MiB
+        for off in range(0, region.size, step):
+            n = min(step, region.size - off)
+            assert m[off:off + n] == read_all(region.fd, n, region.offset + off), \
+                f"{region.name} differs near {off:#x}"
+    finally:
+        m.close()
+
+
+def test_round_trip_two_states_two_regions(tmp_path, big_and_small):
+    path = tmp_path / "guest.snap"
+    states = sample_states(5)
+    info = save_snapshot(path, states, big_and_small)
+    assert info.sections == 2 and info.memory_size == BIG + 8 * MiB
+    assert info.memory_data == (len(BIG_PAGES)) * PAGE + 8 * MiB
+
+    with load_snapshot(path, CLASSES, required=["tcpu/0", "tclock"],
+                       verify_memory=True) as snap:
+        assert snap.states == states
+        assert type(snap.states["tcpu/0"].cr) is tuple
+        assert [(r.name, r.gpa, r.size) for r in snap.regions] == \
+            [("ram", 0, BIG), ("rom", 0xFF80_0000, 8 * MiB)]
+        for r in snap.regions:
+            assert r.file_offset % PAGE == 0
+        assert snap.region("ram").data == len(BIG_PAGES) * PAGE
+        for r in big_and_small:
+            assert_same_memory(snap, r)
+        fd = snap.fd
+        os.fstat(fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by the context manager
+
+
+def test_output_is_sparse_and_holes_are_not_read(tmp_path, big_and_small, monkeypatch):
+    """Untouched source pages are skipped with SEEK_DATA, zero pages become holes."""
+    real = os.preadv
+    read = [0]
+
+    def counting(fd, bufs, off, *a):
+        n = real(fd, bufs, off, *a)
+        read[0] += n
+        return n
+
+    monkeypatch.setattr(os, "preadv", counting)
+    path = tmp_path / "guest.snap"
+    t0 = time.monotonic()
+    info = save_snapshot(path, sample_states(), big_and_small)
+    elapsed = time.monotonic() - t0
+    monkeypatch.undo()
+    # every chunk read holds a data or zero page: at most ~9 chunks of "ram" plus "rom"
+    assert read[0] <= 12 * MiB + 8 * MiB
+    st = os.stat(path)
+    assert st.st_size >= BIG + 8 * MiB
+    data = (len(BIG_PAGES)) * PAGE + 8 * MiB
+    assert st.st_blocks * 512 < data + 1 * MiB
+    assert info.size_on_disk == st.st_blocks * 512
+    assert elapsed < 5
+
+
+def test_huge_sparse_region_is_fast(tmp_path):
+    """A 16 GiB region with two pages saves in well under a second: holes are never read."""
+    size = 16 << 30
+    fd = memfd(size)
+    try:
+        fill_pages(fd, [3, size // PAGE - 1], 9)
+        t0 = time.monotonic()
+        save_snapshot(tmp_path / "s", [], [MemoryRegion("ram", 0, size, fd)])
+        assert time.monotonic() - t0 < 2
+        assert os.stat(tmp_path / "s").st_blocks * 512 < 1 * MiB
+        with load_snapshot(tmp_path / "s", CLASSES, verify_memory=True) as snap:
+            m = snap.map_region("ram")
+            assert m[3 * PAGE:4 * PAGE] == read_all(fd, PAGE, 3 * PAGE)
+            assert m[size - PAGE:] == read_all(fd, PAGE, size - PAGE)
+            assert m[4 * PAGE:5 * PAGE] == bytes(PAGE)
+            m.close()
+    finally:
+        os.close(fd)
+
+
+def test_progress_every_64_mib(tmp_path, big_and_small):
+    calls = []
+    save_snapshot(tmp_path / "s", sample_states(), big_and_small,
+                  progress=lambda done, total: calls.append((done, total)))
+    total = BIG + 8 * MiB
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert all(t == total for _, t in calls)
+    dones = [d for d, _ in calls]
+    assert dones == sorted(dones)
+    assert max(b - a for a, b in zip(dones, dones[1:])) <= 64 * MiB
+    assert len(calls) >= total // (64 * MiB) + 1
+
+
+def test_progress_within_a_data_region(tmp_path):
+    """Progress comes while data is copied, not only at region ends."""
+    size = 160 * MiB
+    fd = memfd(size)
+    try:
+        fill_pages(fd, list(range(0, size // PAGE, 256)), 2)  # one page per MiB
+        calls = []
+        save_snapshot(tmp_path / "s", [], [MemoryRegion("ram", 0, size, fd)],
+                      progress=lambda d, t: calls.append(d))
+        assert calls == [0, 64 * MiB, 128 * MiB, size]
+    finally:
+        os.close(fd)
+
+
+def test_buffer_region_and_no_regions(tmp_path):
+    buf = bytearray(64 * PAGE)
+    buf[PAGE:2 * PAGE] = os.urandom(PAGE)
+    save_snapshot(tmp_path / "b", [ClockState(5)], [MemoryRegion("vga", 0xA0000, len(buf),
+                                                                 buffer=buf)])
+    with load_snapshot(tmp_path / "b", CLASSES, verify_memory=True) as snap:
+        assert snap.states == {"tclock": ClockState(5)}
+        m = snap.map_region("vga")
+        assert m[:] == bytes(buf)
+        m.close()
+    save_snapshot(tmp_path / "n", {"tclock": ClockState(1)}, [])
+    with load_snapshot(tmp_path / "n", CLASSES) as snap:
+        assert snap.regions == [] and snap.header.file_size == PAGE
+
+
+def test_mapping_is_private(tmp_path):
+    regions, contents = small_memory()
+    try:
+        save_snapshot(tmp_path / "s", sample_states(), regions)
+    finally:
+        close_regions(regions)
+    before = (tmp_path / "s").read_bytes()
+    with load_snapshot(tmp_path / "s", CLASSES) as snap:
+        m = snap.map_region("lo")
+        assert m[:] == contents["lo"]
+        m[0:PAGE] = b"\xaa" * PAGE
+        m[10 * PAGE:11 * PAGE] = b"\xbb" * PAGE  # a hole in the file
+        m.flush()
+        m.close()
+    assert (tmp_path / "s").read_bytes() == before
+
+
+def test_not_needed_state_is_not_written_and_hooks_run(tmp_path):
+    from .test_state import Hooked
+
+    class Empty(ClockState, register=False):
+        def needed(self):
+            return False
+
+    h = Hooked([1, 2, 3])
+    save_snapshot(tmp_path / "s", {"thooked": h, "tclock": Empty(7)}, [])
+    assert h.total == 6  # pre_save ran
+    d = describe(tmp_path / "s")
+    assert [s["name"] for s in d["sections"]] == ["thooked"]
+    with load_snapshot(tmp_path / "s", {"thooked": Hooked}) as snap:
+        assert snap.states["thooked"] == Hooked([1, 2, 3], 6)
+
+
+def test_save_refuses_bad_input_without_touching_disk(tmp_path):
+    path = tmp_path / "s"
+    fd = memfd(MiB)
+    try:
+        bad = [
+            ({"tclock": sample_states()["tcpu/0"]}, [], StateClassError),
+            ({"tclock": "nope"}, [], StateEncodeError),
+            ({"tclock bad": ClockState()}, [], StateClassError),
+            ({"tclock": ClockState(ns="x")}, [], StateEncodeError),
+            ({}, [MemoryRegion("a", 0, MiB, fd), MemoryRegion("b", MiB - PAGE, MiB, fd)],
+             StateClassError),
+            ({}, [MemoryRegion("a", 0, MiB, fd), MemoryRegion("a", 2 * MiB, MiB, fd)],
+             StateClassError),
+            ({}, [MemoryRegion("a", 1, MiB, fd)], StateClassError),
+            ({}, [MemoryRegion("a", 0, 100, fd)], StateClassError),
+            ({}, [MemoryRegion("a", 0, MiB)], StateClassError),
+            ({}, [MemoryRegion("a", 2**64 - PAGE, 2 * PAGE, fd)], StateClassError),
+        ]
+        for states, regions, exc in bad:
+            with pytest.raises(exc):
+                save_snapshot(path, states, regions)
+        assert os.listdir(tmp_path) == []
+    finally:
+        os.close(fd)
+
+
+def test_verify_memory_finds_corrupt_memory(tmp_path):
+    regions, _ = small_memory()
+    try:
+        save_snapshot(tmp_path / "s", sample_states(), regions)
+    finally:
+        close_regions(regions)
+    with load_snapshot(tmp_path / "s", CLASSES) as snap:
+        lo, hi = snap.region("lo"), snap.region("hi")
+    raw = bytearray((tmp_path / "s").read_bytes())
+    for where, region in ((lo.file_offset + 5 * PAGE + 17, "lo"),     # a data page
+                          (lo.file_offset + 100 * PAGE, "lo"),        # a hole
+                          (hi.file_offset + 2 * MiB - 1, "hi")):      # last byte of the file
+        bad = bytearray(raw)
+        bad[where] ^= 0x40
+        (tmp_path / "bad").write_bytes(bad)
+        with load_snapshot(tmp_path / "bad", CLASSES):
+            pass  # memory is not read by default
+        with pytest.raises(MemoryChecksumMismatch) as ei:
+            load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
+        assert ei.value.region == region
+
+
+def test_describe(tmp_path, big_and_small):
+    path = tmp_path / "s"
+    info = save_snapshot(path, sample_states(), big_and_small)
+    d = describe(path)
+    json.dumps(d)
+    assert d["format_version"] == 1
+    created = datetime.datetime.fromisoformat(d["created"].replace("Z", "+00:00"))
+    assert created.tzinfo is not None and d["created"].endswith("Z")
+    assert abs(created.timestamp() - time.time()) < 60
+    assert [s["name"] for s in d["sections"]] == ["tcpu/0", "tclock"]
+    assert all(s["version"] == 1 and s["length"] > 0 for s in d["sections"])
+    assert [(r["name"], r["gpa"], r["size"]) for r in d["regions"]] == \
+        [("ram", 0, BIG), ("rom", 0xFF80_0000, 8 * MiB)]
+    assert d["memory_size"] == BIG + 8 * MiB
+    assert d["memory_data"] == info.memory_data
+    assert d["file_size"] == os.stat(path).st_size == info.logical_size
+    assert d["size_on_disk"] == os.stat(path).st_blocks * 512 == info.size_on_disk
+
+
+def test_describe_and_load_unreadable_paths(tmp_path):
+    missing = tmp_path / "nope.snap"
+    for fn in (describe, load_snapshot):
+        with pytest.raises(SnapshotReadError, match="nope.snap") as ei:
+            fn(missing)
+        assert isinstance(ei.value, SnapshotError)
+        with pytest.raises(SnapshotReadError, match="not a regular file"):
+            fn(tmp_path)
+
+
+def test_default_classes_come_from_the_registry(tmp_path):
+    from .test_state import RegisteredForTest
+
+    save_snapshot(tmp_path / "s", [RegisteredForTest(4)], [])
+    with load_snapshot(tmp_path / "s") as snap:
+        assert snap.states == {"ttest_registered": RegisteredForTest(4)}
