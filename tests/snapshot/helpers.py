@@ -124,7 +124,7 @@ def build_file(sections: list[dict[str, Any]], payloads: list[bytes],
             sums += zlib.crc32(bytes(min(chunk, r["size"] - i * chunk))).to_bytes(4, "little")
     meta = table + b"".join(payloads) + bytes(sums)
     mem_offset = ff.align_up(ff.HEADER_SIZE + len(meta))
-    file_end = mem_offset + sum(r["size"] for r in regions)
+    file_end = mem_offset + ff.align_up(sum(r["size"] for r in regions))
     h = ff.Header(version, 0, 1_700_000_000_000_000_000, len(meta), mem_offset, file_end,
                   len(table), chunk, ff.PAGE_SIZE, 0)
     pre = bytearray(h.pack()) + meta
