@@ -138,3 +138,16 @@ def fix_header_crc(buf: bytearray) -> None:
     meta_len = int.from_bytes(buf[24:32], "little")
     n = ff.align_up(ff.HEADER_SIZE + meta_len)
     buf[ff.CRC_OFFSET:ff.HEADER_SIZE] = ff.header_crc(bytes(buf[:n])).to_bytes(4, "little")
+
+
+CRASH_SIZE = 8 * MiB
+
+
+def crash_memory(seed: int) -> int:
+    """An 8 MiB memfd, every other page pseudo-random data (the same for the same seed)."""
+    fd = memfd(CRASH_SIZE, f"crash{seed}")
+    data = random.Random(seed).randbytes(CRASH_SIZE // 2)
+    for i in range(0, CRASH_SIZE // PAGE, 2):
+        j = i // 2 * PAGE
+        os.pwrite(fd, data[j:j + PAGE], i * PAGE)
+    return fd

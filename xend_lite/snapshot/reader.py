@@ -133,7 +133,9 @@ class LoadedSnapshot:
 
     def map_region(self, name: str) -> mmap.mmap:
         """A copy-on-write (MAP_PRIVATE) mapping of one region: writes to it stay in memory
-        and never reach the snapshot file."""
+        and never reach the snapshot file. Reading a hole faults in a page from the file's
+        filesystem: on a full tmpfs that fault fails with SIGBUS, so keep snapshots where
+        their holes can be backed."""
         if self._closed:
             raise ValueError("snapshot is closed")
         r = self.region(name)
