@@ -1,0 +1,379 @@
+"""The controller: the one thread that owns the VM, its command queue, and the run-state
+machine.
+
+The event loop never touches the Domain. It calls the controller's async methods (the upper
+half), which refuse at once when the run state does not allow the command, then queue one
+command for the VM-owner thread and await its one reply (a concurrent.futures.Future wrapped
+for asyncio). The command (the bottom half, the ``_``-prefixed methods) checks the state
+again where it runs, calls the Domain and moves the state machine.
+
+Events from the Domain arrive on vCPU threads (or on the owner thread); they are stamped
+where they happen and handed to the loop with ``call_soon_threadsafe``, in order. A guest
+shutdown also moves the state and asks the loop to apply the poweroff/reboot policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
+from xend_lite.errors import InvalidArgument, NotFound, XendLiteError
+
+log = logging.getLogger("xend_lite.controller")
+
+R = RunState
+DomainFactory = Callable[[Any, Callable[[str, dict], None]], Any]
+
+# Reasons a guest run ends that the reboot policy handles; every other reason but "stopped"
+# (the daemon's own stop) goes to the poweroff policy.
+REBOOT_REASONS = ("reboot",)
+
+
+@dataclass(frozen=True)
+class GuestStop:
+    """What the loop is told when the guest ends its run."""
+
+    reason: str
+    code: int
+
+
+def exit_status_for(stop: GuestStop) -> int:
+    """The daemon's exit status when a guest stop ends it: the guest's code for a poweroff
+    (0 for a clean one), at least 1 for any other way of stopping."""
+    code = stop.code if 0 <= stop.code <= 255 else 1
+    if stop.reason == "poweroff":
+        return code
+    if stop.reason in REBOOT_REASONS:
+        return 0
+    return code or 1
+
+
+class Controller:
+    def __init__(self, factory: DomainFactory, spec: Any, *, snapshot_dir: str = ".",
+                 publish: Callable[[str, dict, float], None] | None = None,
+                 on_guest_stop: Callable[[GuestStop], None] | None = None,
+                 on_state: Callable[[RunState], None] | None = None):
+        self._factory = factory
+        self._spec = spec
+        self.snapshot_dir = snapshot_dir
+        self._publish = publish or (lambda _n, _d, _t: None)
+        self._on_guest_stop = on_guest_stop or (lambda _s: None)
+        self._on_state = on_state or (lambda _s: None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._state = R.CREATED
+        self.transitions: list[tuple[RunState, RunState]] = []
+        self.domain: Any = None
+        self._closing = False
+        self.busy: str | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    def _set_state(self, new: RunState) -> None:
+        with self._lock:
+            old = self._state
+            if old == new:
+                return
+            self._state = new
+            self.transitions.append((old, new))
+        log.info("run state %s -> %s", old.value, new.value)
+        self._to_loop(self._on_state, new)
+
+    def _sync_state(self) -> RunState:
+        """Take the state from the Domain after a command (the guest may have stopped while
+        the command ran, so the Domain, not the command, has the last word)."""
+        self._set_state(RunState.from_domain(self.domain.run_state()))
+        return self._state
+
+    # -- the owner thread ----------------------------------------------------------------
+
+    def start_thread(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name="vm-owner", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, args, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            self.busy = getattr(fn, "action", fn.__name__)
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+                fut.set_exception(exc)
+            finally:
+                self.busy = None
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Queue one command for the owner thread and await its reply. Refuses up front
+        when the command's allowed states exclude the current one."""
+        allowed = getattr(fn, "allowed_states", None)
+        if allowed is not None:
+            check_state(self._state, allowed, fn.action)
+        if self._thread is None or not self._thread.is_alive():
+            raise XendLiteError("the VM owner is not running")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fn, args, fut))
+        return await asyncio.wrap_future(fut)
+
+    async def stop_thread(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        if self._thread.is_alive():
+            log.error("the VM owner thread did not stop within %.0f s", timeout)
+
+    # -- reaching the loop from any thread -----------------------------------------------
+
+    def _to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop closed in between
+            pass
+
+    def emit(self, name: str, data: dict | None = None) -> None:
+        """Publish an event from any thread, stamped now, in order with the others."""
+        self._to_loop(self._publish, name, dict(data or {}), time.time())
+
+    def _domain_event(self, name: str, data: dict) -> None:
+        """The Domain's emit: called on vCPU threads and on the owner thread."""
+        data = dict(data or {})
+        if name == "SHUTDOWN":
+            reason = str(data.get("reason", "poweroff"))
+            by_guest = reason != "stopped"
+            data = {"guest": by_guest, **data}
+            if by_guest and not self._closing:
+                self._set_state(R.INTERNAL_ERROR if reason == "internal-error" else R.SHUTDOWN)
+                self.emit(name, data)
+                code = data.get("code", 0)
+                self._to_loop(self._on_guest_stop, GuestStop(reason, code if isinstance(code, int) else 0))
+                return
+        self.emit(name, data)
+
+    # -- upper half: called on the event loop -------------------------------------------
+
+    async def build(self) -> None:
+        await self._call(self._build)
+
+    async def restore_at_start(self, path: str) -> dict:
+        return await self._call(self._restore_at_start, self.resolve_path(path, must_exist=True))
+
+    async def boot(self, paused: bool) -> RunState:
+        return await self._call(self._boot, paused)
+
+    async def stop(self) -> None:
+        await self._call(self._stop)
+
+    async def cont(self) -> None:
+        await self._call(self._cont)
+
+    async def system_reset(self) -> None:
+        await self._call(self._system_reset)
+
+    async def query(self, what: str, *args: Any) -> Any:
+        return await self._call(self._query, what, *args)
+
+    async def overlay_map(self, page: str, gpa: int) -> Any:
+        return await self._call(self._overlay_map, page, gpa)
+
+    async def overlay_unmap(self, page: str) -> Any:
+        return await self._call(self._overlay_unmap, page)
+
+    async def snapshot_save(self, path: str, paused: bool = False) -> dict:
+        return await self._call(self._snapshot_save, self.resolve_path(path), paused)
+
+    async def snapshot_load(self, path: str) -> dict:
+        return await self._call(self._snapshot_load, self.resolve_path(path, must_exist=True))
+
+    async def snapshot_describe(self, path: str) -> dict:
+        return await self._call(self._snapshot_describe, self.resolve_path(path, must_exist=True))
+
+    async def close(self) -> None:
+        """Stop the vCPUs and release the VM (console flushed); the owner thread ends."""
+        self._closing = True
+        if self._thread is not None and self._thread.is_alive():
+            try:
+                await self._call(self._close)
+            except Exception:  # noqa: BLE001 - closing goes on whatever failed
+                log.exception("closing the VM failed")
+        await self.stop_thread()
+
+    def resolve_path(self, path: str, must_exist: bool = False) -> str:
+        """A snapshot path: relative ones live in the snapshot directory."""
+        if not path or "\0" in path:
+            raise InvalidArgument("a snapshot path must be a non-empty string without NUL")
+        full = path if os.path.isabs(path) else os.path.join(self.snapshot_dir, path)
+        full = os.path.normpath(full)
+        if must_exist and not os.path.exists(full):
+            raise NotFound(f"snapshot {full} does not exist")
+        return full
+
+    # -- bottom half: runs on the VM owner thread ----------------------------------------
+
+    @requires(R.CREATED)
+    def _build(self) -> None:
+        if self.domain is not None:
+            return
+        self.domain = self._factory(self._spec, self._domain_event)
+
+    @requires(R.CREATED)
+    def _restore_at_start(self, path: str) -> dict:
+        self._set_state(R.RESTORING)
+        try:
+            t0 = time.monotonic()
+            info = self.domain.snapshot_load(path) or {}
+            seconds = round(time.monotonic() - t0, 6)
+        finally:
+            self._set_state(R.CREATED)
+        self.emit("SNAPSHOT_LOADED", {"path": path, "seconds": seconds})
+        return dict(info, path=path, seconds=seconds)
+
+    @requires(R.CREATED)
+    def _boot(self, paused: bool) -> RunState:
+        self.domain.start(paused=paused)
+        return self._sync_state()
+
+    @requires(R.RUNNING)
+    def _stop(self) -> None:
+        self.domain.pause()
+        if self._sync_state() == R.PAUSED:
+            self.emit("STOP")
+
+    @requires(R.PAUSED)
+    def _cont(self) -> None:
+        self.domain.resume()
+        if self._sync_state() == R.RUNNING:
+            self.emit("RESUME")
+
+    @requires(R.RUNNING, R.PAUSED, R.SHUTDOWN, R.INTERNAL_ERROR)
+    def _system_reset(self) -> None:
+        self.domain.reset()
+        self._sync_state()
+
+    @requires(*ALL_STATES)
+    def _query(self, what: str, *args: Any) -> Any:
+        return getattr(self.domain, what)(*args)
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _overlay_map(self, page: str, gpa: int) -> Any:
+        return self.domain.overlay_map(page, gpa)
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _overlay_unmap(self, page: str) -> Any:
+        return self.domain.overlay_unmap(page)
+
+    def _pause_for(self) -> bool:
+        """Pause a running VM for a save or a load; True if it was running."""
+        if self._state != R.RUNNING:
+            return False
+        self.domain.pause()
+        if RunState.from_domain(self.domain.run_state()) != R.PAUSED:
+            self._sync_state()
+            check_state(self._state, (R.PAUSED,), "pausing the VM")
+        self._set_state(R.PAUSED)
+        self.emit("STOP")
+        return True
+
+    def _back_from(self, was_running: bool, stay_paused: bool) -> None:
+        self._set_state(R.PAUSED)
+        if was_running and not stay_paused:
+            self.domain.resume()
+            if self._sync_state() == R.RUNNING:
+                self.emit("RESUME")
+        else:
+            self._sync_state()
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _snapshot_save(self, path: str, paused: bool) -> dict:
+        was_running = self._pause_for()
+        self._set_state(R.SAVING)
+        t0 = time.monotonic()
+        progress = _ProgressLog(path)
+        try:
+            info = self.domain.snapshot_save(path, progress) or {}
+        except BaseException:
+            self._back_from(was_running, stay_paused=False)
+            raise
+        seconds = round(time.monotonic() - t0, 6)
+        size = _file_size(path, info)
+        log.info("snapshot saved to %s: %d bytes in %.2f s", path, size, seconds)
+        self._back_from(was_running, stay_paused=paused)
+        result = {"path": path, "size": size, "seconds": seconds}
+        self.emit("SNAPSHOT_SAVED", result)
+        return result
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _snapshot_load(self, path: str) -> dict:
+        was_running = self._pause_for()
+        self._set_state(R.RESTORING)
+        t0 = time.monotonic()
+        try:
+            self.domain.snapshot_load(path)
+        except BaseException:
+            self._back_from(was_running, stay_paused=False)
+            raise
+        seconds = round(time.monotonic() - t0, 6)
+        log.info("snapshot %s loaded in %.2f s", path, seconds)
+        self._back_from(was_running, stay_paused=False)
+        result = {"path": path, "seconds": seconds}
+        self.emit("SNAPSHOT_LOADED", result)
+        return result
+
+    @requires(*ALL_STATES)
+    def _snapshot_describe(self, path: str) -> dict:
+        return type(self.domain).snapshot_describe(path)
+
+    def _close(self) -> None:
+        if self.domain is not None:
+            self.domain.close()
+        self._set_state(R.SHUTDOWN)
+
+
+def _file_size(path: str, info: Any) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        pass
+    for attr in ("logical_size", "size"):
+        v = info.get(attr) if isinstance(info, dict) else getattr(info, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+class _ProgressLog:
+    """A save's progress callback: logs at most once a second, and the end."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last < 1.0 and done < total:
+            return
+        self._last = now
+        pct = 100 * done // total if total else 100
+        log.info("saving %s: %d%% (%d of %d MiB)", self.path, pct, done >> 20, total >> 20)

@@ -1,0 +1,259 @@
+"""The HTTP side of the control plane: the aiohttp application (POST /rpc, GET /events), the
+bearer-token check for TCP clients, and the listening sockets.
+
+Handlers only read the request and hand it on: JSON-RPC bodies to the Dispatcher, event
+subscribers to the EventBus. The sockets are made here (not by aiohttp) so the Unix socket is
+created 0600 from the start, a live daemon on the same path is detected instead of being
+unlinked, and sockets passed by systemd are used as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hmac
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from xend_lite.daemon.config import TcpAddress
+from xend_lite.daemon.events import EventBus
+from xend_lite.daemon.rpc import INVALID_REQUEST, MAX_BODY, Dispatcher, RpcContext, error_reply
+
+log = logging.getLogger("xend_lite.server")
+
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+EVENTS = web.AppKey("events", EventBus)
+CONTROLLER = web.AppKey("controller", object)
+DAEMON = web.AppKey("daemon", object)
+TOKEN = web.AppKey("token", object)  # str | None
+WEBSOCKETS = web.AppKey("websockets", set)
+
+
+class ListenError(Exception):
+    """A listening socket could not be set up; the message says what and how to fix it."""
+
+
+# -- listeners -----------------------------------------------------------------------------
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    kind: str             # "unix" or "tcp"
+    where: str            # path or host:port, for logs
+    owned_path: str | None = None  # a socket file we created and must remove
+
+
+@dataclass
+class Listeners:
+    items: list[Listener] = field(default_factory=list)
+
+    def close(self) -> None:
+        for lst in self.items:
+            with contextlib.suppress(OSError):
+                lst.sock.close()
+            remove_socket_file(lst.owned_path)
+        self.items.clear()
+
+
+def remove_socket_file(path: str | None) -> None:
+    if not path:
+        return
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove socket %s: %s", path, exc.strerror)
+
+
+def bind_unix(path: str) -> Listener:
+    """A listening Unix socket at ``path``, mode 0600, its directory created 0700 if
+    missing. A stale socket file (nobody answers) is replaced; a live one is an error."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ListenError(f"cannot create the socket directory {directory}: {exc.strerror} "
+                          "(choose another path with --socket)") from None
+    if len(os.fsencode(path)) >= 108:
+        raise ListenError(f"socket path {path} is too long for a Unix socket (107 bytes at most): "
+                          "choose a shorter one with --socket")
+    if os.path.lexists(path):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenError(f"socket path {path} exists and is not a socket: remove it or choose "
+                              "another with --socket")
+        if _socket_answers(path):
+            raise ListenError(f"socket path {path} is in use by a running daemon: stop it, or give "
+                              "this one another --socket")
+        log.info("removing stale socket %s", path)
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"socket path {path} is in use: stop the other daemon or give this one "
+                              "another --socket") from None
+        raise ListenError(f"cannot bind {path}: {exc.strerror} (choose another path with --socket)") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    sock.setblocking(False)
+    return Listener(sock, "unix", path, owned_path=path)
+
+
+def _socket_answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def bind_tcp(addr: TcpAddress) -> Listener:
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        how = ("stop what uses it or choose another port with --tcp" if exc.errno == errno.EADDRINUSE
+               else "check the address given with --tcp")
+        raise ListenError(f"cannot listen on tcp {addr}: {exc.strerror}: {how}") from None
+    sock.setblocking(False)
+    host, port = sock.getsockname()[:2]
+    if not addr.is_loopback:
+        log.warning("listening on tcp %s, which is not a loopback address: every client on that "
+                    "network can try the token", addr)
+    return Listener(sock, "tcp", str(TcpAddress(host, port)))
+
+
+def adopt(sock: socket.socket) -> Listener:
+    """A socket passed by systemd: used as it is, never unlinked by us."""
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        where = name.decode(errors="replace") if isinstance(name, bytes) else (name or "(unnamed)")
+        return Listener(sock, "unix", where)
+    host, port = sock.getsockname()[:2]
+    return Listener(sock, "tcp", str(TcpAddress(host, port)))
+
+
+# -- the application -----------------------------------------------------------------------
+
+def _is_tcp(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock is None or sock.family != socket.AF_UNIX
+
+
+@web.middleware
+async def bearer_auth(request: web.Request, handler):
+    """TCP clients must send the token; Unix-socket clients are trusted by the 0600 mode."""
+    if _is_tcp(request):
+        token: str | None = request.app[TOKEN]
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        ok = (token is not None and scheme.lower() == "bearer"
+              and hmac.compare_digest(value.strip().encode(), token.encode()))
+        if not ok:
+            log.warning("refused a TCP request from %s: %s", request.remote,
+                        "no bearer token" if not given else "wrong bearer token")
+            return web.json_response(
+                error_reply(-32000, "Unauthorized: send Authorization: Bearer <token>"),
+                status=401, headers={"WWW-Authenticate": 'Bearer realm="xend-lite"'})
+    return await handler(request)
+
+
+async def rpc_handler(request: web.Request) -> web.StreamResponse:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return _too_large()
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large()
+    ctx = RpcContext(controller=request.app[CONTROLLER], daemon=request.app[DAEMON])
+    reply = await request.app[DISPATCHER].handle(body, ctx)
+    if reply is None:
+        resp: web.StreamResponse = web.Response(status=204)
+    else:
+        resp = web.Response(body=reply, content_type="application/json")
+    if ctx.after_reply:
+        await resp.prepare(request)
+        await resp.write_eof()
+        for action in ctx.after_reply:
+            action()
+    return resp
+
+
+def _too_large() -> web.Response:
+    return web.json_response(
+        error_reply(INVALID_REQUEST, f"Invalid request: the body is larger than {MAX_BODY} bytes"),
+        status=413)
+
+
+async def events_handler(request: web.Request) -> web.StreamResponse:
+    ws = web.WebSocketResponse(heartbeat=30.0)
+    await ws.prepare(request)
+    bus = request.app[EVENTS]
+    sub = bus.subscribe()
+    request.app[WEBSOCKETS].add(ws)
+    log.debug("event subscriber connected (%d now)", bus.subscribers)
+
+    async def pump() -> None:
+        while True:
+            text = await sub.get()
+            if text is None:
+                return
+            await ws.send_str(text)
+
+    async def incoming() -> None:
+        async for msg in ws:
+            if msg.type == WSMsgType.ERROR:
+                return
+
+    sender, reader = asyncio.create_task(pump()), asyncio.create_task(incoming())
+    try:
+        await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (sender, reader):
+            t.cancel()
+        await asyncio.gather(sender, reader, return_exceptions=True)
+        sub.close()
+        request.app[WEBSOCKETS].discard(ws)
+        if not ws.closed:
+            if sub.reason.startswith("too slow"):
+                await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow")
+            else:
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=sub.reason.encode()[:120])
+    return ws
+
+
+def make_app(controller: Any, events: EventBus, daemon: Any = None, token: str | None = None) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[bearer_auth])
+    app[DISPATCHER] = Dispatcher()
+    app[EVENTS] = events
+    app[CONTROLLER] = controller
+    app[DAEMON] = daemon
+    app[TOKEN] = token
+    app[WEBSOCKETS] = set()
+    app.router.add_post("/rpc", rpc_handler)
+    app.router.add_get("/events", events_handler)
+    return app
+

@@ -1,0 +1,283 @@
+"""The daemon's life cycle: start (sockets, VM, control plane, READY=1), the guest-stop
+policy, signals, the watchdog, and a clean stop (STOPPING=1, vCPUs stopped, console flushed,
+last events delivered, listeners closed, socket file removed).
+
+A failure while starting is a ``StartError`` carrying a distinct exit status and one line
+saying what went wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import time
+from enum import IntEnum
+from typing import Any, Callable
+
+from aiohttp import web
+
+from xend_lite.daemon.config import DaemonConfig, read_token
+from xend_lite.daemon.controller import REBOOT_REASONS, Controller, GuestStop, exit_status_for
+from xend_lite.daemon.events import EventBus
+from xend_lite.daemon.runstate import RunState
+from xend_lite.daemon.server import WEBSOCKETS, Listeners, ListenError, adopt, bind_tcp, bind_unix, make_app
+from xend_lite.daemon.systemd import Notifier, listen_fds
+from xend_lite.errors import (ConfigError, InvalidArgument, LoaderError, NotFound, NotSupported,
+                              SnapshotError, XendLiteError)
+
+log = logging.getLogger("xend_lite.daemon")
+
+
+class ExitCode(IntEnum):
+    """The daemon's exit statuses. A guest poweroff exits with the guest's own code."""
+
+    OK = 0
+    FAILURE = 1        # a failure after start (details in the log), or a guest crash
+    USAGE = 2          # unknown option or missing option argument
+    SNAPSHOT = 65      # --restore: the snapshot is missing or cannot be loaded
+    IMAGE = 66         # the guest image is missing, unreadable or not loadable
+    KVM = 69           # /dev/kvm is missing, not accessible, or lacks what we need
+    SOFTWARE = 70      # an internal error while starting
+    SOCKET = 73        # the control socket (or TCP address) is in use or cannot be made
+    CONFIG = 78        # the configuration (file or options) is invalid
+
+
+class StartError(Exception):
+    def __init__(self, code: ExitCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+DomainFactory = Callable[[Any, Callable[[str, dict], None]], Any]
+
+
+def real_domain_factory(cfg: Any, emit: Callable[[str, dict], None]) -> Any:
+    from xend_lite.xen.domain import Domain
+
+    return Domain(cfg, emit)
+
+
+def classify_build_error(exc: BaseException, cfg: DaemonConfig) -> StartError:
+    """The exit status and the line to print when the VM cannot be built."""
+    if isinstance(exc, LoaderError):
+        return StartError(ExitCode.IMAGE, f"{exc}: give a loadable image with --image (or none "
+                                          "for the embedded default guest)")
+    if isinstance(exc, (InvalidArgument, ConfigError)):
+        return StartError(ExitCode.CONFIG, f"invalid guest configuration: {exc}")
+    if isinstance(exc, NotSupported):
+        return StartError(ExitCode.KVM, f"{exc} (run `xend-lite --check` for a host report)")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENODEV,
+                                                  errno.ENXIO):
+        return StartError(ExitCode.KVM, f"cannot use {cfg.kvm_path}: {exc.strerror or exc}: load the "
+                                        "kvm module, or run as root / in the kvm group "
+                                        "(`xend-lite --check` tells which)")
+    if type(exc).__name__ == "KvmError":
+        return StartError(ExitCode.KVM, f"KVM refused to build the VM: {exc} "
+                                        "(run `xend-lite --check` for a host report)")
+    if isinstance(exc, XendLiteError):
+        return StartError(ExitCode.SOFTWARE, f"the VM could not be built: {exc}")
+    return StartError(ExitCode.SOFTWARE, f"the VM could not be built: {type(exc).__name__}: {exc}")
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig, domain_factory: DomainFactory = real_domain_factory,
+                 notifier: Notifier | None = None, env: dict[str, str] | None = None):
+        self.cfg = cfg
+        self.events = EventBus()
+        self.notifier = notifier or Notifier(env)
+        self._env = env
+        self.controller = Controller(domain_factory, cfg, snapshot_dir=cfg.snapshot_dir,
+                                     publish=self.events.publish, on_guest_stop=self._guest_stopped,
+                                     on_state=self._state_changed)
+        self.listeners = Listeners()
+        self.runner: web.AppRunner | None = None
+        self.exit_status: int | None = None
+        self.exit_why = ""
+        self._exit: asyncio.Future[int] | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stopped = False
+
+    # -- start ---------------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"{lst.kind}:{lst.where}" for lst in self.listeners.items]
+
+    def tcp_port(self) -> int | None:
+        for lst in self.listeners.items:
+            if lst.kind == "tcp":
+                return lst.sock.getsockname()[1]
+        return None
+
+    async def start(self) -> None:
+        """Listen, build and boot the VM, serve, and tell systemd we are ready."""
+        loop = asyncio.get_running_loop()
+        if self._exit is None:
+            self._exit = loop.create_future()
+        token = self._open_listeners()
+        self.controller.start_thread()
+        try:
+            await self.controller.build()
+        except Exception as exc:  # noqa: BLE001 - each kind gets its own exit status
+            raise classify_build_error(exc, self.cfg) from exc
+        if self.cfg.restore:
+            try:
+                await self.controller.restore_at_start(self.cfg.restore)
+            except (SnapshotError, NotFound, XendLiteError, OSError) as exc:
+                raise StartError(ExitCode.SNAPSHOT, f"snapshot {self.cfg.restore} cannot be loaded: "
+                                                    f"{exc}: check the path given with --restore") from exc
+        state = await self.controller.boot(self.cfg.start_paused)
+        app = make_app(self.controller, self.events, daemon=self, token=token)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self.runner.setup()
+        for lst in self.listeners.items:
+            await web.SockSite(self.runner, lst.sock).start()
+        log.info("xend-lite serving on %s (pid %d), guest %s", ", ".join(self.addresses),
+                 os.getpid(), state.value)
+        self.notifier.ready(self._status_line(state))
+        interval = self.notifier.watchdog_interval
+        if interval:
+            self._spawn(self._watchdog(interval))
+
+    def _open_listeners(self) -> str | None:
+        passed = listen_fds(self._env if self._env is not None else None)
+        token = None
+        try:
+            if passed:
+                for sock in passed:
+                    self.listeners.items.append(adopt(sock))
+                log.info("using %d socket(s) passed by the service manager", len(passed))
+            else:
+                self.listeners.items.append(bind_unix(self.cfg.socket))
+            has_tcp = any(lst.kind == "tcp" for lst in self.listeners.items)
+            if self.cfg.tcp is not None and not passed:
+                token = read_token(self.cfg.token_file)  # before binding: no open port without it
+                self.listeners.items.append(bind_tcp(self.cfg.tcp))
+            elif has_tcp:
+                if not self.cfg.token_file:
+                    raise ConfigError("a TCP socket was passed but control.token_file is not set: TCP "
+                                      "clients need a bearer token (--token-file)")
+                token = read_token(self.cfg.token_file)
+        except ListenError as exc:
+            self.listeners.close()
+            raise StartError(ExitCode.SOCKET, str(exc)) from exc
+        except ConfigError as exc:
+            self.listeners.close()
+            raise StartError(ExitCode.CONFIG, str(exc)) from exc
+        return token
+
+    # -- running -------------------------------------------------------------------------
+
+    def request_exit(self, status: int, why: str) -> None:
+        """Ask the daemon to stop with ``status`` (the first request wins)."""
+        if self._exit is None:
+            self._exit = asyncio.get_running_loop().create_future()
+        if self._exit.done():
+            log.info("already stopping (%s)", self.exit_why)
+            return
+        self.exit_status, self.exit_why = status, why
+        log.info("stopping: %s", why)
+        self._exit.set_result(status)
+
+    async def wait(self) -> int:
+        if self._exit is None:
+            self._exit = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(self._exit)
+
+    async def run(self, install_signals: bool = True) -> int:
+        """Start, serve until asked to stop, then stop cleanly. Returns the exit status."""
+        loop = asyncio.get_running_loop()
+        self._exit = loop.create_future()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_exit, 0, f"{signal.Signals(sig).name} received")
+            loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: restart to reload"))
+        try:
+            try:
+                await self.start()
+            except BaseException:
+                await self.stop()
+                raise
+            status = await self.wait()
+            await self.stop()
+            return status
+        finally:
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+
+    def _guest_stopped(self, stop: GuestStop) -> None:
+        """The guest ended its run: apply on_reboot / on_poweroff."""
+        if self._stopped or (self._exit is not None and self._exit.done()):
+            return
+        if stop.reason in REBOOT_REASONS:
+            if self.cfg.on_reboot == "reset":
+                log.info("guest rebooted: resetting it")
+                self._spawn(self._reset_after_reboot())
+            else:
+                self.request_exit(ExitCode.OK, "guest rebooted (on_reboot = exit)")
+            return
+        if self.cfg.on_poweroff == "exit":
+            self.request_exit(exit_status_for(stop), f"guest stopped: {stop.reason} (code {stop.code})")
+        else:
+            log.info("guest stopped: %s (code %d); staying up (on_poweroff = pause): system_reset "
+                     "boots it again, quit stops the daemon", stop.reason, stop.code)
+
+    async def _reset_after_reboot(self) -> None:
+        try:
+            await self.controller.system_reset()
+        except Exception as exc:  # noqa: BLE001
+            log.error("resetting the guest after its reboot failed: %s", exc)
+            self.request_exit(ExitCode.FAILURE, "the guest's reboot could not be carried out")
+
+    def _state_changed(self, state: RunState) -> None:
+        self.notifier.status(self._status_line(state))
+
+    def _status_line(self, state: RunState) -> str:
+        return f"guest {state.value}; control on {', '.join(self.addresses) or 'nothing'}"
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 while the event loop turns (a stuck loop stops the pings)."""
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- stop ----------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        t0 = time.monotonic()
+        self.notifier.stopping(f"stopping: {self.exit_why or 'start failed'}")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.controller.close()
+        await asyncio.sleep(0)  # let the events the close published reach the bus
+        self.events.close()
+        if self.runner is not None:
+            await self._wait_websockets(2.0)
+            await self.runner.cleanup()
+        self.listeners.close()
+        self.notifier.close()
+        log.info("stopped in %.2f s", time.monotonic() - t0)
+
+    async def _wait_websockets(self, timeout: float) -> None:
+        app = self.runner.app if self.runner is not None else None
+        if app is None:
+            return
+        deadline = time.monotonic() + timeout
+        while app[WEBSOCKETS] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for ws in list(app[WEBSOCKETS]):
+            await ws.close()
