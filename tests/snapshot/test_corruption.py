@@ -361,3 +361,17 @@ def test_fuzz_metadata_only_snapshot_errors(tmp_path, good, e, fix_crc):
 @given(edits, st.booleans())
 def test_fuzz_metadata_soak(tmp_path, good, e, fix_crc):
     _fuzz_one(tmp_path, good, e, fix_crc)
+
+
+def test_any_creation_time_describes(tmp_path, good):
+    raw = bytearray(good[0])
+    raw[16:24] = (2**64 - 1).to_bytes(8, "little")  # the largest: in the year 2554
+    fix_header_crc(raw)
+    (tmp_path / "c").write_bytes(raw)
+    assert describe(tmp_path / "c")["created"].startswith("2554-")
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(SnapshotError, match="not a regular file"):
+        describe(tmp_path / "fifo")

@@ -158,7 +158,7 @@ class _Parsed:
 
 def _open(path: str) -> tuple[int, os.stat_result]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block
     except OSError as err:
         raise SnapshotReadError(f"cannot open snapshot {path}: {os.strerror(err.errno)}",
                                 err.errno) from err

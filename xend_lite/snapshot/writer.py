@@ -340,6 +340,9 @@ def save_snapshot(path: str | os.PathLike[str],
         off += r.size
     table = ff.build_table(entries, placed)
     meta_len = len(table) + payload_len + ff.sums_length([r.size for r in mem], chunk)
+    if meta_len > ff.MAX_METADATA:
+        raise StateEncodeError(f"states and memory tables take {meta_len} bytes, more than "
+                               f"a snapshot holds ({ff.MAX_METADATA})")
     mem_offset = ff.align_up(ff.HEADER_SIZE + meta_len)
     file_end = mem_offset + sum(r.size for r in mem)
 
