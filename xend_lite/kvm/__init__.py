@@ -26,7 +26,28 @@ def buffer_address(buf) -> int:
     ffi.release(c)
     return addr
 
+def atomic_or64(addr: int, mask: int) -> int:
+    """Atomically OR ``mask`` into the aligned u64 at host address ``addr``; the old value."""
+    return _lib.xl_fetch_or64(addr, mask)
+
+
+def atomic_and64(addr: int, mask: int) -> int:
+    """Atomically AND ``mask`` into the aligned u64 at host address ``addr``; the old value."""
+    return _lib.xl_fetch_and64(addr, mask)
+
+
+def atomic_xchg8(addr: int, value: int) -> int:
+    """Atomically swap the byte at host address ``addr``; the old value."""
+    return _lib.xl_xchg8(addr, value)
+
+
+def host_tsc() -> int:
+    """The host's time-stamp counter (RDTSC)."""
+    return _lib.xl_rdtsc()
+
+
 __all__ = [
+    "atomic_and64", "atomic_or64", "atomic_xchg8", "host_tsc",
     "CAPABILITIES", "CpuidEntry", "Dtable", "Kvm", "KvmError", "MsrFilterRange", "Regs",
     "SYNC_EVENTS", "SYNC_REGS", "SYNC_SREGS", "Segment", "Sregs", "Translation", "Vcpu", "Vm",
     "buffer_address", "const", "exits",

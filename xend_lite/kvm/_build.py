@@ -229,6 +229,10 @@ int xl_sigrtmin(void);
 uint64_t xl_system_event_data0(struct kvm_run *run);
 int64_t xl_run(int fd, struct kvm_run *run);
 void xl_set_rax(struct kvm_run *run, uint64_t value);
+uint64_t xl_fetch_or64(uintptr_t addr, uint64_t mask);
+uint64_t xl_fetch_and64(uintptr_t addr, uint64_t mask);
+uint8_t xl_xchg8(uintptr_t addr, uint8_t value);
+uint64_t xl_rdtsc(void);
 """
 
 SOURCE = r"""
@@ -281,6 +285,22 @@ static int64_t xl_run(int fd, struct kvm_run *run) {
 static void xl_set_rax(struct kvm_run *run, uint64_t value) {
     run->s.regs.regs.rax = value;
     run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+}
+/* Atomic read-modify-write on guest memory (event-channel bitmaps the guest updates with
+ * locked instructions at the same time). addr is a host address inside a guest mapping. */
+static uint64_t xl_fetch_or64(uintptr_t addr, uint64_t mask) {
+    return __atomic_fetch_or((uint64_t *)addr, mask, __ATOMIC_SEQ_CST);
+}
+static uint64_t xl_fetch_and64(uintptr_t addr, uint64_t mask) {
+    return __atomic_fetch_and((uint64_t *)addr, mask, __ATOMIC_SEQ_CST);
+}
+static uint8_t xl_xchg8(uintptr_t addr, uint8_t value) {
+    return __atomic_exchange_n((uint8_t *)addr, value, __ATOMIC_SEQ_CST);
+}
+static uint64_t xl_rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
 }
 static uint64_t xl_system_event_data0(struct kvm_run *run) {
     return run->system_event.ndata ? run->system_event.data[0] : 0;

@@ -35,6 +35,10 @@ MsrReadHandler = Callable[[VcpuRunner], "int | None"]
 MsrWriteHandler = Callable[[VcpuRunner, int], bool]
 
 
+class MemoryBusy(Exception):
+    """A vCPU-side memory-map change met a pause in progress; retry after it."""
+
+
 @dataclass(frozen=True, slots=True)
 class ShutdownStatus:
     """Why the run ended: reason is poweroff, reboot, crash, suspend, watchdog, triple-fault,
@@ -283,6 +287,26 @@ class Machine:
         """Change the memory map with every vCPU paused, so none sees a half-applied map."""
         with self._lock, self.paused():
             return fn(self.memmap)
+
+    def vcpu_update_memory(self, runner: VcpuRunner, fn: Callable[[MemoryMap], object]) -> object:
+        """Change the memory map from a handler on ``runner``'s own thread (a hypercall): the
+        caller is already out of KVM_RUN, so only the other vCPUs are paused. Raises
+        MemoryBusy when the owner is pausing the machine at the same moment; the handler then
+        returns and retries after the pause (waiting here would deadlock with the owner)."""
+        if not self._lock.acquire(timeout=0.002):
+            raise MemoryBusy("the machine is being paused")
+        others = [r for r in self.runners if r is not runner and r.state == RUNNING]
+        try:
+            for r in others:
+                r.request_pause()
+            for r in others:
+                if not r.wait_paused():
+                    log.error("vcpu%d did not pause within the time limit", r.index)
+            return fn(self.memmap)
+        finally:
+            for r in others:
+                r.release()
+            self._lock.release()
 
     @property
     def pause_depth(self) -> int:

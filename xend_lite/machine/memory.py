@@ -279,6 +279,28 @@ class MemoryMap:
             self._ballooned.add(gfn)
             raise
 
+    def balloon(self, take_out: list[int], put_back: list[int]) -> None:
+        """Take RAM frames out and put ballooned frames back in one change (one slot update).
+        Every frame must be in the right state; nothing changes when one is not."""
+        out, back = list(dict.fromkeys(take_out)), list(dict.fromkeys(put_back))
+        for gfn in out:
+            if not self.is_ram_page(gfn):
+                raise NotFound(f"frame {gfn:#x} is not populated RAM")
+        for gfn in back:
+            if gfn not in self._ballooned:
+                raise NotFound(f"frame {gfn:#x} is not ballooned out")
+        before = set(self._ballooned)
+        self._ballooned.update(out)
+        self._ballooned.difference_update(back)
+        try:
+            self.apply()
+        except BaseException:
+            self._ballooned = before
+            raise
+        for gfn in out + back:
+            r = self.ram_region_at(gfn << PAGE_SHIFT)
+            r.backing.zero(r.offset + (gfn << PAGE_SHIFT) - r.gpa, PAGE_SIZE)
+
     def ballooned(self) -> list[int]:
         return sorted(self._ballooned)
 
