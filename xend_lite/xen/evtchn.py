@@ -1,0 +1,283 @@
+"""Event channels, 2-level ABI: ports, their bindings, and delivery into shared_info.
+
+A port is unbound (waiting for a remote end), interdomain (bound to the daemon's side,
+domain 0), a VIRQ or an IPI. Pending and mask bits live in shared_info; raising a port sets
+its pending bit and, unless masked, its selector bit in the target vCPU's vcpu_info and the
+upcall flag, then injects the upcall (the vector from HVMOP_set_evtchn_upcall_vector or
+HVM_PARAM_CALLBACK_IRQ). Bit updates are atomic, because the guest changes the same words
+with locked instructions at the same time.
+
+The daemon's side (domain 0) answers an interdomain send by raising the guest's port again,
+an echo that lets a guest (and a test) see a round trip.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xend_lite.kvm import atomic_and64, atomic_or64, atomic_xchg8
+from xend_lite.kvm.xenabi import X
+from xend_lite.xen.errors import XenError
+
+if TYPE_CHECKING:
+    from xend_lite.xen.emulation import XenEmulation
+
+DAEMON_DOMID = 0
+
+
+@dataclass
+class Port:
+    state: int
+    vcpu: int = 0
+    virq: int = -1
+    remote_dom: int = 0
+    remote_port: int = 0
+
+    def describe(self) -> dict:
+        names = {X.EVTCHNSTAT_unbound: "unbound", X.EVTCHNSTAT_interdomain: "interdomain",
+                 X.EVTCHNSTAT_virq: "virq", X.EVTCHNSTAT_ipi: "ipi"}
+        d = {"state": names.get(self.state, "closed"), "vcpu": self.vcpu}
+        if self.state == X.EVTCHNSTAT_virq:
+            d["virq"] = self.virq
+        if self.state in (X.EVTCHNSTAT_unbound, X.EVTCHNSTAT_interdomain):
+            d["remote_dom"] = self.remote_dom
+        if self.state == X.EVTCHNSTAT_interdomain:
+            d["remote_port"] = self.remote_port
+        return d
+
+
+def _or_bit(addr: int, bit: int, word: int) -> bool:
+    """Atomically set bit ``bit`` of the ``word``-byte little-endian word at ``addr``;
+    True if it was already set."""
+    if word == 4:
+        base = addr & ~7
+        bit += (addr - base) * 8
+        addr = base
+    return bool(atomic_or64(addr, 1 << bit) >> bit & 1)
+
+
+def _clear_bit(addr: int, bit: int, word: int) -> bool:
+    if word == 4:
+        base = addr & ~7
+        bit += (addr - base) * 8
+        addr = base
+    return bool(atomic_and64(addr, ~(1 << bit) & (1 << 64) - 1) >> bit & 1)
+
+
+class EventChannels:
+    def __init__(self, xen: XenEmulation):
+        self.xen = xen
+        self.lock = threading.RLock()
+        self.ports: dict[int, Port] = {}
+        self.virqs: dict[tuple[int, int], int] = {}      # (vcpu, virq) -> port
+        self.ipis: dict[int, int] = {}
+        self.daemon_ports: dict[int, int | None] = {}    # daemon-side port -> guest port or None
+        self.sends = 0
+
+    # -- limits and lookup ---------------------------------------------------------------
+
+    def max_ports(self) -> int:
+        return self.xen.shinfo_layout().nr_ports
+
+    def valid(self, port: int) -> bool:
+        return 0 < port < self.max_ports()
+
+    def get(self, port: int) -> Port:
+        p = self.ports.get(port) if self.valid(port) else None
+        if p is None:
+            raise XenError(X.XEN_EINVAL, f"port {port} is not in use")
+        return p
+
+    def _alloc(self, port: Port) -> int:
+        for n in range(1, self.max_ports()):
+            if n not in self.ports:
+                self.ports[n] = port
+                return n
+        raise XenError(X.XEN_ENOSPC, "no free event channel")
+
+    # -- operations (each returns the new local port where there is one) ------------------
+
+    def alloc_unbound(self, remote_dom: int) -> int:
+        with self.lock:
+            return self._alloc(Port(X.EVTCHNSTAT_unbound, remote_dom=remote_dom))
+
+    def daemon_offer(self) -> int:
+        """A daemon-side port left unbound for the guest to bind_interdomain to."""
+        with self.lock:
+            n = max(self.daemon_ports, default=0) + 1
+            self.daemon_ports[n] = None
+            return n
+
+    def bind_to_daemon(self) -> int:
+        """A guest port already connected to a new daemon-side port (store, console)."""
+        with self.lock:
+            dport = self.daemon_offer()
+            local = self._alloc(Port(X.EVTCHNSTAT_interdomain, remote_dom=DAEMON_DOMID,
+                                     remote_port=dport))
+            self.daemon_ports[dport] = local
+            return local
+
+    def bind_interdomain(self, remote_dom: int, remote_port: int, self_domid: int) -> int:
+        with self.lock:
+            if remote_dom in (X.DOMID_SELF, self_domid):
+                peer = self.ports.get(remote_port) if self.valid(remote_port) else None
+                if peer is None:
+                    raise XenError(X.XEN_EINVAL, "remote port is not in use")
+                if peer.state != X.EVTCHNSTAT_unbound or peer.remote_dom not in (self_domid, X.DOMID_SELF):
+                    raise XenError(X.XEN_EINVAL, "remote port is not unbound for us")
+                local = self._alloc(Port(X.EVTCHNSTAT_interdomain, remote_dom=self_domid,
+                                         remote_port=remote_port))
+                peer.state, peer.remote_dom, peer.remote_port = X.EVTCHNSTAT_interdomain, self_domid, local
+                return local
+            if remote_dom != DAEMON_DOMID:
+                raise XenError(X.XEN_ESRCH, f"no domain {remote_dom}")
+            if remote_port not in self.daemon_ports or self.daemon_ports[remote_port] is not None:
+                raise XenError(X.XEN_EINVAL, "remote port is not unbound for us")
+            local = self._alloc(Port(X.EVTCHNSTAT_interdomain, remote_dom=DAEMON_DOMID,
+                                     remote_port=remote_port))
+            self.daemon_ports[remote_port] = local
+            return local
+
+    def bind_virq(self, virq: int, vcpu: int) -> int:
+        with self.lock:
+            if (vcpu, virq) in self.virqs:
+                raise XenError(X.XEN_EEXIST, "VIRQ already bound")
+            port = self._alloc(Port(X.EVTCHNSTAT_virq, vcpu=vcpu, virq=virq))
+            self.virqs[(vcpu, virq)] = port
+            return port
+
+    def bind_ipi(self, vcpu: int) -> int:
+        with self.lock:
+            return self._alloc(Port(X.EVTCHNSTAT_ipi, vcpu=vcpu))
+
+    def bind_vcpu(self, port: int, vcpu: int) -> None:
+        with self.lock:
+            p = self.get(port)
+            if p.state == X.EVTCHNSTAT_virq:
+                if p.virq in (X.VIRQ_TIMER, X.VIRQ_DEBUG):   # per-vCPU VIRQs stay put
+                    raise XenError(X.XEN_EINVAL, "per-vCPU VIRQ cannot move")
+            elif p.state not in (X.EVTCHNSTAT_unbound, X.EVTCHNSTAT_interdomain):
+                raise XenError(X.XEN_EINVAL, "port cannot move")
+            p.vcpu = vcpu
+
+    def close(self, port: int) -> None:
+        with self.lock:
+            p = self.get(port)
+            self._free(port, p)
+
+    def _free(self, port: int, p: Port) -> None:
+        if p.state == X.EVTCHNSTAT_virq:
+            self.virqs.pop((p.vcpu, p.virq), None)
+        elif p.state == X.EVTCHNSTAT_interdomain:
+            if p.remote_dom == DAEMON_DOMID and p.remote_port in self.daemon_ports:
+                self.daemon_ports[p.remote_port] = None
+            else:
+                peer = self.ports.get(p.remote_port)
+                if peer is not None and peer.state == X.EVTCHNSTAT_interdomain:
+                    peer.state, peer.remote_port = X.EVTCHNSTAT_unbound, 0
+        del self.ports[port]
+        self._clear_pending(port)
+
+    def reset(self) -> None:
+        with self.lock:
+            for port in list(self.ports):
+                self._free(port, self.ports[port])
+            self.daemon_ports.clear()
+
+    def send(self, port: int) -> None:
+        with self.lock:
+            p = self.get(port)
+            self.sends += 1
+            if p.state == X.EVTCHNSTAT_interdomain:
+                if p.remote_dom == DAEMON_DOMID:
+                    target = port           # the daemon's side echoes
+                else:
+                    target = p.remote_port
+                self.raise_port(target)
+            elif p.state == X.EVTCHNSTAT_ipi:
+                self.raise_port(port)
+            elif p.state == X.EVTCHNSTAT_unbound:
+                pass                        # no one listening: dropped, as Xen does
+            else:
+                raise XenError(X.XEN_EINVAL, "cannot send on a VIRQ port")
+
+    def status(self, port: int) -> Port | None:
+        with self.lock:
+            if not self.valid(port):
+                raise XenError(X.XEN_EINVAL, "port out of range")
+            return self.ports.get(port)
+
+    # -- delivery ------------------------------------------------------------------------
+
+    def raise_virq(self, vcpu: int, virq: int) -> None:
+        with self.lock:
+            port = self.virqs.get((vcpu, virq))
+            if port is not None:
+                self.raise_port(port)
+
+    def raise_port(self, port: int) -> None:
+        """Set a port pending and deliver it (any thread)."""
+        xen = self.xen
+        lay = xen.shinfo_layout()
+        if not 0 < port < lay.nr_ports:
+            return
+        base = xen.shinfo_addr()
+        word, bit = divmod(port, lay.bits)
+        p = self.ports.get(port)
+        vcpu = p.vcpu if p is not None else 0
+        if not _or_bit(base + lay.evtchn_pending + word * lay.word, bit, lay.word):
+            masked = xen.read_shinfo_bit(lay.evtchn_mask + word * lay.word, bit, lay.word)
+            if not masked:
+                vi = xen.vcpu_info_addr(vcpu)
+                if vi and not _or_bit(vi + lay.pending_sel, word, lay.word):
+                    if not atomic_xchg8(vi + lay.upcall_pending, 1):
+                        xen.inject_upcall(vcpu)
+        xen.wake_vcpu(vcpu, port)
+
+    def unmask(self, port: int) -> None:
+        """Clear the mask bit; a port still pending is delivered now."""
+        xen = self.xen
+        lay = xen.shinfo_layout()
+        with self.lock:
+            if not self.valid(port):
+                raise XenError(X.XEN_EINVAL, "port out of range")
+            word, bit = divmod(port, lay.bits)
+            base = xen.shinfo_addr()
+            _clear_bit(base + lay.evtchn_mask + word * lay.word, bit, lay.word)
+            if xen.read_shinfo_bit(lay.evtchn_pending + word * lay.word, bit, lay.word):
+                p = self.ports.get(port)
+                vcpu = p.vcpu if p is not None else 0
+                vi = xen.vcpu_info_addr(vcpu)
+                if vi and not _or_bit(vi + lay.pending_sel, word, lay.word):
+                    if not atomic_xchg8(vi + lay.upcall_pending, 1):
+                        xen.inject_upcall(vcpu)
+
+    def is_pending(self, port: int) -> bool:
+        lay = self.xen.shinfo_layout()
+        if not 0 < port < lay.nr_ports:
+            return False
+        word, bit = divmod(port, lay.bits)
+        return self.xen.read_shinfo_bit(lay.evtchn_pending + word * lay.word, bit, lay.word)
+
+    def _clear_pending(self, port: int) -> None:
+        lay = self.xen.shinfo_layout()
+        word, bit = divmod(port, lay.bits)
+        _clear_bit(self.xen.shinfo_addr() + lay.evtchn_pending + word * lay.word, bit, lay.word)
+
+    # -- saved state ---------------------------------------------------------------------
+
+    def to_state(self) -> dict:
+        return {"ports": {str(n): [p.state, p.vcpu, p.virq, p.remote_dom, p.remote_port]
+                          for n, p in self.ports.items()},
+                "daemon_ports": {str(n): (-1 if g is None else g) for n, g in self.daemon_ports.items()},
+                "sends": self.sends}
+
+    def from_state(self, st: dict) -> None:
+        with self.lock:
+            self.ports = {int(n): Port(*v) for n, v in st["ports"].items()}
+            self.virqs = {(p.vcpu, p.virq): n for n, p in self.ports.items()
+                          if p.state == X.EVTCHNSTAT_virq}
+            self.daemon_ports = {int(n): (None if g < 0 else g) for n, g in st["daemon_ports"].items()}
+            self.sends = st.get("sends", 0)

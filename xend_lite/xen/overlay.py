@@ -1,0 +1,213 @@
+"""The xen_overlay device: shared_info and grant-table frames laid over guest RAM.
+
+The pages belong to the device (one memfd, one page each), start zeroed and are never guest
+RAM. A page is seen by the guest only while mapped at a frame of its choosing
+(XENMEM_add_to_physmap) or of the operator's (RPC). A mapping sits above RAM; the RAM beneath
+is not touched and shows again when the page moves or goes. Each page has at most one
+mapping, so mapping it again moves it; INVALID_GPA unmaps; address 0 is an address like any
+other. Every change goes through the memory map with the other vCPUs paused, so no vCPU sees
+half of it, and a failure leaves the old mapping in place.
+
+Backend: this host's KVM has no Xen support, so the daemon keeps shared_info itself
+("userspace"). A kernel backend (KVM_CAP_XEN_HVM) is detected and reported, not used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from xend_lite.errors import InvalidArgument, NotFound, NotSupported
+from xend_lite.machine.memory import INVALID_GPA, PAGE_SIZE, Backing
+from xend_lite.snapshot.state import State
+
+if TYPE_CHECKING:
+    from xend_lite.machine.machine import Machine
+    from xend_lite.machine.vcpu import VcpuRunner
+
+SHARED_INFO = "shared_info"
+_GRANT = re.compile(r"grant:(0|[1-9][0-9]{0,5})\Z")
+MAX_GRANT_FRAMES = 4096
+
+
+def grant_page(i: int) -> str:
+    return f"grant:{i}"
+
+
+def choose_backend(requested: str, kvm_xen_available: bool) -> str:
+    if requested not in ("auto", "userspace", "kvm-xen"):
+        raise InvalidArgument(f"backend must be auto, userspace or kvm-xen, not {requested!r}")
+    if requested == "kvm-xen":
+        raise NotSupported("the kvm-xen backend needs KVM_CAP_XEN_HVM with shared_info support; "
+                           + ("xend-lite does not drive it yet" if kvm_xen_available
+                              else "this host's KVM reports none") + ": use backend = \"userspace\"")
+    return "userspace"
+
+
+@dataclass
+class OverlayState(State):
+    """Saved state of the overlay device: where each page is and what it holds."""
+
+    NAME = "xen_overlay"
+    VERSION = 1
+    MIN_VERSION = 1
+    gpas: dict[str, int] = field(default_factory=dict)       # mapped pages only
+    long_mode: bool = True
+    contents: dict[str, bytes] = field(default_factory=dict)  # non-zero pages only
+    grant_frames: int = 0
+
+
+class OverlayDevice:
+    def __init__(self, machine: Machine, grant_frames: int = 64, backend: str = "auto",
+                 kvm_xen_available: bool = False):
+        if not isinstance(grant_frames, int) or not 1 <= grant_frames <= MAX_GRANT_FRAMES:
+            raise InvalidArgument(f"grant_frames must be between 1 and {MAX_GRANT_FRAMES}")
+        self.machine = machine
+        self.backend_name = choose_backend(backend, kvm_xen_available)
+        self.grant_frames = grant_frames
+        self.long_mode = True
+        self._lock = threading.Lock()
+        n = 1 + grant_frames
+        fd = os.memfd_create("xend-lite:xen-overlay", os.MFD_CLOEXEC)
+        self._fd = fd
+        try:
+            os.ftruncate(fd, n * PAGE_SIZE)
+            self.pages: dict[str, Backing] = {
+                SHARED_INFO: Backing(SHARED_INFO, fd, PAGE_SIZE, 0, owns_fd=False)}
+            for i in range(grant_frames):
+                name = grant_page(i)
+                self.pages[name] = Backing(name, fd, PAGE_SIZE, (i + 1) * PAGE_SIZE, owns_fd=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.shared_info = self.pages[SHARED_INFO]
+
+    # -- names ---------------------------------------------------------------------------
+
+    def check_page(self, page: object) -> str:
+        if not isinstance(page, str):
+            raise InvalidArgument("page must be a string: shared_info or grant:<index>")
+        if page == SHARED_INFO:
+            return page
+        m = _GRANT.match(page)
+        if not m:
+            raise InvalidArgument(f"unknown overlay page {page!r}: use shared_info or grant:<index>")
+        if int(m.group(1)) >= self.grant_frames:
+            raise NotFound(f"no overlay page {page}: this domain has {self.grant_frames} grant frames")
+        return page
+
+    def gpa(self, page: str) -> int | None:
+        return self.machine.memmap.overlay_gpa(page)
+
+    def gfn_of(self, page: str) -> int | None:
+        g = self.gpa(page)
+        return None if g is None else g >> 12
+
+    def page_at(self, gpa: int) -> str | None:
+        for name, g in self.machine.memmap.overlays().items():
+            if g == gpa:
+                return name
+        return None
+
+    # -- mapping -------------------------------------------------------------------------
+
+    def _change(self, page: str, gpa: int):
+        backing = self.pages[page]
+        if gpa == INVALID_GPA:
+            return lambda mm: mm.unmap_overlay(page)
+        self.machine.memmap.check_gpa(gpa)
+        return lambda mm: mm.map_overlay(page, backing, gpa)
+
+    def map(self, page: str, gpa: int) -> None:
+        """Map, move (or, at INVALID_GPA, unmap) a page; from the owner, vCPUs running or not."""
+        page = self.check_page(page)
+        if not isinstance(gpa, int) or isinstance(gpa, bool) or not 0 <= gpa <= INVALID_GPA:
+            raise InvalidArgument("gpa must be an integer from 0 to 2^64-1")
+        fn = self._change(page, gpa)
+        with self._lock:
+            self.machine.update_memory(fn)
+
+    def unmap(self, page: str) -> None:
+        self.map(page, INVALID_GPA)
+
+    def map_from_vcpu(self, runner: VcpuRunner, page: str, gpa: int) -> None:
+        """The same from a hypercall on ``runner``'s thread (may raise MemoryBusy: retry)."""
+        fn = self._change(page, gpa)
+        with self._lock:
+            self.machine.vcpu_update_memory(runner, fn)
+
+    def list(self) -> list[dict]:
+        out = []
+        for name, b in self.pages.items():
+            g = self.gpa(name)
+            out.append({"page": name, "gpa": g, "size": b.size, "backend": self.backend_name})
+        return out
+
+    # -- reset and state -----------------------------------------------------------------
+
+    def zero_pages(self) -> None:
+        for b in self.pages.values():
+            b.zero()
+
+    def reset(self) -> None:
+        """Unmap every page and zero it (a Xen soft reset)."""
+        with self._lock:
+            def unmap_all(mm) -> None:
+                for name in list(mm.overlays()):
+                    if name in self.pages:
+                        mm.unmap_overlay(name)
+            if self.machine.memmap.overlays():
+                self.machine.update_memory(unmap_all)
+            self.zero_pages()
+            self.long_mode = True
+
+    def save(self) -> OverlayState:
+        gpas = {n: g for n, g in self.machine.memmap.overlays().items() if n in self.pages}
+        zero = bytes(PAGE_SIZE)
+        contents = {n: bytes(b.view) for n, b in self.pages.items() if bytes(b.view) != zero}
+        return OverlayState(gpas=gpas, long_mode=self.long_mode, contents=contents,
+                            grant_frames=self.grant_frames)
+
+    def check_state(self, st: OverlayState) -> None:
+        """Everything a load needs, checked before anything changes."""
+        if st.grant_frames != self.grant_frames:
+            raise InvalidArgument(f"snapshot has {st.grant_frames} grant frames, this domain "
+                                  f"{self.grant_frames}")
+        seen = set()
+        for name, g in st.gpas.items():
+            self.check_page(name)
+            self.machine.memmap.check_gpa(g)
+            if g in seen:
+                raise InvalidArgument(f"two overlay pages at {g:#x}")
+            seen.add(g)
+        for name, data in st.contents.items():
+            self.check_page(name)
+            if len(data) != PAGE_SIZE:
+                raise InvalidArgument(f"overlay page {name} content is {len(data)} bytes")
+
+    def load(self, st: OverlayState) -> None:
+        """Put saved contents back and remap every page (call with vCPUs paused)."""
+        self.check_state(st)
+        self.zero_pages()
+        for name, data in st.contents.items():
+            self.pages[name].view[:] = data
+        self.long_mode = st.long_mode
+
+        def remap(mm) -> None:
+            for name in list(mm.overlays()):
+                if name in self.pages and name not in st.gpas:
+                    mm.unmap_overlay(name)
+            for name, g in st.gpas.items():
+                mm.map_overlay(name, self.pages[name], g)
+        with self._lock:
+            self.machine.update_memory(remap)
+
+    def close(self) -> None:
+        for b in self.pages.values():
+            b.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
