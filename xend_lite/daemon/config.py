@@ -272,7 +272,10 @@ def build_config(file_values: dict[str, Any] | None = None,
     for name, raw in (option_values or {}).items():
         key = KEYS_BY_FIELD[name]
         values[name] = _check(key, raw, key.option)
-    values.update(extra)
+    for name, raw in extra.items():
+        key = KEYS_BY_FIELD.get(name)
+        values[name] = raw if key is None or (name == "tcp" and isinstance(raw, TcpAddress)) \
+            else _check(key, raw, key.dotted)
     allowed = {f.name for f in fields(DaemonConfig)}
     unknown = set(values) - allowed
     if unknown:
