@@ -1,0 +1,225 @@
+/* Hypercall harness guest, 64-bit (long mode) or 32-bit (protected mode, paging off).
+ *
+ * The host plants a table at TABLE (guest-physical; in 64-bit mode also visible through the
+ * alias at ALIAS + address, a second PML4 slot, so pointers need real translation):
+ *   +0  u64 count of entries        +8  u64 value to write to the hypercall MSR (0: skip)
+ *   +16 u64 entries done (written)  +24 u64 MSR base found in CPUID (written)
+ *   +32 u64 Xen version leaf EAX    +40 u64 highest Xen leaf (written)
+ *   +64 entries, 256 bytes each: u64 nr, u64 arg1..arg5, u64 unused, u64 result (out),
+ *       then the registers after the call (out): 64-bit rbx rcx rbp r9 r11 r12 r13 r14 r15
+ *       rdi rsi rdx r10 r8; 32-bit ebx ecx edx esi edi ebp (one u64 slot each)
+ * For each entry the guest loads the arguments in its mode's convention, fills every other
+ * register with a known pattern, calls hypercall_page + nr * 32 and records RAX and every
+ * other register. Then it writes the done count and signals port 0xf0.
+ */
+#include "guest.h"
+
+#define TABLE 0x300000
+#define HCPAGE 0x200000
+#define DONE_PORT 0xf0
+#define ENTRY_SIZE 256
+
+    .section .text.entry, "ax"
+    .code32
+    .globl _start
+_start:
+    movl $stack_top, %esp
+#ifdef __x86_64__
+    ENTER_LONG_MODE(main64)
+
+    .code64
+main64:
+    movw $SEL_DATA, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    leaq stack_top(%rip), %rsp
+    /* alias: PML4[1] = PML4[0], so 0x8000000000 + x reaches physical x */
+    movq guest_pml4(%rip), %rax
+    movq %rax, guest_pml4 + 8(%rip)
+    movq %cr3, %rax
+    movq %rax, %cr3
+    call find_xen
+    movq $TABLE, %r15
+    movq 8(%r15), %rax
+    testq %rax, %rax
+    jz 1f
+    movq %rax, %rdx
+    shrq $32, %rdx
+    movl 24(%r15), %ecx
+    wrmsr
+1:  xorq %r14, %r14                 /* entry index */
+2:  cmpq 0(%r15), %r14
+    jae done64
+    movq %r14, %r13
+    shlq $8, %r13
+    leaq 64(%r15, %r13), %r13       /* r13 = entry */
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq 0(%r13), %rax
+    shlq $5, %rax
+    addq $HCPAGE, %rax
+    movq %rax, hc_target(%rip)
+    movq 8(%r13), %rdi
+    movq 16(%r13), %rsi
+    movq 24(%r13), %rdx
+    movq 32(%r13), %r10
+    movq 40(%r13), %r8
+    movq $0x1111111111111111, %rbx
+    movq $0x2222222222222222, %rcx
+    movq $0x3333333333333333, %rbp
+    movq $0x4444444444444444, %r9
+    movq $0x5555555555555555, %r11
+    movq $0x6666666666666666, %r12
+    movq $0x7777777777777777, %r13
+    movq $0x8888888888888888, %r14
+    movq $0x9999999999999999, %r15
+    movq $0xabcdef, %rax
+    call *hc_target(%rip)
+    movq %rax, hc_result(%rip)
+    movq %rbx, regs_save + 0(%rip)
+    movq %rcx, regs_save + 8(%rip)
+    movq %rbp, regs_save + 16(%rip)
+    movq %r9, regs_save + 24(%rip)
+    movq %r11, regs_save + 32(%rip)
+    movq %r12, regs_save + 40(%rip)
+    movq %r13, regs_save + 48(%rip)
+    movq %r14, regs_save + 56(%rip)
+    movq %r15, regs_save + 64(%rip)
+    movq %rdi, regs_save + 72(%rip)
+    movq %rsi, regs_save + 80(%rip)
+    movq %rdx, regs_save + 88(%rip)
+    movq %r10, regs_save + 96(%rip)
+    movq %r8, regs_save + 104(%rip)
+    popq %r15
+    popq %r14
+    popq %r13
+    leaq regs_save(%rip), %rsi
+    leaq 64(%r13), %rdi
+    movl $14, %ecx
+    cld
+    rep movsq
+    movq hc_result(%rip), %rax
+    movq %rax, 56(%r13)
+    incq %r14
+    movq %r14, 16(%r15)
+    jmp 2b
+done64:
+    movb $1, %al
+    outb %al, $DONE_PORT
+3:  pause
+    jmp 3b
+
+find_xen:
+    movl $0x40000000, %r12d
+1:  movl %r12d, %eax
+    cpuid
+    cmpl $0x566e6558, %ebx
+    jne 2f
+    movq $TABLE, %r15
+    movl %eax, 40(%r15)
+    leal 1(%r12d), %eax
+    cpuid
+    movl %eax, 32(%r15)
+    leal 2(%r12d), %eax
+    cpuid
+    movl %ebx, 24(%r15)
+    ret
+2:  addl $0x100, %r12d
+    cmpl $0x40010000, %r12d
+    jb 1b
+    ret
+#else
+    /* the loader's flat 32-bit segments stay as they are */
+    call find_xen32
+    movl $TABLE, %edi
+    movl 8(%edi), %eax
+    testl %eax, %eax
+    jz 1f
+    movl 12(%edi), %edx
+    movl 24(%edi), %ecx
+    wrmsr
+1:  movl $0, entry_index
+2:  movl entry_index, %eax
+    cmpl TABLE, %eax
+    jae done32
+    shll $8, %eax
+    leal TABLE + 64(%eax), %eax
+    movl %eax, entry_ptr
+    movl 0(%eax), %ecx
+    shll $5, %ecx
+    addl $HCPAGE, %ecx
+    movl %ecx, hc_target
+    movl 8(%eax), %ebx
+    movl 16(%eax), %ecx
+    movl 24(%eax), %edx
+    movl 32(%eax), %esi
+    movl 40(%eax), %edi
+    movl $0x33333333, %ebp
+    movl $0xabcdef, %eax
+    call *hc_target
+    movl %eax, hc_result
+    movl %ebx, regs_save + 0
+    movl %ecx, regs_save + 8
+    movl %edx, regs_save + 16
+    movl %esi, regs_save + 24
+    movl %edi, regs_save + 32
+    movl %ebp, regs_save + 40
+    movl entry_ptr, %ebx
+    movl $0, %ecx
+4:  movl regs_save(,%ecx,8), %eax
+    movl %eax, 64(%ebx,%ecx,8)
+    movl $0, 68(%ebx,%ecx,8)
+    incl %ecx
+    cmpl $6, %ecx
+    jb 4b
+    movl hc_result, %eax
+    movl %eax, 56(%ebx)
+    movl $0, 60(%ebx)
+    incl entry_index
+    movl entry_index, %eax
+    movl %eax, TABLE + 16
+    jmp 2b
+done32:
+    movb $1, %al
+    outb %al, $DONE_PORT
+3:  pause
+    jmp 3b
+
+find_xen32:
+    movl $0x40000000, %esi
+1:  movl %esi, %eax
+    cpuid
+    cmpl $0x566e6558, %ebx
+    jne 2f
+    movl %eax, TABLE + 40
+    leal 1(%esi), %eax
+    cpuid
+    movl %eax, TABLE + 32
+    leal 2(%esi), %eax
+    cpuid
+    movl %ebx, TABLE + 24
+    ret
+2:  addl $0x100, %esi
+    cmpl $0x40010000, %esi
+    jb 1b
+    ret
+#endif
+
+    .data
+    .balign 8
+hc_target: .quad 0
+hc_result: .quad 0
+regs_save: .fill 16, 8, 0
+entry_index: .long 0
+entry_ptr: .long 0
+#ifdef __x86_64__
+    GUEST_GDT
+    GUEST_PAGE_TABLES
+#endif
+    .bss
+    .balign 16
+    .space 16384
+stack_top:
+    PVH_NOTE(_start)
