@@ -1,0 +1,172 @@
+"""Event channels, polling, timers and vcpu_op from real guests."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from tests.xen.conftest import SCRATCH, errno
+from xend_lite.kvm.xenabi import X
+from xend_lite.xen.abi import SHINFO32, SHINFO64
+
+pytestmark = pytest.mark.kvm
+
+EV = X.__HYPERVISOR_event_channel_op
+SCHED = X.__HYPERVISOR_sched_op
+VCPU = X.__HYPERVISOR_vcpu_op
+MEM = X.__HYPERVISOR_memory_op
+HVM = X.__HYPERVISOR_hvm_op
+
+
+def test_ports_bind_send_status_close(harness):
+    h, m, p = harness, harness.mem, harness.ptr
+    m.write(SCRATCH + 0x00, struct.pack("<HHI", X.DOMID_SELF, 0, 0))          # alloc_unbound
+    m.write(SCRATCH + 0x10, struct.pack("<III", X.VIRQ_TIMER, 0, 0))         # bind_virq
+    m.write(SCRATCH + 0x20, struct.pack("<III", X.VIRQ_TIMER, 0, 0))         # again: EEXIST
+    m.write(SCRATCH + 0x30, struct.pack("<II", 0, 0))                        # bind_ipi vcpu0
+    m.write(SCRATCH + 0x40, struct.pack("<II", 5, 0))                        # bind_ipi vcpu5
+    m.write(SCRATCH + 0x50, struct.pack("<III", X.NR_VIRQS, 0, 0))           # bad virq
+    m.write(SCRATCH + 0x60, struct.pack("<HHIII", X.DOMID_SELF, 0, 0, 0, 0))  # status port (set below)
+    m.write(SCRATCH + 0x80, struct.pack("<I", 4000000))                      # close bad port
+    m.write(SCRATCH + 0x90, struct.pack("<HHIII", X.DOMID_SELF, 0, 1, 0, 0))  # status of store port
+    res = h.run([
+        (EV, X.EVTCHNOP_alloc_unbound, p(SCRATCH)),
+        (EV, X.EVTCHNOP_bind_virq, p(SCRATCH + 0x10)),
+        (EV, X.EVTCHNOP_bind_virq, p(SCRATCH + 0x20)),
+        (EV, X.EVTCHNOP_bind_ipi, p(SCRATCH + 0x30)),
+        (EV, X.EVTCHNOP_bind_ipi, p(SCRATCH + 0x40)),
+        (EV, X.EVTCHNOP_bind_virq, p(SCRATCH + 0x50)),
+        (EV, X.EVTCHNOP_close, p(SCRATCH + 0x80)),
+        (EV, X.EVTCHNOP_status, p(SCRATCH + 0x90)),
+        (EV, X.EVTCHNOP_init_control, p(SCRATCH + 0xa0)),
+        (EV, 99, 0),
+        (EV, X.EVTCHNOP_send, 0xFFFFF000),
+    ])
+    assert [r for r, _ in res] == [0, 0, errno("EEXIST"), 0, errno("ENOENT"), errno("EINVAL"),
+                                   errno("EINVAL"), 0, errno("ENOSYS"), errno("ENOSYS"),
+                                   errno("EFAULT")]
+    unbound = struct.unpack("<I", m.read(SCRATCH + 4, 4))[0]
+    virq = struct.unpack("<I", m.read(SCRATCH + 0x18, 4))[0]
+    ipi = struct.unpack("<I", m.read(SCRATCH + 0x34, 4))[0]
+    assert len({unbound, virq, ipi}) == 3 and 0 not in (unbound, virq, ipi)
+    # the store port (1) is bound to the daemon's side (domain 0)
+    status, vcpu, dom, rport = struct.unpack("<IIHxxI", m.read(SCRATCH + 0x98, 16))
+    assert status == X.EVTCHNSTAT_interdomain and dom == 0 and rport > 0
+    ev = h.xen.evtchn
+    assert ev.ports[unbound].state == X.EVTCHNSTAT_unbound
+    assert ev.ports[virq].virq == X.VIRQ_TIMER
+
+
+def test_send_sets_pending_and_upcall_and_unmask_redelivers(harness_factory, bits):
+    h = harness_factory(bits)
+    m, p = h.mem, h.ptr
+    lay = SHINFO64 if bits == 64 else SHINFO32
+    # map shared_info at 8 MiB, set a callback vector, bind an IPI, mask it, send, unmask
+    xatp = struct.pack("<HHIQQ", X.DOMID_SELF, 0, X.XENMAPSPACE_shared_info, 0, 0x800) if bits == 64 \
+        else struct.pack("<HHIII", X.DOMID_SELF, 0, X.XENMAPSPACE_shared_info, 0, 0x800)
+    m.write(SCRATCH, xatp)
+    m.write(SCRATCH + 0x40, struct.pack("<HHIQ", X.DOMID_SELF, 0, X.HVM_PARAM_CALLBACK_IRQ, 2 << 56 | 0xf3))
+    m.write(SCRATCH + 0x60, struct.pack("<II", 0, 0))
+    h.run([(MEM, X.XENMEM_add_to_physmap, p(SCRATCH)), (HVM, X.HVMOP_set_param, p(SCRATCH + 0x40)),
+           (EV, X.EVTCHNOP_bind_ipi, p(SCRATCH + 0x60))])
+    port = struct.unpack("<I", m.read(SCRATCH + 0x64, 4))[0]
+    sh = 0x800000
+    word, bit = divmod(port, lay.bits)
+    pending = lambda: int.from_bytes(m.read(sh + lay.evtchn_pending + word * lay.word, lay.word), "little") >> bit & 1
+    upcall = lambda: m.read(sh + lay.upcall_pending, 1)[0]
+    sel = lambda: int.from_bytes(m.read(sh + lay.pending_sel, lay.word), "little") >> word & 1
+    h.machine.pause()
+    # mask the port in shared_info (as a guest does), then send from the host side
+    mask_off = sh + lay.evtchn_mask + word * lay.word
+    m.write(mask_off, (1 << bit).to_bytes(lay.word, "little"))
+    h.xen.evtchn.send(port)
+    assert pending() == 1 and upcall() == 0 and sel() == 0, "a masked port raises no upcall"
+    h.xen.evtchn.unmask(port)
+    assert upcall() == 1 and sel() == 1
+    assert h.xen.evtchn.sends == 1
+    h.machine.resume()
+
+
+def test_alloc_unbound_until_full(harness_factory):
+    h = harness_factory(32)     # 32-bit: 1024 ports in the 2-level ABI
+    h.run([])
+    ev = h.xen.evtchn
+    n = 0
+    with pytest.raises(Exception) as e:
+        while True:
+            ev.alloc_unbound(0)
+            n += 1
+    assert getattr(e.value, "errno", None) == X.XEN_ENOSPC
+    assert len(ev.ports) == 1023 and n == 1023 - 2   # ports 1..1023; store and console first
+
+
+def test_timer_and_poll_through_guest(harness):
+    """set_timer_op arms VIRQ_TIMER; SCHEDOP_poll on the timer port returns when it fires;
+    a poll with nothing pending and a past timeout returns at once; too many ports is EINVAL;
+    a port out of range is EINVAL."""
+    h, m, p = harness, harness.mem, harness.ptr
+    m.write(SCRATCH, struct.pack("<III", X.VIRQ_TIMER, 0, 0))
+    h.run([(EV, X.EVTCHNOP_bind_virq, p(SCRATCH))])
+    port = struct.unpack("<I", m.read(SCRATCH + 8, 4))[0]
+    h.machine.stop()
+    h.machine.rearm()
+    from xend_lite.machine.loader import load_image
+
+    load_image(h.machine, h.domain.image)
+    now = h.xen.clock.now()
+    m.write(SCRATCH + 0x100, struct.pack("<I", port))
+
+    def poll(at, n, timeout, ports=SCRATCH + 0x100):
+        if h.bits == 64:
+            m.write(at, struct.pack("<QIIQ", p(ports), n, 0, timeout))
+        else:
+            m.write(at, struct.pack("<IIQ", p(ports), n, timeout))
+    poll(SCRATCH + 0x200, 1, 0)                      # wait for the timer, no timeout
+    poll(SCRATCH + 0x240, 0, 1)                      # nothing, timeout long past
+    poll(SCRATCH + 0x280, 129, 0)                    # too many ports
+    m.write(SCRATCH + 0x300, struct.pack("<I", 1 << 20))
+    poll(SCRATCH + 0x2c0, 1, 0, ports=SCRATCH + 0x300)   # port out of range
+    deadline = now + 300_000_000                     # 0.3 s from now
+    set_timer = (X.__HYPERVISOR_set_timer_op, deadline) if h.bits == 64 else \
+        (X.__HYPERVISOR_set_timer_op, deadline & 0xFFFFFFFF, deadline >> 32)
+    import time
+
+    t0 = time.monotonic()
+    res = h.run([set_timer, (SCHED, X.SCHEDOP_poll, p(SCRATCH + 0x200)),
+                 (SCHED, X.SCHEDOP_poll, p(SCRATCH + 0x240)),
+                 (SCHED, X.SCHEDOP_poll, p(SCRATCH + 0x280)),
+                 (SCHED, X.SCHEDOP_poll, p(SCRATCH + 0x2c0))])
+    took = time.monotonic() - t0
+    assert [r for r, _ in res] == [0, 0, 0, errno("EINVAL"), errno("EINVAL")]
+    assert all(f == 0 for _, f in res)
+    assert h.xen.evtchn.is_pending(port)
+    assert took >= 0.2, f"poll returned before the timer fired ({took:.3f}s)"
+
+
+def test_vcpu_op(harness):
+    h, m, p = harness, harness.mem, harness.ptr
+    now = h.xen.clock.now()
+    m.write(SCRATCH, struct.pack("<QII", 0x900, 0x40, 0))               # register_vcpu_info
+    m.write(SCRATCH + 0x20, struct.pack("<QII", 0x900, 4090, 0))        # does not fit
+    m.write(SCRATCH + 0x40, struct.pack("<QI", 1, X.VCPU_SSHOTTMR_future))  # in the past
+    m.write(SCRATCH + 0x60, struct.pack("<QI", now + 10**12, 0))
+    res = h.run([
+        (VCPU, X.VCPUOP_is_up, 0, 0),
+        (VCPU, X.VCPUOP_is_up, 3, 0),
+        (VCPU, X.VCPUOP_register_vcpu_info, 0, p(SCRATCH + 0x20)),
+        (VCPU, X.VCPUOP_register_vcpu_info, 0, p(SCRATCH)),
+        (VCPU, X.VCPUOP_register_vcpu_info, 0, p(SCRATCH)),
+        (VCPU, X.VCPUOP_set_singleshot_timer, 0, p(SCRATCH + 0x40)),
+        (VCPU, X.VCPUOP_set_singleshot_timer, 0, p(SCRATCH + 0x60)),
+        (VCPU, X.VCPUOP_stop_singleshot_timer, 0, 0),
+        (VCPU, X.VCPUOP_stop_periodic_timer, 0, 0),
+        (VCPU, 77, 0, 0),
+    ])
+    assert [r for r, _ in res] == [1, errno("ENOENT"), errno("EINVAL"), 0, errno("EINVAL"),
+                                   errno("ETIME"), 0, 0, 0, errno("ENOSYS")]
+    assert h.xen.vcpu_info_gpa[0] == 0x900040
+    # the registered vcpu_info carries live time: version even and non-zero, system time set
+    ver, _, tsc, systime = struct.unpack("<IIQQ", m.read(0x900040 + 32, 24))
+    assert ver and ver % 2 == 0 and systime > 0
+    assert h.xen.timers.deadline(0) is None
