@@ -58,7 +58,14 @@ def good(tmp_path_factory):
     h = ff.Header(*ff.HEADER.unpack(raw[:ff.HEADER_SIZE])[1:])
     table_end = ff.HEADER_SIZE + h.table_len
     sections, _ = ff.parse_table(h, raw[ff.HEADER_SIZE:table_end])
-    return raw, h, table_end, sections
+    return Image((raw, h, table_end, sections))
+
+
+class Image(tuple):
+    """(file bytes, header, table end, sections), with a short repr for failure reports."""
+
+    def __repr__(self) -> str:
+        return f"<snapshot image of {len(self[0])} bytes>"
 
 
 def load(tmp_path, image: bytes | bytearray, **kw):
@@ -305,6 +312,13 @@ def test_hand_built_file_with_regions_loads(tmp_path):
                      [{"name": "a", "gpa": 0, "size": 2 * PAGE, "offset": 0},
                       {"name": "b", "gpa": 1 << 20, "size": PAGE, "offset": 2 * PAGE}])
     assert load(tmp_path, img, verify_memory=True)["tclock"] == ClockState(9, True)
+
+
+def test_checksum_mismatch_with_a_nonsense_header(tmp_path, good):
+    raw = bytearray(good[0])
+    raw[52:56] = bytes(4)  # chunk size 0, checksum not fixed
+    with pytest.raises(ChecksumMismatch):
+        load(tmp_path, raw)
 
 
 def test_failed_loads_close_the_file(tmp_path, good):

@@ -191,10 +191,11 @@ def _pread(fd: int, n: int, off: int, path: str) -> bytes:
     return b"".join(parts)
 
 
-def _section_at_fault(h: ff.Header, pre: bytes) -> SectionChecksumMismatch | None:
-    """After a checksum mismatch: if the table still makes sense, the section whose own CRC
-    fails (so the error can name it)."""
+def _section_at_fault(h: ff.Header, pre: bytes, size: int) -> SectionChecksumMismatch | None:
+    """After a checksum mismatch: if header and table still make sense, the section whose
+    own CRC fails (so the error can name it)."""
     try:
+        ff.check_header_fields(h, size)
         sections, _ = ff.parse_table(h, pre[ff.HEADER_SIZE:ff.HEADER_SIZE + h.table_len])
     except SnapshotError:
         return None
@@ -217,7 +218,7 @@ def _parse(fd: int, st: os.stat_result, path: str) -> _Parsed:
         raise Truncated(f"file is {len(pre)} bytes, shorter than its {n} bytes of header, "
                         "metadata and padding", n, len(pre))
     if ff.header_crc(pre) != h.crc:
-        err = _section_at_fault(h, pre) or ChecksumMismatch(
+        err = _section_at_fault(h, pre, size) or ChecksumMismatch(
             f"snapshot {path} is corrupt: header or table checksum mismatch")
         raise err
     ff.check_header_fields(h, size)
