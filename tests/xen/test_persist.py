@@ -1,0 +1,128 @@
+"""Save a running domain and bring it back: in a fresh domain, twice, and refusing bad files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+
+import pytest
+
+from xend_lite.errors import SnapshotError
+from xend_lite.xen.domain import Domain, DomainSpec
+
+pytestmark = pytest.mark.kvm
+
+COUNTER = 0x300000
+SHINFO = 0x800000
+
+
+@pytest.fixture
+def counter_image(guest_image, tmp_path):
+    img = tmp_path / "counter64.elf"
+    img.write_bytes(guest_image("xen/guests/counter64.S"))
+    return str(img)
+
+
+@pytest.fixture
+def domains():
+    made = []
+
+    def make(image, **kw):
+        kw.setdefault("memory_mib", 64)
+        d = Domain(DomainSpec(image=image, **kw))
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        d.close()
+
+
+def counters(d):
+    return struct.unpack("<QQQ", d.machine.mem.read(COUNTER, 24))
+
+
+def wait_for(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def saved_running(domains, counter_image, path):
+    a = domains(counter_image)
+    a.start()
+    assert wait_for(lambda: counters(a)[1] > 20), a.machine.status
+    a.pause()
+    info = a.snapshot_save(path)
+    return a, counters(a), info
+
+
+def test_restore_into_fresh_domain_goes_on(domains, counter_image, tmp_path):
+    path = str(tmp_path / "snap.xls")
+    a, (c0, h0, v0), info = saved_running(domains, counter_image, path)
+    shinfo_a = bytes(a.overlay.shared_info.view)
+    assert info["size"] > 0 and os.path.getsize(path) == info["size"]
+    assert os.stat(path).st_blocks * 512 < 16 << 20, "64 MiB of mostly empty RAM saves sparse"
+    b = domains(counter_image)
+    b.snapshot_load(path)
+    assert counters(b) == (c0, h0, v0)
+    assert b.overlay.gpa("shared_info") == SHINFO
+    assert bytes(b.overlay.shared_info.view) == shinfo_a
+    assert b.xen.hypercall_page == a.xen.hypercall_page
+    calls_a = a.query_hypercalls()["hypercalls"]
+    b.start()
+    assert wait_for(lambda: counters(b)[1] > h0 + 20), b.machine.status
+    c1, h1, v1 = counters(b)
+    assert c1 > c0 and v1 == v0 == 4 << 16 | 16
+    assert b.query_hypercalls()["hypercalls"]["xen_version"]["calls"] > calls_a["xen_version"]["calls"]
+    # the guest in b still reaches shared_info through its mapping
+    assert b.machine.mem.read(SHINFO + 3072, 16) == bytes(a.overlay.shared_info.view[3072:3088]) \
+        or b.machine.mem.read(SHINFO + 3076, 4) != bytes(4)
+
+
+def test_two_restores_are_independent_and_the_file_is_untouched(domains, counter_image, tmp_path):
+    path = str(tmp_path / "snap.xls")
+    saved_running(domains, counter_image, path)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    b, c = domains(counter_image), domains(counter_image)
+    b.snapshot_load(path)
+    c.snapshot_load(path)
+    b.machine.mem.write(0x500000, b"only in b")
+    assert c.machine.mem.read(0x500000, 9) == bytes(9)
+    b.start()
+    c.start()
+    assert wait_for(lambda: counters(b)[1] > 40 and counters(c)[1] > 40)
+    b.close()
+    c.close()
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("damage", ["magic", "section", "truncate", "memsize"])
+def test_bad_snapshot_refused_and_vm_unchanged(domains, counter_image, tmp_path, damage):
+    path = str(tmp_path / "snap.xls")
+    a, before, _ = saved_running(domains, counter_image, path)
+    data = bytearray(open(path, "rb").read())
+    bad = str(tmp_path / "bad.xls")
+    target = a
+    if damage == "magic":
+        data[0] ^= 0xFF
+    elif damage == "section":
+        data[200] ^= 0x55
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    open(bad, "wb").write(data if damage != "memsize" else open(path, "rb").read())
+    if damage == "memsize":
+        target = domains(counter_image, memory_mib=32)
+    regs_before = target.machine.runners[0].vcpu.get_regs()
+    with pytest.raises(SnapshotError):
+        target.snapshot_load(bad)
+    assert target.machine.runners[0].vcpu.get_regs() == regs_before
+    if target is a:
+        assert counters(a) == before
+        assert a.overlay.gpa("shared_info") == SHINFO
+        a.resume()
+        assert wait_for(lambda: counters(a)[0] > before[0])
