@@ -41,10 +41,11 @@ def build_guest(ctx: Context) -> Path:
     return flat
 
 
-def c_exitloop(exe: Path, image: Path, mode: str, n: int, warmup: int) -> float:
+def c_exitloop(exe: Path, image: Path, mode: str, n: int, warmup: int, port: int = PORT,
+               extra: list[str] | None = None) -> float:
     """ns per exit from the C host."""
     cmd = [str(exe), "-m", mode, "-n", str(n), "-w", str(warmup), "-i", str(image),
-           "-a", hex(LOAD_GPA), "-p", hex(PORT)]
+           "-a", hex(LOAD_GPA), "-p", hex(port), *(extra or [])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"exitloop {mode}: {out.stderr.strip()}")
