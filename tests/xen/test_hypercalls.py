@@ -173,3 +173,23 @@ def test_bad_hypercall_msr_gets_gp(harness_factory):
     st = h.machine.wait(10)
     assert st is not None and st.reason in ("triple-fault", "internal-error")
     assert h.xen.hypercall_page is None
+
+
+def test_hypercall_from_user_mode_is_refused(guest_image, tmp_path):
+    import threading
+
+    from xend_lite.xen.domain import Domain, DomainSpec
+
+    img = tmp_path / "user64.elf"
+    img.write_bytes(guest_image("xen/guests/user64.S"))
+    d = Domain(DomainSpec(image=str(img), memory_mib=64))
+    done = threading.Event()
+    d.machine.register_io_out(0xF0, lambda _r, _e: done.set())
+    try:
+        d.start()
+        assert done.wait(20), (d.machine.status, d.machine.console.tail(500))
+        user, kernel = struct.unpack("<qq", d.machine.mem.read(0x300000, 16))
+        assert kernel == 4 << 16 | 16
+        assert user == errno("EPERM")
+    finally:
+        d.close()
