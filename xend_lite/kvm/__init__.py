@@ -3,6 +3,8 @@
 This package is the only code in xend-lite that imports cffi.
 """
 
+import os
+
 from xend_lite.kvm import exits
 from xend_lite.kvm._ffi import lib as _lib
 from xend_lite.kvm.errors import KvmError
@@ -41,13 +43,20 @@ def atomic_xchg8(addr: int, value: int) -> int:
     return _lib.xl_xchg8(addr, value)
 
 
+def map_shared_fixed(addr: int, length: int, fd: int, offset: int) -> None:
+    """Map ``fd`` at ``offset`` over the host pages at ``addr`` (MAP_SHARED | MAP_FIXED)."""
+    ret = _lib.xl_map_shared_fixed(addr, length, fd, offset)
+    if ret < 0:
+        raise OSError(-ret, os.strerror(-ret))
+
+
 def host_tsc() -> int:
     """The host's time-stamp counter (RDTSC)."""
     return _lib.xl_rdtsc()
 
 
 __all__ = [
-    "atomic_and64", "atomic_or64", "atomic_xchg8", "host_tsc",
+    "map_shared_fixed", "atomic_and64", "atomic_or64", "atomic_xchg8", "host_tsc",
     "CAPABILITIES", "CpuidEntry", "Dtable", "Kvm", "KvmError", "MsrFilterRange", "Regs",
     "SYNC_EVENTS", "SYNC_REGS", "SYNC_SREGS", "Segment", "Sregs", "Translation", "Vcpu", "Vm",
     "buffer_address", "const", "exits",

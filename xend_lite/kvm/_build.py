@@ -233,6 +233,7 @@ uint64_t xl_fetch_or64(uintptr_t addr, uint64_t mask);
 uint64_t xl_fetch_and64(uintptr_t addr, uint64_t mask);
 uint8_t xl_xchg8(uintptr_t addr, uint8_t value);
 uint64_t xl_rdtsc(void);
+int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t offset);
 """
 
 SOURCE = r"""
@@ -241,6 +242,7 @@ SOURCE = r"""
 #include <string.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <linux/kvm.h>
 
 typedef __typeof__(((struct kvm_run *)0)->hw) xl_run_hw;
@@ -296,6 +298,13 @@ static uint64_t xl_fetch_and64(uintptr_t addr, uint64_t mask) {
 }
 static uint8_t xl_xchg8(uintptr_t addr, uint8_t value) {
     return __atomic_exchange_n((uint8_t *)addr, value, __ATOMIC_SEQ_CST);
+}
+/* Replace host pages in place with a shared mapping of fd at offset (MAP_FIXED): KVM's
+ * MMU notifier makes the guest see the new pages on its next access, with no slot change. */
+static int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t offset) {
+    void *p = mmap((void *)addr, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd,
+                   (off_t)offset);
+    return p == MAP_FAILED ? -errno : 0;
 }
 static uint64_t xl_rdtsc(void) {
     uint32_t lo, hi;

@@ -83,7 +83,7 @@ class Machine:
                 regions.append(RamRegion(HIGH_RAM_BASE, memory_bytes - low, self.ram, low))
             self.cpuid: list[CpuidEntry] = kvm.supported_cpuid()
             self.phys_bits = _phys_bits(self.cpuid)
-            self.memmap = MemoryMap(self.vm, regions, phys_bits=self.phys_bits)
+            self.memmap = MemoryMap(self.vm, regions, phys_bits=self.phys_bits, remap_overlays=True)
             self.mem = GuestMemory(self.memmap)
             self.runners = [VcpuRunner(self, self.vm.create_vcpu(i)) for i in range(vcpus)]
             for r in self.runners:
@@ -316,6 +316,7 @@ class Machine:
         with self._lock, self.paused():
             mm = self.memmap
             old = self.ram
+            mm.forget_remaps()
             mm.ram = [RamRegion(r.gpa, r.size, backing, r.offset) for r in mm.ram]
             try:
                 mm.apply()

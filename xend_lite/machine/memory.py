@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument, NotFound
-from xend_lite.kvm import buffer_address
+from xend_lite.kvm import buffer_address, map_shared_fixed
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -139,8 +139,14 @@ class MemoryMap:
     """The flat view and the KVM slots it implies."""
 
     def __init__(self, sink: SlotSink, ram: list[RamRegion], phys_bits: int = 39,
-                 reserved: list[tuple[int, int, str]] | None = None):
+                 reserved: list[tuple[int, int, str]] | None = None, remap_overlays: bool = False):
         self._sink = sink
+        # An overlay over shared-memfd RAM can be mapped in place (MAP_FIXED over the RAM
+        # page's host address) instead of splitting KVM slots around it: ~10x cheaper, and
+        # the RAM beneath stays untouched in its memfd. Elsewhere (holes, private RAM) the
+        # slots are split.
+        self.remap_overlays = remap_overlays
+        self._remapped: dict[str, tuple[int, Backing, int, int]] = {}  # name -> (host, ov, fd, off)
         self.ram = sorted(ram, key=lambda r: r.gpa)
         self.phys_bits = phys_bits
         self.reserved = list(reserved or [])  # (gpa, size, name): RAM a guest must not use
@@ -182,8 +188,21 @@ class MemoryMap:
         return None
 
     def is_ram_page(self, gfn: int) -> bool:
-        """True when the frame is guest RAM that has not been ballooned out."""
-        return gfn not in self._ballooned and self.ram_region_at(gfn << PAGE_SHIFT) is not None
+        """True when the frame is guest RAM, not ballooned out and not under an overlay."""
+        gpa = gfn << PAGE_SHIFT
+        return (gfn not in self._ballooned and self.ram_region_at(gpa) is not None
+                and all(g != gpa for g, _ in self._overlays.values()))
+
+    def _remap_target(self, gpa: int) -> tuple[int, int, int] | None:
+        """(host address, RAM fd, RAM file offset) when an overlay at gpa can be mapped in
+        place, else None."""
+        if not self.remap_overlays or (gpa >> PAGE_SHIFT) in self._ballooned:
+            return None
+        r = self.ram_region_at(gpa)
+        if r is None or r.backing.private or r.backing.fd < 0:
+            return None
+        off = r.offset + gpa - r.gpa
+        return r.backing.addr + off, r.backing.fd, r.backing.offset + off
 
     def is_ballooned(self, gfn: int) -> bool:
         return gfn in self._ballooned
@@ -194,8 +213,12 @@ class MemoryMap:
         out += [{"gpa": g, "size": n, "kind": "reserved", "name": name} for g, n, name in self.reserved]
         return sorted(out, key=lambda d: (d["gpa"], d["kind"] != "reserved"))
 
-    def _compute(self) -> list[Segment]:
-        cuts = {g for g, _ in self._overlays.values()}
+    def _compute(self, for_slots: bool = False) -> list[Segment]:
+        """The flat view; with for_slots, what KVM's slots must hold (overlays mapped in
+        place live inside their RAM slot)."""
+        overlays = {n: o for n, o in self._overlays.items()
+                    if not (for_slots and self._remap_target(o[0]) is not None)}
+        cuts = {g for g, _ in overlays.values()}
         cuts |= {gfn << PAGE_SHIFT for gfn in self._ballooned}
         cut_list = sorted(cuts)
         segs: list[Segment] = []
@@ -210,7 +233,7 @@ class MemoryMap:
                 i += 1
             if pos < r.end:
                 segs.append(Segment(pos, r.end - pos, r.backing, r.offset + pos - r.gpa, "ram", r.backing.name))
-        for name, (gpa, backing) in self._overlays.items():
+        for name, (gpa, backing) in overlays.items():
             segs.append(Segment(gpa, PAGE_SIZE, backing, 0, "overlay", name))
         segs.sort(key=lambda s: s.gpa)
         return segs
@@ -318,7 +341,8 @@ class MemoryMap:
         """Make KVM's slots match the view, changing only what differs."""
         with self._lock:
             segs = self._compute()
-            want = {(s.gpa, s.size, s.host_addr): s for s in segs}
+            slot_segs = self._compute(for_slots=True) if self.remap_overlays else segs
+            want = {(s.gpa, s.size, s.host_addr): s for s in slot_segs}
             removed = [k for k in self._slots if k not in want]
             added = [k for k in want if k not in self._slots]
             done_remove: list[tuple[tuple[int, int, int], int]] = []
@@ -339,12 +363,46 @@ class MemoryMap:
                         raise
                     self._slots[key] = slot
                     done_add.append(key)
+                self._apply_remaps()
             except BaseException:
                 self._rollback(done_remove, done_add)
                 raise
             self.segments = tuple(segs)
             self._starts = [s.gpa for s in segs]
             self.generation += 1
+
+    def _apply_remaps(self) -> None:
+        """Make the in-place overlay mappings match the view: RAM back where an overlay
+        left, the overlay page where one arrived. Undone as a whole if a mapping fails."""
+        want: dict[str, tuple[int, Backing, int, int]] = {}
+        for name, (gpa, ov) in self._overlays.items():
+            t = self._remap_target(gpa)
+            if t is not None:
+                want[name] = (t[0], ov, t[1], t[2])
+        gone = [(n, v) for n, v in self._remapped.items() if want.get(n) != v]
+        new = [(n, v) for n, v in want.items() if self._remapped.get(n) != v]
+        done: list[tuple[str, str, tuple]] = []
+        try:
+            for name, (host, _ov, fd, off) in gone:
+                map_shared_fixed(host, PAGE_SIZE, fd, off)
+                done.append(("gone", name, self._remapped.pop(name)))
+            for name, (host, ov, fd, off) in new:
+                map_shared_fixed(host, PAGE_SIZE, ov.fd, ov.offset)
+                self._remapped[name] = (host, ov, fd, off)
+                done.append(("new", name, (host, ov, fd, off)))
+        except OSError:
+            for kind, name, (host, ov, fd, off) in reversed(done):
+                if kind == "new":
+                    map_shared_fixed(host, PAGE_SIZE, fd, off)
+                    self._remapped.pop(name, None)
+                else:
+                    map_shared_fixed(host, PAGE_SIZE, ov.fd, ov.offset)
+                    self._remapped[name] = (host, ov, fd, off)
+            raise
+
+    def forget_remaps(self) -> None:
+        """The RAM mapping that held in-place overlays is going away (RAM replaced)."""
+        self._remapped.clear()
 
     def _rollback(self, done_remove, done_add) -> None:
         for key in done_add:
