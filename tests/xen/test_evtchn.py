@@ -170,3 +170,28 @@ def test_vcpu_op(harness):
     ver, _, tsc, systime = struct.unpack("<IIQQ", m.read(0x900040 + 32, 24))
     assert ver and ver % 2 == 0 and systime > 0
     assert h.xen.timers.deadline(0) is None
+
+
+def test_block_yield_and_upcall_vector(harness):
+    h, m, p = harness, harness.mem, harness.ptr
+    m.write(SCRATCH, struct.pack("<IB3x", 0, 0xf3))
+    m.write(SCRATCH + 0x10, struct.pack("<IB3x", 0, 0x05))
+    m.write(SCRATCH + 0x20, struct.pack("<IB3x", 9, 0xf3))
+    res = h.run([(SCHED, X.SCHEDOP_block, 0), (SCHED, X.SCHEDOP_yield, 0),
+                 (HVM, X.HVMOP_set_evtchn_upcall_vector, p(SCRATCH)),
+                 (HVM, X.HVMOP_set_evtchn_upcall_vector, p(SCRATCH + 0x10)),
+                 (HVM, X.HVMOP_set_evtchn_upcall_vector, p(SCRATCH + 0x20)),
+                 (X.__HYPERVISOR_sched_op_compat, X.SCHEDOP_yield, 0)])
+    assert [r for r, _ in res] == [0, 0, 0, errno("EINVAL"), errno("ENOENT"), 0]
+    assert h.xen.upcall_vectors == {0: 0xf3}
+
+
+def test_forcing_the_kernel_backend_is_a_clear_error_here(harness_factory):
+    from xend_lite.errors import NotSupported
+    from xend_lite.kvm import CAPABILITIES, Kvm
+
+    with Kvm() as kvm:
+        if kvm.check_extension(CAPABILITIES["xen_hvm"]):
+            pytest.skip("this host's KVM has Xen support (KVM_CAP_XEN_HVM)")
+    with pytest.raises(NotSupported, match="kvm-xen"):
+        harness_factory(64, backend="kvm-xen")

@@ -126,3 +126,51 @@ def test_bad_snapshot_refused_and_vm_unchanged(domains, counter_image, tmp_path,
         assert a.overlay.gpa("shared_info") == SHINFO
         a.resume()
         assert wait_for(lambda: counters(a)[0] > before[0])
+
+
+def test_states_round_trip_through_the_codec(domains, counter_image):
+    from xend_lite.snapshot.state import decode_state, encode_state
+    from xend_lite.xen.emulation import XenState
+    from xend_lite.xen.overlay import OverlayState
+
+    a = domains(counter_image)
+    a.start()
+    assert wait_for(lambda: counters(a)[1] > 5)
+    a.pause()
+    for st in (a.xen.save(), a.overlay.save()):
+        back = decode_state(type(st), type(st).NAME, type(st).VERSION, encode_state(st))
+        assert back == st
+    assert isinstance(a.overlay.save(), OverlayState) and isinstance(a.xen.save(), XenState)
+    assert a.overlay.save().gpas == {"shared_info": SHINFO}
+
+
+def test_newer_or_malformed_overlay_section_refused(domains, counter_image, tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from xend_lite.snapshot import SectionVersionError
+    from xend_lite.xen.overlay import OverlayState
+
+    a = domains(counter_image)
+    a.start()
+    assert wait_for(lambda: counters(a)[1] > 5)
+    a.pause()
+    good = a.overlay.save()
+
+    @dataclass
+    class Future(OverlayState, register=False):
+        VERSION = 2
+
+    newer = str(tmp_path / "newer.xls")
+    monkeypatch.setattr(a.overlay, "save", lambda: Future(**good.__dict__))
+    a.snapshot_save(newer)
+    malformed = str(tmp_path / "malformed.xls")
+    monkeypatch.setattr(a.overlay, "save", lambda: OverlayState(
+        gpas={"shared_info": 0x800123}, long_mode=True, contents={}, grant_frames=64))
+    a.snapshot_save(malformed)
+    monkeypatch.undo()
+    b = domains(counter_image)
+    with pytest.raises(SectionVersionError):
+        b.snapshot_load(newer)
+    with pytest.raises(SnapshotError, match="aligned"):
+        b.snapshot_load(malformed)
+    assert b.overlay.gpa("shared_info") is None
