@@ -1,0 +1,140 @@
+"""A real domain running guests/fuzz.S: one boot, many tables of hypercalls.
+
+The host plants a table, bumps the generation, waits for the guest's done signal and reads
+back each call's RAX and registers. Guest memory is split into zones so a hostile table can
+never make the guest destroy itself (its code, page tables, stack, table and hypercall page
+all lie below ARENA), and so anything written where no pointer ever points shows up:
+
+    0x000000 .. 0x400000  boot structures, guest image, hypercall page, table (never targeted)
+    SCRATCH             random output pointers land here
+    GUARD               nothing points here: must stay all zero
+    STRUCTS             host-planted structs whose nested pointers are safe
+    BALLOON             frames the fuzz may balloon out / put back
+    OVERLAY_ARENA       frames the fuzz may lay overlay pages over
+    END_SCRATCH         the last MiB: pointers that run across the end of RAM
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+from xend_lite.kvm.xenabi import X
+from xend_lite.xen.domain import Domain, DomainSpec
+
+TABLE = 0x300000
+HCPAGE = 0x200000
+ALIAS = 0x80_0000_0000
+DONE_PORT = 0xF1
+ENTRY = 256
+MAX_ENTRIES = 2000
+U64 = (1 << 64) - 1
+U32 = (1 << 32) - 1
+PATTERN64 = [0x1111111111111111, 0x2222222222222222, 0x3333333333333333, 0x4444444444444444,
+             0x5555555555555555, 0x6666666666666666, 0x7777777777777777, 0x8888888888888888,
+             0x9999999999999999]
+
+MEMORY_MIB = 64
+RAM_END = MEMORY_MIB << 20
+ARENA = 0x400000
+SCRATCH = (0x400000, 0x1000000)
+GUARD = (0x1000000, 0x1800000)
+STRUCTS = (0x1800000, 0x1C00000)
+BALLOON = (0x2000000, 0x2400000)
+OVERLAY_ARENA = (0x2800000, 0x2C00000)
+END_SCRATCH = (RAM_END - 0x100000, RAM_END)
+
+XEN_ERRNOS = frozenset(getattr(X, n) for n in (
+    "XEN_EPERM XEN_ENOENT XEN_ESRCH XEN_EIO XEN_ENXIO XEN_E2BIG XEN_ENOEXEC XEN_EBADF "
+    "XEN_ECHILD XEN_EAGAIN XEN_ENOMEM XEN_EACCES XEN_EFAULT XEN_EBUSY XEN_EEXIST XEN_EXDEV "
+    "XEN_ENODEV XEN_EINVAL XEN_ENFILE XEN_EMFILE XEN_ENOSPC XEN_EROFS XEN_EMLINK XEN_EDOM "
+    "XEN_ERANGE XEN_EDEADLK XEN_ENAMETOOLONG XEN_ENOLCK XEN_ENOSYS XEN_ENOTEMPTY XEN_ENODATA "
+    "XEN_ETIME XEN_EBADMSG XEN_EOVERFLOW XEN_EILSEQ XEN_EOPNOTSUPP XEN_EISCONN XEN_ENOTCONN "
+    "XEN_ETIMEDOUT").split())
+
+
+def result_ok(res: int) -> bool:
+    """A hypercall result is a count/value (>= 0) or minus a Xen errno."""
+    return res >= 0 or (-res in XEN_ERRNOS and 1 <= -res <= 133)
+
+
+class FuzzGuest:
+    def __init__(self, image_path: str, bits: int, memory_mib: int = MEMORY_MIB, vcpus: int = 1):
+        self.bits = bits
+        self.events: list[tuple[str, dict]] = []
+        self.domain = Domain(DomainSpec(image=image_path, memory_mib=memory_mib, vcpus=vcpus),
+                             emit=lambda e, d: self.events.append((e, d)))
+        self.machine = self.domain.machine
+        self.mem = self.machine.mem
+        self.xen = self.domain.xen
+        self._done = threading.Event()
+        self.machine.register_io_out(DONE_PORT, lambda _r, _ex: self._done.set())
+        self.generation = 0
+        self.calls_run = 0
+        self.calls: list[list[int]] = []
+
+    def ptr(self, gpa: int) -> int:
+        return ALIAS + gpa if self.bits == 64 else gpa
+
+    def boot(self, timeout: float = 20.0) -> None:
+        hdr = struct.pack("<QQQQQQQQ", 0, HCPAGE, 0, 0, 0, 0, 0, 0)
+        self.mem.write(TABLE, hdr)
+        self.domain.start()
+        deadline = time.monotonic() + timeout
+        while self.xen.hypercall_page != HCPAGE:
+            self.check_alive()
+            assert time.monotonic() < deadline, "the fuzz guest never set its hypercall page"
+            time.sleep(0.005)
+
+    def check_alive(self) -> None:
+        st = self.machine.status
+        assert st is None, f"the fuzz guest stopped: {st} console {self.machine.console.tail(500)!r}"
+
+    def run(self, calls, timeout: float = 60.0) -> list[tuple[int, int]]:
+        """Run [(nr, a1..a5)] as one table; returns [(signed result, clobbered flag)]."""
+        assert len(calls) <= MAX_ENTRIES
+        self.calls = [[c[0]] + [a & U64 for a in c[1:6]] + [0] * (6 - len(c)) for c in calls]
+        body = bytearray()
+        for args in self.calls:
+            body += struct.pack("<6QQQ", *args, 0, 0).ljust(ENTRY, b"\0")
+        self.mem.write(TABLE + 64, bytes(body))
+        self.mem.write_u64(TABLE, len(calls))
+        self.mem.write_u64(TABLE + 16, 0)
+        self._done.clear()
+        self.generation += 1
+        self.mem.write_u64(TABLE + 48, self.generation)
+        deadline = time.monotonic() + timeout
+        while self.mem.read_u64(TABLE + 56) != self.generation:
+            self._done.wait(0.02)
+            self._done.clear()
+            self.check_alive()
+            if time.monotonic() > deadline:
+                done = self.mem.read_u64(TABLE + 16)
+                raise AssertionError(f"table {self.generation} stuck after {done} of {len(calls)} "
+                                     f"calls; next: {self.calls[done] if done < len(calls) else None}")
+        self.calls_run += len(calls)
+        return self.results(len(calls))
+
+    def results(self, n: int) -> list[tuple[int, int]]:
+        out = []
+        for i in range(n):
+            base = TABLE + 64 + i * ENTRY
+            res = self.mem.read_u64(base + 56)
+            args = self.calls[i][1:6]
+            if self.bits == 64:
+                regs = list(struct.unpack("<14Q", self.mem.read(base + 64, 112)))
+                want = PATTERN64 + args
+            else:
+                regs = list(struct.unpack("<6Q", self.mem.read(base + 64, 48)))
+                want = [a & U32 for a in args] + [0x33333333]
+            if self.bits == 32:
+                res &= U32
+                res = res - (1 << 32) if res >> 31 else res
+            else:
+                res = res - (1 << 64) if res >> 63 else res
+            out.append((res, int(regs != want)))
+        return out
+
+    def close(self) -> None:
+        self.domain.close()
