@@ -36,7 +36,7 @@ KNOWN_CMDS = {
     "grant_table_op": range(0, 13),
     "vcpu_op": range(0, 14),
 }
-DOMIDS = (X.DOMID_SELF, 1, 0, 2, 0x7FF1, 0x7FF2, 0xFFFF)
+DOMIDS = (X.DOMID_SELF, X.DOMID_SELF, X.DOMID_SELF, 1, 0, 2, 0x7FF1, 0x7FF2, 0xFFFF)
 PAGE = 4096
 
 
@@ -135,10 +135,10 @@ class TableMaker:
         if kind == "zero":
             return p.choice((0, 0, 8, 0x800, 0x3000 - 16))
         if kind == "overlay":
+            # the same draws whatever is mapped (hypothesis replays need that)
+            fallback, k, off = p.int(OVERLAY_ARENA[0], OVERLAY_ARENA[1] - 1), p.int(0, 7), p.int(0, PAGE - 1)
             gpas = sorted(self.g.machine.memmap.overlays().values())
-            if not gpas:
-                return p.int(OVERLAY_ARENA[0], OVERLAY_ARENA[1] - 1)
-            return p.choice(gpas) + p.int(0, PAGE - 1)
+            return gpas[k % len(gpas)] + off if gpas else fallback
         if kind == "hole":
             return p.choice((RAM_END, RAM_END + 0x1000, 0xBFFFF000, 0xC0000000, 0xFEE00000,
                              0xFFFBC000, 0xFFFBD000, 0xFFFFF000, 0xFFFFFFFF,
@@ -235,7 +235,7 @@ class TableMaker:
     def _memory_op(self, cmd):
         p = self.p
         sub = cmd & 63
-        start = p.choice((0, 0, 0, 1, p.int(0, 1 << 20)))
+        start = 0 if p.chance(0.85) else p.choice((1, 2, p.int(0, 1 << 20)))
         word = (start << 6 | sub) if cmd < 64 else cmd
         if sub in (0, 1, 6):           # reservations: extent lists of safe frames only
             arg = self.struct_or_fault(self.reservation)

@@ -79,3 +79,40 @@ def test_hostile_hypercall_soak(fuzz_guest, bits, memory_audit, request):
 @pytest.mark.slow
 def test_hostile_hypercall_soak_long(fuzz_guest, bits, memory_audit, request):
     test_hostile_hypercall_soak(fuzz_guest, bits, memory_audit, request)
+
+
+STRUCT_OPS = ("memory_op", "event_channel_op", "grant_table_op", "sched_op", "vcpu_op", "hvm_op")
+
+
+def struct_fuzz(g, examples: int) -> int:
+    """hypothesis draws every struct field, pointer class and sub-op; a failure shrinks to
+    the smallest table that still breaks a rule."""
+    ran = [0]
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def one_table(data):
+        maker = TableMaker(g, HypothesisPick(data))
+        n = data.draw(st.integers(1, 20), label="calls")
+        calls = [maker.known(data.draw(st.sampled_from(STRUCT_OPS), label="op")) for _ in range(n)]
+        maker.flush()
+        check_table(g, calls, g.run(calls))
+        ran[0] += n
+
+    one_table()
+    guard_untouched(g)
+    return ran[0]
+
+
+def test_hostile_struct_contents(fuzz_guest, bits, memory_audit, request):
+    g = fuzz_guest(bits)
+    t0 = time.monotonic()
+    n = struct_fuzz(g, scaled(150, 2500, request))
+    memory_audit.check()
+    print(f"\n{bits}-bit struct fuzz: {n} calls in {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.slow
+def test_hostile_struct_contents_long(fuzz_guest, bits, memory_audit, request):
+    test_hostile_struct_contents(fuzz_guest, bits, memory_audit, request)
