@@ -26,6 +26,8 @@ SYNC_EVENTS = lib.KVM_SYNC_X86_EVENTS
 PORT_SHIFT = 32
 _xl_run = lib.xl_run
 _xl_set_rax = lib.xl_set_rax
+_xl_call_regs = lib.xl_call_regs
+_unpack = ffi.unpack
 _EINTR = 4
 _EAGAIN = 11
 
@@ -165,6 +167,7 @@ class Vcpu:
         self.run_struct = ffi.cast("struct kvm_run *", self._run_buf)
         self._valid_regs = 0
         self._run_req = lib.KVM_RUN
+        self._call_buf = ffi.new("uint64_t[13]")
         # Registers as KVM_CAP_SYNC_REGS delivers them (valid after run() when enabled).
         self.sync_regs = self.run_struct.s.regs.regs
         self.sync_sregs = self.run_struct.s.regs.sregs
@@ -203,6 +206,12 @@ class Vcpu:
                 return -1
             raise KvmError("KVM_RUN", -ret)
         return ret
+
+    def call_regs(self) -> list[int]:
+        """The synced rax rbx rcx rdx rsi rdi r8 r10 rflags cs.l cs.selector efer cr0 (after
+        an exit, with SYNC_REGS and SYNC_SREGS enabled), read in one call."""
+        _xl_call_regs(self.run_struct, self._call_buf)
+        return _unpack(self._call_buf, 13)
 
     def set_rax(self, value: int) -> None:
         """Set the guest's RAX through the synced registers (applied on the next run)."""

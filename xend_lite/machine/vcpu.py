@@ -168,13 +168,14 @@ class VcpuRunner:
         machine = self.machine
         doorbells = machine._doorbells
         counts = self.exit_counts
+        run_raw = vcpu.run_raw
         self.state = RUNNING
         while True:
             if self._pause_req or self._stop_req:
                 if self._stop_req or not self._park():
                     return
                 continue
-            reason = vcpu.run_raw()
+            reason = run_raw()
             self.exits_total += 1
             # Hot path: a doorbell port (the hypercall stubs) needs no decoded exit.
             if reason > _PORT_BIT:

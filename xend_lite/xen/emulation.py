@@ -83,6 +83,15 @@ def stub(nr: int) -> bytes:
 
 
 HYPERCALL_PAGE = b"".join(stub(i) for i in range(NR_STUBS))
+_EPERM, _ENOSYS, _EINVAL = -X.XEN_EPERM, -X.XEN_ENOSYS, -X.XEN_EINVAL
+
+
+def _arity(fn: Callable) -> int:
+    """How many argument registers a handler takes (it is called with exactly those)."""
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())[1:]   # after the Call
+    return 5 if any(p.kind == p.VAR_POSITIONAL for p in params) else len(params)
 
 
 class Call:
@@ -168,9 +177,10 @@ class XenEmulation:
         except KvmError:
             self.tsc_khz = 0
         self.tsc_mul, self.tsc_shift = tsc_scale(self.tsc_khz or 1_000_000)
-        self._table: list[Callable | None] = [None] * TABLE_SIZE
+        self._table: list[tuple[Callable, int] | None] = [None] * TABLE_SIZE
         for nr, fn in self._handlers().items():
-            self._table[nr] = fn
+            self._table[nr] = (fn, _arity(fn))
+        self._calls: dict[int, Call] = {}
         self._install()
 
     # -- set-up --------------------------------------------------------------------------
@@ -375,28 +385,35 @@ class XenEmulation:
     # -- dispatch ------------------------------------------------------------------------
 
     def _on_hypercall(self, runner: VcpuRunner) -> None:
+        # The hot path of every hypercall: each cffi field read costs, so read only what
+        # this call needs, and reuse one Call object per vCPU.
         vcpu = runner.vcpu
-        regs = vcpu.sync_regs
-        sregs = vcpu.sync_sregs
-        nr = regs.rax & U32
-        long64 = bool(sregs.efer & EFER_LMA and sregs.cs.l)
-        if sregs.cr0 & CR0_PE and (sregs.cs.selector & 3 or regs.rflags & RFLAGS_VM):
-            ret = -X.XEN_EPERM       # not from the guest kernel: Xen refuses
+        rax, rbx, rcx, rdx, rsi, rdi, r8, r10, rflags, cs_l, cs_sel, efer, cr0 = vcpu.call_regs()
+        nr = rax & U32
+        long64 = bool(cs_l and efer & EFER_LMA)
+        if (cs_sel & 3 or (not long64 and rflags & RFLAGS_VM)) and cr0 & CR0_PE:
+            ret = _EPERM             # not from the guest kernel: Xen refuses
         else:
-            fn = self._table[nr] if nr < TABLE_SIZE else None
-            if fn is None:
-                ret = -X.XEN_EPERM if nr in PRIVILEGED else -X.XEN_ENOSYS
+            entry = self._table[nr] if nr < TABLE_SIZE else None
+            if entry is None:
+                ret = _EPERM if nr in PRIVILEGED else _ENOSYS
             else:
+                fn, nargs = entry
                 if long64:
-                    args = (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8)
+                    args = (rdi, rsi, rdx, r10, r8)[:nargs]
                 else:
-                    args = (regs.rbx & U32, regs.rcx & U32, regs.rdx & U32, regs.rsi & U32,
-                            regs.rdi & U32)
+                    args = (rbx & U32, rcx & U32, rdx & U32, rsi & U32, rdi & U32)[:nargs]
+                c = self._calls.get(runner.index)
+                if c is None:
+                    c = self._calls[runner.index] = Call(self, runner, long64)
+                c.long_mode = long64
+                c._view = None
                 try:
-                    ret = fn(Call(self, runner, long64), *args)
+                    ret = fn(c, *args)
                 except XenError as exc:
                     ret = -exc.errno
                 except (Restart, MemoryBusy):
+                    regs = vcpu.sync_regs
                     regs.rip = (regs.rip - 2) & U64   # back to the stub's `out`
                     vcpu.mark_regs_dirty()
                     return
@@ -404,7 +421,7 @@ class XenEmulation:
                     self.internal_errors += 1
                     if self.internal_errors <= 10:
                         log.exception("hypercall %d failed inside the daemon", nr)
-                    ret = -X.XEN_EINVAL
+                    ret = _EINVAL
         slot = nr if nr < TABLE_SIZE else TABLE_SIZE
         self.calls[slot] += 1
         if ret < 0:

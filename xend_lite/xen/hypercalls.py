@@ -74,7 +74,7 @@ class Handlers:
 
     # -- xen_version ---------------------------------------------------------------------
 
-    def xen_version(self, c: Call, cmd: int, arg: int, *_: int) -> int:
+    def xen_version(self, c: Call, cmd: int, arg: int) -> int:
         xen = self.xen
         if cmd == X.XENVER_version:
             return xen.version[0] << 16 | xen.version[1]
@@ -117,7 +117,7 @@ class Handlers:
 
     # -- memory_op -----------------------------------------------------------------------
 
-    def memory_op(self, c: Call, cmd_word: int, arg: int, *_: int) -> int:
+    def memory_op(self, c: Call, cmd_word: int, arg: int) -> int:
         cmd = cmd_word & MEMOP_CMD_MASK
         start = cmd_word >> MEMOP_EXTENT_SHIFT
         if cmd in (X.XENMEM_increase_reservation, X.XENMEM_decrease_reservation,
@@ -262,7 +262,7 @@ class Handlers:
 
     # -- hvm_op --------------------------------------------------------------------------
 
-    def hvm_op(self, c: Call, op: int, arg: int, *_: int) -> int:
+    def hvm_op(self, c: Call, op: int, arg: int) -> int:
         xen = self.xen
         if op in (X.HVMOP_set_param, X.HVMOP_get_param):
             lay = c.lay("xen_hvm_param")
@@ -309,7 +309,7 @@ class Handlers:
 
     # -- console_io ----------------------------------------------------------------------
 
-    def console_io(self, c: Call, cmd: int, count: int, buf: int, *_: int) -> int:
+    def console_io(self, c: Call, cmd: int, count: int, buf: int) -> int:
         console = self.xen.machine.console
         if cmd == X.CONSOLEIO_write:
             done = 0
@@ -343,7 +343,7 @@ class Handlers:
 
     # -- sched_op ------------------------------------------------------------------------
 
-    def sched_op(self, c: Call, cmd: int, arg: int, *_: int) -> int:
+    def sched_op(self, c: Call, cmd: int, arg: int) -> int:
         xen = self.xen
         if cmd == X.SCHEDOP_yield:
             time.sleep(0)
@@ -363,7 +363,7 @@ class Handlers:
             raise XenError(X.XEN_EPERM, "for the control domain only")
         raise XenError(X.XEN_ENOSYS, "unknown sched_op")
 
-    def sched_op_compat(self, c: Call, cmd: int, arg: int, *_: int) -> int:
+    def sched_op_compat(self, c: Call, cmd: int, arg: int) -> int:
         if cmd == X.SCHEDOP_yield:
             return 0
         if cmd == X.SCHEDOP_block:
@@ -427,7 +427,7 @@ class Handlers:
 
     # -- event_channel_op ----------------------------------------------------------------
 
-    def event_channel_op(self, c: Call, cmd: int, arg: int, *_: int) -> int:
+    def event_channel_op(self, c: Call, cmd: int, arg: int) -> int:
         xen, ev = self.xen, self.xen.evtchn
         if cmd == X.EVTCHNOP_alloc_unbound:
             lay = c.lay("evtchn_alloc_unbound")
@@ -521,7 +521,7 @@ class Handlers:
 
     # -- grant_table_op ------------------------------------------------------------------
 
-    def grant_table_op(self, c: Call, cmd: int, uop: int, count: int, *_: int) -> int:
+    def grant_table_op(self, c: Call, cmd: int, uop: int, count: int) -> int:
         xen = self.xen
         ov = xen.overlay
         if cmd in (X.GNTTABOP_setup_table, X.GNTTABOP_query_size, X.GNTTABOP_set_version,
@@ -577,7 +577,7 @@ class Handlers:
 
     # -- vcpu_op -------------------------------------------------------------------------
 
-    def vcpu_op(self, c: Call, cmd: int, vcpuid: int, arg: int, *_: int) -> int:
+    def vcpu_op(self, c: Call, cmd: int, vcpuid: int, arg: int) -> int:
         xen = self.xen
         if vcpuid >= xen.nr_vcpus:
             raise XenError(X.XEN_ENOENT, "no such vcpu")
@@ -615,7 +615,7 @@ class Handlers:
 
     # -- set_timer_op --------------------------------------------------------------------
 
-    def set_timer_op(self, c: Call, a1: int, a2: int, *_: int) -> int:
+    def set_timer_op(self, c: Call, a1: int, a2: int) -> int:
         xen = self.xen
         timeout = a1 if c.long_mode else (a2 << 32 | a1)
         if timeout == 0:
