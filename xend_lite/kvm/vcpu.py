@@ -207,6 +207,14 @@ class Vcpu:
             raise KvmError("KVM_RUN", -ret)
         return ret
 
+    def run_fn(self):
+        """A zero-argument KVM_RUN for a hot loop: returns what run_raw() does, except that
+        an error comes back as -errno (-EINTR / -EAGAIN for an interruption) instead of
+        raising. Bound to this vCPU's fd and kvm_run; no Python frame per call."""
+        import functools
+
+        return functools.partial(_xl_run, self.fd, self.run_struct)
+
     def call_regs(self) -> list[int]:
         """The synced rax rbx rcx rdx rsi rdi r8 r10 rflags cs.l cs.selector efer cr0 (after
         an exit, with SYNC_REGS and SYNC_SREGS enabled), read in one call."""

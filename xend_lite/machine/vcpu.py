@@ -9,6 +9,7 @@ owner may use the vCPU's ioctls.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ log = logging.getLogger("xend_lite.vcpu")
 CREATED, RUNNING, PAUSED, STOPPED = "created", "running", "paused", "stopped"
 
 _PORT_BIT = (1 << PORT_SHIFT) - 1
+_INTERRUPTED = (-errno.EINTR, -errno.EAGAIN)
 
 
 class VcpuRunner:
@@ -168,14 +170,18 @@ class VcpuRunner:
         machine = self.machine
         doorbells = machine._doorbells
         counts = self.exit_counts
-        run_raw = vcpu.run_raw
+        run_fn = vcpu.run_fn()
         self.state = RUNNING
         while True:
             if self._pause_req or self._stop_req:
                 if self._stop_req or not self._park():
                     return
                 continue
-            reason = run_raw()
+            reason = run_fn()
+            if reason < 0:
+                if reason not in _INTERRUPTED:
+                    raise KvmError("KVM_RUN", -reason)
+                reason = -1
             self.exits_total += 1
             # Hot path: a doorbell port (the hypercall stubs) needs no decoded exit.
             if reason > _PORT_BIT:
