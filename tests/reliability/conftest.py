@@ -163,3 +163,38 @@ def rss_kib(pid: int | None = None) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+# -- a real daemon ---------------------------------------------------------------------------
+# tests/daemon's fixtures start a Daemon in this process on a temporary socket; reused here
+# with the real Domain factory.
+from tests.daemon.conftest import short_tmp, start_daemon, wait_for  # noqa: E402,F401
+
+
+class EventLog:
+    """Follows a daemon's event stream over its WebSocket, like a real client."""
+
+    def __init__(self, client):
+        import asyncio
+
+        self.client = client
+        self.events: list[dict] = []
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self):
+        async for ev in self.client.events():
+            self.events.append(ev)
+
+    def named(self, name: str) -> list[dict]:
+        return [e for e in self.events if e["event"] == name]
+
+    async def wait(self, name: str, count: int = 1, timeout: float = 10.0) -> list[dict]:
+        await wait_for(lambda: len(self.named(name)) >= count, timeout, f"{count} {name} event(s)")
+        return self.named(name)
+
+    async def close(self):
+        self._task.cancel()
+        try:
+            await self._task
+        except BaseException:  # noqa: BLE001
+            pass
