@@ -79,6 +79,21 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def interleaved(configs: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Run every config ``repeats`` times, one of each per round, so drift on a shared
+    machine hits every figure alike; returns the samples and their medians."""
+    samples: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(repeats):
+        for key, fn in configs.items():
+            samples[key].append(fn())
+    return samples, {k: median(s) for k, s in samples.items()}
+
+
+def samples_note(samples: dict[str, list[float]], unit: str) -> str:
+    return f"Raw samples ({unit}): " + "; ".join(
+        f"{k} " + "/".join(f"{x:.0f}" for x in s) for k, s in samples.items())
+
+
 def discover() -> list[ModuleType]:
     """Every benchmark module in this package, in name order."""
     mods = []

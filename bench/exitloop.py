@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench._harness import HERE, Context, Figure, Section, Skip, median
+from bench._harness import HERE, Context, Figure, Section, Skip, interleaved, samples_note
 
 TITLE = "exitloop: one I/O exit round trip (guest -> host -> guest)"
 SUMMARY = (
@@ -164,11 +164,7 @@ def run(ctx: Context) -> Section:
         "m-io-out": lambda: py_machine(image, "io_out", n_py, w_py),
         "m-doorbell": lambda: py_machine(image, "doorbell", n_py, w_py),
     }
-    samples: dict[str, list[float]] = {k: [] for k in configs}
-    for _ in range(ctx.repeats):  # interleaved, so drift hits every figure alike
-        for key, fn in configs.items():
-            samples[key].append(fn())
-    v = {k: median(s) for k, s in samples.items()}
+    samples, v = interleaved(configs, ctx.repeats)
     c_io, c_regs, c_sync = "C io (bare exit)", "C io-regs", "C io-sync"
     figures = [
         Figure("Python Vcpu.run(), no register work", v["py-io"], "ns", c_io, v["c-io"]),
@@ -183,8 +179,7 @@ def run(ctx: Context) -> Section:
     notes = [
         f"Counts: C {n_c} exits, Python {n_py} exits per run after a warm-up of a tenth as many; "
         f"{ctx.repeats} interleaved run(s) per figure, median kept.",
-        "Raw samples (ns/exit): " + "; ".join(
-            f"{k} " + "/".join(f"{x:.0f}" for x in s) for k, s in samples.items()),
+        samples_note(samples, "ns/exit"),
         "The Python io-sync and Machine figures check that the guest saw every RAX result.",
         "The C host also runs any flat image: `exitloop -m io-sync -n N -i IMAGE -a LOAD_GPA "
         "[-e ENTRY] [-p PORT] [-r RAX]` (e.g. a hypercall loop, answering with a fixed RAX).",

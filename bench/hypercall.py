@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench._harness import HERE, Context, Figure, Section, Skip, median
+from bench._harness import HERE, Context, Figure, Section, Skip, interleaved, samples_note
 from bench.exitloop import c_exitloop
 
 TITLE = "hypercall: xen_version round trip through the hypercall page"
@@ -92,11 +92,7 @@ def run(ctx: Context) -> Section:
         "c-regs": lambda: c_host(exe, flat, "io-regs", n_c, w_c),
         "xend-lite": lambda: py_xen(image, n_py, w_py),
     }
-    samples: dict[str, list[float]] = {k: [] for k in configs}
-    for _ in range(ctx.repeats):
-        for key, fn in configs.items():
-            samples[key].append(fn())
-    v = {k: median(s) for k, s in samples.items()}
+    samples, v = interleaved(configs, ctx.repeats)
     figures = [
         Figure("xend-lite hypercall (dispatch + handler)", v["xend-lite"], "ns",
                "C host, SYNC_REGS", v["c-sync"]),
@@ -107,8 +103,7 @@ def run(ctx: Context) -> Section:
     notes = [
         f"Counts: C {n_c} hypercalls, xend-lite {n_py} per run after a warm-up of a tenth as "
         f"many; {ctx.repeats} interleaved run(s), median kept.",
-        "Raw samples (ns/hypercall): " + "; ".join(
-            f"{k} " + "/".join(f"{x:.0f}" for x in s) for k, s in samples.items()),
+        samples_note(samples, "ns/hypercall"),
         "Targets: 1.15x the C SYNC_REGS host (the Xen ABI issue), 1.5x (the benchmark issue).",
     ]
     return Section(TITLE, SUMMARY, figures, notes)

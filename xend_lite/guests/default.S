@@ -24,20 +24,7 @@
 #define WC_SEC (SHINFO_GPA + 3076)
 #define HEARTBEAT_EVERY 10
 
-    .section .text.entry, "ax"
-    .code32
-    .globl _start
-_start:
-    movl $stack_top, %esp
-    ENTER_LONG_MODE(main64)
-
-    .code64
-main64:
-    movw $SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    leaq stack_top(%rip), %rsp
+    START64
     PUTS64(banner)
 
     /* Find the Xen leaves: Xen puts them at 0x40000000 or 0x40000100, in 0x100 steps. */

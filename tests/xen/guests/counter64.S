@@ -11,34 +11,9 @@
 #define XATP 0x300100
 #define COUNTER 0x300000
 
-    .section .text.entry, "ax"
-    .code32
-    .globl _start
-_start:
-    movl $stack_top, %esp
-    ENTER_LONG_MODE(main64)
-
-    .code64
-main64:
-    movw $SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    leaq stack_top(%rip), %rsp
-    movl $0x40000002, %eax
-    cpuid
-    movl %ebx, %ecx
-    movl $HCPAGE, %eax
-    xorl %edx, %edx
-    wrmsr
-    movq $XATP, %rsi
-    movw $0x7ff0, 0(%rsi)
-    movw $0, 2(%rsi)
-    movl $0, 4(%rsi)
-    movq $0, 8(%rsi)
-    movq $(SHINFO >> 12), 16(%rsi)
-    movl $7, %edi
-    call HCPAGE + 12 * 32
+    START64
+    INSTALL_HYPERCALL_PAGE(HCPAGE)
+    MAP_SHARED_INFO(XATP, SHINFO, HCPAGE)
 1:  incq COUNTER
     testb $0xff, COUNTER
     jnz 1b

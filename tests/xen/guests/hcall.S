@@ -19,21 +19,8 @@
 #define DONE_PORT 0xf0
 #define ENTRY_SIZE 256
 
-    .section .text.entry, "ax"
-    .code32
-    .globl _start
-_start:
-    movl $stack_top, %esp
 #ifdef __x86_64__
-    ENTER_LONG_MODE(main64)
-
-    .code64
-main64:
-    movw $SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    leaq stack_top(%rip), %rsp
+    START64
     /* alias: PML4[1] = PML4[0], so 0x8000000000 + x reaches physical x */
     movq guest_pml4(%rip), %rax
     movq %rax, guest_pml4 + 8(%rip)
@@ -131,7 +118,10 @@ find_xen:
     jb 1b
     ret
 #else
-    /* the loader's flat 32-bit segments stay as they are */
+    .section .text.entry, "ax"
+    .globl _start
+_start:                             /* the loader's flat 32-bit segments stay as they are */
+    movl $stack_top, %esp
     call find_xen32
     movl $TABLE, %edi
     movl 8(%edi), %eax

@@ -17,35 +17,10 @@
 #define SAMPLES 2000
 #define TIME (SHINFO + 32)
 
-    .section .text.entry, "ax"
-    .code32
-    .globl _start
-_start:
-    movl $stack_top, %esp
-    ENTER_LONG_MODE(main64)
-
-    .code64
-main64:
-    movw $SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    leaq stack_top(%rip), %rsp
-    movl $0x40000002, %eax
-    cpuid
-    movl %ebx, %ecx
-    movl $HCPAGE, %eax
-    xorl %edx, %edx
-    wrmsr
+    START64
+    INSTALL_HYPERCALL_PAGE(HCPAGE)
     /* xen_add_to_physmap {DOMID_SELF, 0, shared_info, idx 0, gpfn SHINFO>>12} */
-    movq $XATP, %rsi
-    movw $0x7ff0, 0(%rsi)
-    movw $0, 2(%rsi)
-    movl $0, 4(%rsi)
-    movq $0, 8(%rsi)
-    movq $(SHINFO >> 12), 16(%rsi)
-    movl $7, %edi
-    call HCPAGE + 12 * 32
+    MAP_SHARED_INFO(XATP, SHINFO, HCPAGE)
     movq $0, RESULT + 8
     movq $0, RESULT + 16
     movl SHINFO + 3076, %eax        /* wc_sec */

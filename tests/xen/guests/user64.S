@@ -8,26 +8,8 @@
 #define HCPAGE 0x200000
 #define RESULT 0x300000
 
-    .section .text.entry, "ax"
-    .code32
-    .globl _start
-_start:
-    movl $stack_top, %esp
-    ENTER_LONG_MODE(main64)
-
-    .code64
-main64:
-    movw $SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    leaq stack_top(%rip), %rsp
-    movl $0x40000002, %eax
-    cpuid
-    movl %ebx, %ecx
-    movl $HCPAGE, %eax
-    xorl %edx, %edx
-    wrmsr
+    START64
+    INSTALL_HYPERCALL_PAGE(HCPAGE)
     /* kernel-mode call first: it must succeed */
     xorl %edi, %edi
     call HCPAGE + 17 * 32

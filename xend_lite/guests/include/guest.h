@@ -69,4 +69,25 @@ guest_pd: .set pd_i, 0; .rept 2048; .quad (pd_i << 21) | 0x87; .set pd_i, pd_i +
 9003: lodsb; testb %al, %al; jz 9004f; outb %al, %dx; jmp 9003b; \
 9004: popl %edx; popl %eax; popl %esi
 
+/* The usual start of a 64-bit test guest: the PVH entry `_start` (32-bit, paging off) sets
+ * the stack at `stack_top`, enters long mode and continues at `main64` with flat data
+ * segments; the guest's own code follows the macro. */
+#define START64 \
+    .section .text.entry, "ax"; .code32; .globl _start; \
+_start: movl $stack_top, %esp; ENTER_LONG_MODE(main64); \
+    .code64; \
+main64: movw $SEL_DATA, %ax; movw %ax, %ds; movw %ax, %es; movw %ax, %ss; \
+    leaq stack_top(%rip), %rsp
+
+/* Install the hypercall page at guest-physical `page` through the MSR that the Xen leaf at
+ * 0x40000002 names (guests that know Xen sits at the first base). */
+#define INSTALL_HYPERCALL_PAGE(page) \
+    movl $0x40000002, %eax; cpuid; movl %ebx, %ecx; movl $page, %eax; xorl %edx, %edx; wrmsr
+
+/* XENMEM_add_to_physmap(DOMID_SELF, XENMAPSPACE_shared_info, 0, gpa >> 12) with the 24-byte
+ * struct built at `xatp`, through the hypercall page at `hcpage` (64-bit code). */
+#define MAP_SHARED_INFO(xatp, gpa, hcpage) \
+    movq $xatp, %rsi; movw $0x7ff0, 0(%rsi); movw $0, 2(%rsi); movl $0, 4(%rsi); \
+    movq $0, 8(%rsi); movq $((gpa) >> 12), 16(%rsi); movl $7, %edi; call hcpage + 12 * 32
+
 #endif
