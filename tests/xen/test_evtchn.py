@@ -216,3 +216,30 @@ def test_event_reaches_the_guest_as_its_upcall_interrupt(guest_image, tmp_path):
         assert d.xen.params[X.HVM_PARAM_CALLBACK_IRQ] == 2 << 56 | 0xF3
     finally:
         d.close()
+
+
+def test_bind_interdomain_to_the_daemon_side_and_echo(harness):
+    h, m, p = harness, harness.mem, harness.ptr
+    offered = h.xen.evtchn.daemon_offer()
+    m.write(SCRATCH, struct.pack("<HxxII", 0, offered, 0))          # bind_interdomain
+    m.write(SCRATCH + 0x10, struct.pack("<HxxII", 0, offered, 0))   # again: taken
+    m.write(SCRATCH + 0x20, struct.pack("<HxxII", 9, 1, 0))         # no such domain
+    m.write(SCRATCH + 0x30, struct.pack("<HHI", X.DOMID_SELF, X.DOMID_SELF, 0))  # loopback
+    res = h.run([(EV, X.EVTCHNOP_bind_interdomain, p(SCRATCH)),
+                 (EV, X.EVTCHNOP_bind_interdomain, p(SCRATCH + 0x10)),
+                 (EV, X.EVTCHNOP_bind_interdomain, p(SCRATCH + 0x20)),
+                 (EV, X.EVTCHNOP_alloc_unbound, p(SCRATCH + 0x30))])
+    assert [r for r, _ in res] == [0, errno("EINVAL"), errno("ESRCH"), 0]
+    local = struct.unpack("<I", m.read(SCRATCH + 8, 4))[0]
+    ev = h.xen.evtchn
+    assert ev.ports[local].state == X.EVTCHNSTAT_interdomain and ev.daemon_ports[offered] == local
+    assert not ev.is_pending(local)
+    ev.send(local)                      # the daemon's side answers by raising the port
+    assert ev.is_pending(local)
+    ev.close(local)
+    assert ev.daemon_ports[offered] is None, "closing frees the daemon's end for a new bind"
+    # a port bound to another of the guest's own ports delivers there
+    unbound = struct.unpack("<I", m.read(SCRATCH + 0x34, 4))[0]
+    a = ev.bind_interdomain(X.DOMID_SELF, unbound, h.xen.domid)
+    ev.send(a)
+    assert ev.is_pending(unbound)
