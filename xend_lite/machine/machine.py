@@ -99,6 +99,7 @@ class Machine:
         self._msr_read: dict[int, MsrReadHandler] = {}
         self._msr_write: dict[int, MsrWriteHandler] = {}
         self._exit_handlers: dict[type, Callable] = {}
+        self.xen_mode = False  # set by the Xen emulation; devices such as xen_overlay need it
         self._lock = threading.RLock()
         self._pause_depth = 0
         self.state = "created"

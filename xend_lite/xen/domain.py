@@ -13,11 +13,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from xend_lite.errors import InvalidArgument, LoaderError, NotFound, StateError
+from xend_lite.errors import InvalidArgument, LoaderError, NotFound, NotSupported, StateError
 from xend_lite.kvm import CAPABILITIES, Kvm
 from xend_lite.machine.console import ConsoleSink
 from xend_lite.machine.loader import load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
+from xend_lite.xen.emulation import XenEmulation
+from xend_lite.xen.overlay import OverlayDevice
 
 log = logging.getLogger("xend_lite.domain")
 
@@ -41,6 +43,7 @@ class DomainSpec:
     console_log: str | None = None
     console_stdout: bool = False
     kvm_path: str = "/dev/kvm"
+    xen: bool = True                  # False: a plain KVM VM, no Xen ABI, no overlay device
 
     @classmethod
     def from_config(cls, cfg: Any) -> DomainSpec:
@@ -84,16 +87,27 @@ class Domain:
         self._closed = False
 
     def _build_xen(self) -> None:
-        from xend_lite.xen.emulation import XenEmulation
-        from xend_lite.xen.overlay import OverlayDevice
-
+        self.xen: XenEmulation | None = None
+        self.overlay: OverlayDevice | None = None
+        if not self.spec.xen:
+            return
         kvm_xen = bool(self.kvm.check_extension(CAPABILITIES["xen_hvm"])) \
             if "xen_hvm" in CAPABILITIES else False
+        self.xen = XenEmulation(self.machine, self.spec)
         self.overlay = OverlayDevice(self.machine, grant_frames=self.spec.grant_frames,
                                      backend=self.spec.backend, kvm_xen_available=kvm_xen)
-        self.xen = XenEmulation(self.machine, self.spec)
         self.xen.attach_overlay(self.overlay)
         self.xen.emit = self._emit
+
+    def _xen(self) -> XenEmulation:
+        if self.xen is None:
+            raise NotSupported("this VM is not in Xen mode: it has no Xen emulation")
+        return self.xen
+
+    def _overlay(self) -> OverlayDevice:
+        if self.overlay is None:
+            raise NotSupported("this VM is not in Xen mode: it has no xen_overlay device")
+        return self.overlay
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -123,8 +137,9 @@ class Domain:
         elif was in ("running", "paused"):
             m.pause()
             m.reset_hardware()
-        self.xen.reset()
-        self.overlay.reset()
+        if self.xen is not None:
+            self.xen.reset()
+            self.overlay.reset()
         self.boot = load_image(m, self.image, self.spec.cmdline)
         if was == "stopped":
             m.start(paused=False)
@@ -163,20 +178,20 @@ class Domain:
         return self.machine.console.tail(max_bytes).decode("utf-8", "replace")
 
     def query_hypercalls(self) -> dict:
-        return self.xen.counters()
+        return self._xen().counters()
 
     def query_capabilities(self) -> dict:
         caps = {name: self.kvm.check_extension(num) for name, num in sorted(CAPABILITIES.items())}
-        return {"kvm": caps, "backend": self.overlay.backend_name,
+        return {"kvm": caps, "backend": self.overlay.backend_name if self.overlay else "none",
                 "xen_version": self.spec.xen_version, "domid": self.spec.domid}
 
     def query_xen_overlay(self) -> list[dict]:
-        return self.overlay.list()
+        return self._overlay().list()
 
     # -- overlay control -----------------------------------------------------------------
 
     def overlay_map(self, page: str, gpa: int) -> dict:
-        self.overlay.map(page, gpa)
+        self._overlay().map(page, gpa)
         entry = self._overlay_entry(page)
         if gpa == INVALID_GPA:
             self._emit("XEN_OVERLAY_UNMAPPED", {"page": page})
@@ -185,12 +200,12 @@ class Domain:
         return entry
 
     def overlay_unmap(self, page: str) -> dict:
-        self.overlay.unmap(page)
+        self._overlay().unmap(page)
         self._emit("XEN_OVERLAY_UNMAPPED", {"page": page})
         return self._overlay_entry(page)
 
     def _overlay_entry(self, page: str) -> dict:
-        for e in self.overlay.list():
+        for e in self._overlay().list():
             if e["page"] == page:
                 return e
         raise NotFound(f"no overlay page named {page!r}")

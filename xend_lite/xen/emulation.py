@@ -187,6 +187,7 @@ class XenEmulation:
 
     def _install(self) -> None:
         m = self.machine
+        m.xen_mode = True
         cfg = xcpuid.XenCpuidConfig(self.version[0], self.version[1], self.domid, self.tsc_khz,
                                     m.phys_bits)
         for r in m.runners:

@@ -63,6 +63,8 @@ class OverlayState(State):
 class OverlayDevice:
     def __init__(self, machine: Machine, grant_frames: int = 64, backend: str = "auto",
                  kvm_xen_available: bool = False):
+        if not getattr(machine, "xen_mode", False):
+            raise NotSupported("the xen_overlay device exists only in a VM in Xen mode")
         if not isinstance(grant_frames, int) or not 1 <= grant_frames <= MAX_GRANT_FRAMES:
             raise InvalidArgument(f"grant_frames must be between 1 and {MAX_GRANT_FRAMES}")
         self.machine = machine

@@ -51,8 +51,10 @@ class MemoryMapState(State):
 CLASSES = [CpuState, VmState, MemoryMapState, XenState, OverlayState]
 
 
-def _sections(n_vcpus: int) -> list[str]:
-    return [f"cpu/{i}" for i in range(n_vcpus)] + ["vm", "memory_map", "xen", "xen_overlay"]
+def _sections(n_vcpus: int, xen: bool) -> list[str]:
+    """Every section a snapshot of this domain holds (Xen's only in Xen mode)."""
+    return ([f"cpu/{i}" for i in range(n_vcpus)] + ["vm", "memory_map"]
+            + (["xen", "xen_overlay"] if xen else []))
 
 
 def save_domain(domain: Domain, path: str, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -63,8 +65,9 @@ def save_domain(domain: Domain, path: str, progress: Callable[[int, int], None] 
         states[f"cpu/{r.index}"] = CpuState(capture_vcpu(r.vcpu, msrs, m.irqchip))
     states["vm"] = VmState(capture_vm(m.vm, m.irqchip))
     states["memory_map"] = MemoryMapState(m.memory_bytes, len(m.runners), m.memmap.ballooned())
-    states["xen"] = domain.xen.save()
-    states["xen_overlay"] = domain.overlay.save()
+    if domain.xen is not None:
+        states["xen"] = domain.xen.save()
+        states["xen_overlay"] = domain.overlay.save()
     ram = m.ram
     region = (MemoryRegion("ram", 0, ram.size, buffer=ram.map) if ram.private
               else MemoryRegion("ram", 0, ram.size, fd=ram.fd, offset=ram.offset))
@@ -77,7 +80,8 @@ def load_domain(domain: Domain, path: str) -> dict:
     """Validate ``path`` against this domain, then apply it (the VM paused or not started)."""
     m = domain.machine
     n = len(m.runners)
-    snap = load_snapshot(path, CLASSES, required=_sections(n), allowed=())
+    xen = domain.xen is not None
+    snap = load_snapshot(path, CLASSES, required=_sections(n, xen), allowed=())
     try:
         st = snap.states
         mm: MemoryMapState = st["memory_map"]
@@ -96,8 +100,9 @@ def load_domain(domain: Domain, path: str) -> dict:
             if not m.memmap.ram_region_at(g << 12):
                 raise SnapshotError(f"snapshot {path}: ballooned frame {g:#x} is not RAM here")
         try:
-            domain.xen.check_state(st["xen"])
-            domain.overlay.check_state(st["xen_overlay"])
+            if xen:
+                domain.xen.check_state(st["xen"])
+                domain.overlay.check_state(st["xen_overlay"])
         except InvalidArgument as exc:
             raise SnapshotError(f"snapshot {path}: {exc}") from exc
         for i in range(n):
@@ -112,9 +117,9 @@ def load_domain(domain: Domain, path: str) -> dict:
         apply_vm(m.vm, st["vm"].data, m.irqchip)
         for i, r in enumerate(m.runners):
             apply_vcpu(r.vcpu, st[f"cpu/{i}"].data, m.irqchip)
-        domain.xen.load(st["xen"])
-        domain.overlay.load(st["xen_overlay"])
-        console = st["xen"].console
-        return {"path": path, "size": os.path.getsize(path), "console_bytes": len(console)}
+        if xen:
+            domain.xen.load(st["xen"])
+            domain.overlay.load(st["xen_overlay"])
+        return {"path": path, "size": os.path.getsize(path)}
     finally:
         snap.close()
