@@ -179,6 +179,23 @@ def _bad(exc: type[Exception], path: str, v: Any, want: str) -> Exception:
     return exc(f"{path}: expected {want}, found {type(v).__name__}", path)
 
 
+def _sequence(kind: type, item_to: ToWire, item_from: FromWire) -> tuple[ToWire, FromWire]:
+    """Converters for list[T] or tuple[T, ...]: a list on the wire either way."""
+
+    def to_wire(v: Any, path: str) -> Any:
+        if type(v) is not kind:
+            raise _bad(StateEncodeError, path, v, kind.__name__)
+        return [item_to(x, f"{path}[{i}]") for i, x in enumerate(v)]
+
+    def from_wire(v: Any, path: str) -> Any:
+        if type(v) is not list:
+            raise _bad(StateDecodeError, path, v, "list")
+        items = [item_from(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        return items if kind is list else kind(items)
+
+    return to_wire, from_wire
+
+
 def _compile(tp: Any, where: str, seen: tuple[type, ...] = ()) -> tuple[ToWire, FromWire]:
     """Build (to_wire, from_wire) for an annotation; both raise on a mismatch."""
     if tp is Any:
@@ -215,36 +232,12 @@ def _compile(tp: Any, where: str, seen: tuple[type, ...] = ()) -> tuple[ToWire, 
     args = typing.get_args(tp)
 
     if tp is list or origin is list:
-        item_to, item_from = _compile(args[0] if args else Any, where, seen)
-
-        def list_to(v: Any, path: str) -> Any:
-            if type(v) is not list:
-                raise _bad(StateEncodeError, path, v, "list")
-            return [item_to(x, f"{path}[{i}]") for i, x in enumerate(v)]
-
-        def list_from(v: Any, path: str) -> Any:
-            if type(v) is not list:
-                raise _bad(StateDecodeError, path, v, "list")
-            return [item_from(x, f"{path}[{i}]") for i, x in enumerate(v)]
-
-        return list_to, list_from
+        return _sequence(list, *_compile(args[0] if args else Any, where, seen))
 
     if origin is tuple:
         if len(args) != 2 or args[1] is not Ellipsis:
             raise StateClassError(f"{where}: only tuple[T, ...] is supported, not {tp}")
-        item_to, item_from = _compile(args[0], where, seen)
-
-        def tuple_to(v: Any, path: str) -> Any:
-            if type(v) is not tuple:
-                raise _bad(StateEncodeError, path, v, "tuple")
-            return [item_to(x, f"{path}[{i}]") for i, x in enumerate(v)]
-
-        def tuple_from(v: Any, path: str) -> Any:
-            if type(v) is not list:
-                raise _bad(StateDecodeError, path, v, "list")
-            return tuple(item_from(x, f"{path}[{i}]") for i, x in enumerate(v))
-
-        return tuple_to, tuple_from
+        return _sequence(tuple, *_compile(args[0], where, seen))
 
     if tp is dict or origin is dict:
         if args and args[0] is not str:
