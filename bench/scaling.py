@@ -1,0 +1,123 @@
+"""How costs grow with vCPU count and guest RAM: hypercall throughput with 1, 2 and 4 vCPUs
+all making hypercalls, pause latency and overlay map latency with 1, 2 and 4 busy vCPUs, and
+overlay map latency with 128 MiB, 1 GiB and 4 GiB of guest RAM. Each figure is against the
+smallest configuration measured in the same run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+
+from bench._harness import Context, Figure, Section, Skip
+from bench.hypercall import LOAD_GPA, build_guest
+from bench.overlay import p99
+
+TITLE = "scaling: vCPU count and guest RAM"
+SUMMARY = (
+    "Hypercalls: every vCPU runs bench/guests/hcloop.S (xen_version through the stub page) "
+    "for a fixed time; the figure is host time per hypercall (wall time x vCPUs / calls), so "
+    "1.0x means each vCPU is as fast as one alone. This host has 2 cores, so 4 vCPUs share "
+    "them. Pause: a bare pause + resume of all running vCPUs. Overlay: map + unmap of "
+    "shared_info with the vCPUs spinning. RAM: the overlay map with 1 vCPU at each guest size "
+    "(guest RAM is a memfd, so untouched memory costs nothing). Medians over many operations.")
+
+
+def _machine(kvm, image: bytes, vcpus: int, ram: int):
+    from xend_lite.machine.loader import boot_cpu, load_image
+    from xend_lite.machine.machine import Machine
+
+    m = Machine(kvm, ram, vcpus)
+    info = load_image(m, image, flat_gpa=LOAD_GPA)
+    for i in range(vcpus):
+        bc = boot_cpu(m, info, i)
+        m.set_boot_cpu(i, dataclasses.replace(bc, regs=dataclasses.replace(bc.regs, rsp=0x170000 - i * 0x4000)))
+    return m
+
+
+def hypercalls(image: bytes, vcpus: int, seconds: float) -> float:
+    """ns of host time per hypercall with every vCPU calling."""
+    from xend_lite.kvm import Kvm
+    from xend_lite.xen.domain import DomainSpec
+    from xend_lite.xen.emulation import XenEmulation
+
+    with Kvm() as kvm:
+        m = _machine(kvm, image, vcpus, 16 << 20)
+        try:
+            xen = XenEmulation(m, DomainSpec(vcpus=vcpus))
+            m.start()
+            time.sleep(0.2)
+            c0, t0 = xen.calls[17], time.perf_counter_ns()
+            time.sleep(seconds)
+            c1, t1 = xen.calls[17], time.perf_counter_ns()
+            if m.status is not None:
+                raise RuntimeError(f"guest stopped: {m.status}")
+        finally:
+            m.close()
+    return (t1 - t0) * vcpus / max(1, c1 - c0)
+
+
+def control(image: bytes, vcpus: int, ram: int, n: int) -> tuple[list[float], list[float]]:
+    """(pause + resume, overlay map + unmap) latencies in ns with spinning vCPUs."""
+    from xend_lite.kvm import Kvm
+    from xend_lite.xen.domain import DomainSpec
+    from xend_lite.xen.emulation import XenEmulation
+    from xend_lite.xen.overlay import OverlayDevice
+
+    pauses, maps = [], []
+    with Kvm() as kvm:
+        m = _machine(kvm, image, vcpus, ram)
+        try:
+            XenEmulation(m, DomainSpec(vcpus=vcpus))
+            ov = OverlayDevice(m, grant_frames=1)
+            m.start()
+            time.sleep(0.05)
+            clock = time.perf_counter_ns
+            for i in range(n + 5):
+                t = clock()
+                m.pause()
+                m.resume()
+                t1 = clock()
+                ov.map("shared_info", 0x800000 + (i % 32) * 0x1000)
+                ov.unmap("shared_info")
+                t2 = clock()
+                if i >= 5:
+                    pauses.append(t1 - t)
+                    maps.append(t2 - t1)
+                time.sleep(0.0005)
+            ov.close()
+        finally:
+            m.close()
+    return pauses, maps
+
+
+def run(ctx: Context) -> Section:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise Skip("/dev/kvm is missing or not accessible")
+    image = build_guest(ctx).read_bytes()
+    secs = 0.3 if ctx.smoke else 2.0
+    n = ctx.count(500, 30)
+    figures = []
+    hc = {v: statistics.median(hypercalls(image, v, secs) for _ in range(ctx.repeats))
+          for v in (1, 2, 4)}
+    for v in (2, 4):
+        figures.append(Figure(f"hypercall, {v} vCPUs calling", hc[v], "ns", "1 vCPU", hc[1]))
+    ctl = {v: control(image, v, 128 << 20, n) for v in (1, 2, 4)}
+    for v in (2, 4):
+        figures.append(Figure(f"pause + resume, {v} vCPUs, median", statistics.median(ctl[v][0]),
+                              "ns", "1 vCPU", statistics.median(ctl[1][0])))
+        figures.append(Figure(f"overlay map + unmap, {v} vCPUs, median",
+                              statistics.median(ctl[v][1]), "ns", "1 vCPU",
+                              statistics.median(ctl[1][1])))
+        figures.append(Figure(f"overlay map + unmap, {v} vCPUs, p99", p99(ctl[v][1]), "ns",
+                              "1 vCPU", p99(ctl[1][1])))
+    sizes = [128 << 20] if ctx.smoke else [128 << 20, 1 << 30, 4 << 30]
+    ram = {s: control(image, 1, s, n)[1] for s in sizes}
+    for s in sizes[1:]:
+        figures.append(Figure(f"overlay map + unmap, {s >> 20} MiB guest, median",
+                              statistics.median(ram[s]), "ns", "128 MiB guest",
+                              statistics.median(ram[sizes[0]])))
+    notes = [f"Hypercalls over {secs} s per run, median of {ctx.repeats} run(s); "
+             f"{n} pause and overlay operations per configuration."]
+    return Section(TITLE, SUMMARY, figures, notes)
