@@ -172,12 +172,13 @@ def test_any_guest_table_is_accepted_or_refused_by_name(tmp_path_factory, table)
 
 
 def _toml_value(v):
-    import json
-
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
         return repr(v) if v == v and v not in (float("inf"), float("-inf")) else "0.5"
     if isinstance(v, list):
         return "[" + ", ".join(str(x) for x in v) + "]"
-    return json.dumps(v, ensure_ascii=False) if isinstance(v, str) else str(v)
+    if isinstance(v, str):
+        return '"' + "".join(c if c.isprintable() and c not in '"\\' else f"\\U{ord(c):08x}"
+                             for c in v) + '"'
+    return str(v)
