@@ -174,3 +174,28 @@ def test_newer_or_malformed_overlay_section_refused(domains, counter_image, tmp_
     with pytest.raises(SnapshotError, match="aligned"):
         b.snapshot_load(malformed)
     assert b.overlay.gpa("shared_info") is None
+
+
+def test_time_is_refreshed_every_second_and_never_steps_back(domains, counter_image):
+    from xend_lite.xen.timekeeping import scale_delta
+
+    d = domains(counter_image)
+    d.start()
+    assert wait_for(lambda: counters(d)[1] > 5)
+    view = d.overlay.shared_info.view
+
+    def record():
+        ver, _pad, tsc, system, mul, shift = struct.unpack("<IIQQIb", bytes(view[32:61]))
+        return ver, tsc, system, mul, shift
+    first = record()
+    assert wait_for(lambda: record()[0] != first[0], timeout=5), "no refresh within 5 s"
+    second = record()
+    assert second[0] % 2 == 0 and second[1] > first[1]
+    # what a guest extrapolating from the first record sees at the second stamp is not later
+    at_second = first[2] + scale_delta(second[1] - first[1], first[3], first[4])
+    assert second[2] >= at_second
+    assert abs(second[2] - d.xen.clock.now()) < 2 * 10**9
+    # a guest scribbling the version field cannot break the refresh
+    view[32:36] = b"\xff\xff\xff\xff"
+    d.xen.republish_time()
+    assert record()[0] % 2 == 0 and d.machine.status is None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument, XendLiteError
-from xend_lite.kvm import KvmError
+from xend_lite.kvm import KvmError, host_tsc
 from xend_lite.kvm import const as K
 from xend_lite.kvm.xenabi import X
 from xend_lite.machine.machine import MemoryBusy
@@ -33,7 +33,7 @@ from xend_lite.xen.abi import SHINFO32, SHINFO64, TIME_FLAGS, TIME_MUL, TIME_SHI
 from xend_lite.xen.errors import Restart, XenError
 from xend_lite.xen.evtchn import EventChannels
 from xend_lite.xen.guestview import GuestView
-from xend_lite.xen.timekeeping import Clock, tsc_scale
+from xend_lite.xen.timekeeping import Clock, scale_delta, tsc_scale
 
 if TYPE_CHECKING:
     from xend_lite.machine.machine import Machine
@@ -53,6 +53,7 @@ MSR_IA32_TSC = 0x10
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
 BLOCK_SLICE = 0.010
+TIME_REFRESH = 1.0   # seconds between vcpu_time_info refreshes, as Xen's calibration
 
 HYPERCALL_NAMES: dict[int, str] = {}
 SHUTDOWN_REASONS: dict[int, str] = {}
@@ -169,6 +170,10 @@ class XenEmulation:
         self.internal_errors = 0
         self.console_input = bytearray()
         self.grant_frames_in_use = 1
+        self._time_lock = threading.Lock()
+        self._time_anchor: tuple[int, int] | None = None
+        self._time_last: tuple[int, int, int, int] | None = None
+        self._tsc_offset: int | None = None
         self.emit: Callable[[str, dict], None] = lambda _e, _d: None
         self._lock = threading.RLock()
         self.timers = Timers(self)
@@ -254,28 +259,52 @@ class XenEmulation:
             return self.overlay.shared_info.view, vcpu * 64
         return None
 
-    def publish_time(self, guest_tsc: int | None = None) -> None:
-        """Write every vCPU's vcpu_time_info and the wallclock (odd/even versions)."""
+    def publish_time(self, guest_tsc: int) -> None:
+        """Write every vCPU's vcpu_time_info (guest TSC stamp, system time, scale) and the
+        wallclock, each under the odd/even version protocol.
+
+        System time never steps back for a guest extrapolating from the previous record:
+        the new stamp's time is at least what the old record gives at that TSC. Over
+        longer spans the TSC rate is measured against the host's clock and the scale
+        corrected, as Xen's calibration does."""
         if self.overlay is None:
             return
-        now = self.clock.now()
-        if guest_tsc is None:
-            guest_tsc = 0
-        for i in range(self.nr_vcpus):
-            vv = self._vcpu_info_view(i)
-            if vv is None:
-                continue
-            view, off = vv
-            t = off + 32
-            ver = int.from_bytes(view[t:t + 4], "little")
-            view[t:t + 4] = ((ver + 1) | 1 & U32).to_bytes(4, "little")
-            view[t + TIME_TSC:t + TIME_TSC + 8] = (guest_tsc & U64).to_bytes(8, "little")
-            view[t + TIME_SYSTEM:t + TIME_SYSTEM + 8] = now.to_bytes(8, "little")
-            view[t + TIME_MUL:t + TIME_MUL + 4] = self.tsc_mul.to_bytes(4, "little")
-            view[t + TIME_SHIFT:t + TIME_SHIFT + 1] = (self.tsc_shift & 0xFF).to_bytes(1, "little")
-            view[t + TIME_FLAGS:t + TIME_FLAGS + 1] = b"\x00"
-            view[t:t + 4] = (((ver + 1) | 1) + 1 & U32).to_bytes(4, "little")
-        self.publish_wallclock()
+        with self._time_lock:
+            now = self.clock.now()
+            anchor = self._time_anchor
+            if anchor is None:
+                self._time_anchor = (guest_tsc, now)
+            elif now - anchor[1] >= 2_000_000_000 and guest_tsc > anchor[0]:
+                khz = (guest_tsc - anchor[0]) * 1_000_000 // (now - anchor[1])
+                if khz > 0 and abs(khz - self.tsc_khz) * 1000 < self.tsc_khz:   # within 0.1 %
+                    self.tsc_mul, self.tsc_shift = tsc_scale(khz)
+            last = self._time_last
+            if last is not None and guest_tsc >= last[0]:
+                now = max(now, last[1] + scale_delta(guest_tsc - last[0], last[2], last[3]))
+            self._time_last = (guest_tsc, now, self.tsc_mul, self.tsc_shift)
+            record = ((guest_tsc & U64).to_bytes(8, "little") + now.to_bytes(8, "little")
+                      + self.tsc_mul.to_bytes(4, "little")
+                      + (self.tsc_shift & 0xFF).to_bytes(1, "little") + b"\x00")
+            for i in range(self.nr_vcpus):
+                vv = self._vcpu_info_view(i)
+                if vv is None:
+                    continue
+                view, off = vv
+                t = off + 32
+                odd = ((int.from_bytes(view[t:t + 4], "little") + 1) | 1) & U32
+                view[t + TIME_VERSION:t + 4] = odd.to_bytes(4, "little")
+                view[t + TIME_TSC:t + TIME_FLAGS + 1] = record
+                view[t:t + 4] = ((odd + 1) & U32).to_bytes(4, "little")
+            self.publish_wallclock()
+
+    def _forget_time(self) -> None:
+        with self._time_lock:
+            self._time_anchor = self._time_last = self._tsc_offset = None
+
+    def republish_time(self) -> None:
+        """Refresh time from any thread, with the guest TSC estimated from the host's."""
+        if self._tsc_offset is not None and self.overlay is not None:
+            self.publish_time(host_tsc() + self._tsc_offset)
 
     def publish_wallclock(self) -> None:
         lay = self.shinfo_layout()
@@ -289,13 +318,26 @@ class XenEmulation:
         view[lay.wc_sec_hi:lay.wc_sec_hi + 4] = ((sec >> 32) & U32).to_bytes(4, "little")
         view[lay.wc_version:lay.wc_version + 4] = ((odd + 1) & U32).to_bytes(4, "little")
 
-    def publish_time_from(self, vcpu) -> None:
-        """Publish time using this vCPU's TSC (call on its thread, or with it paused)."""
+    def learn_tsc_offset(self, vcpu) -> int | None:
+        """Read this vCPU's TSC (on its thread, or with it paused), remember its offset from
+        the host's TSC for later refreshes, start those refreshes, and return it."""
         try:
-            tsc = vcpu.get_msrs([MSR_IA32_TSC]).get(MSR_IA32_TSC, 0)
+            before = host_tsc()
+            tsc = vcpu.get_msrs([MSR_IA32_TSC]).get(MSR_IA32_TSC)
+            after = host_tsc()
         except KvmError:
-            tsc = 0
-        self.publish_time(tsc)
+            return None
+        if tsc is None:
+            return None
+        self._tsc_offset = tsc - (before + after) // 2
+        self.timers.start_refresh()
+        return tsc
+
+    def publish_time_from(self, vcpu) -> None:
+        """Publish time now, stamped with this vCPU's TSC."""
+        tsc = self.learn_tsc_offset(vcpu)
+        if tsc is not None:
+            self.publish_time(tsc)
 
     # -- delivery to vCPUs ---------------------------------------------------------------
 
@@ -449,6 +491,7 @@ class XenEmulation:
         """Xen's soft reset: overlays unmapped and zeroed, event channels closed, vcpu_info
         back in shared_info, timers stopped; guest memory is left alone."""
         self.timers.stop_all()
+        self._forget_time()
         self.evtchn.reset()
         self.vcpu_info_gpa.clear()
         self.upcall_vectors.clear()
@@ -467,6 +510,7 @@ class XenEmulation:
         self.hypercall_page = None
         self.shutdown_code = None
         self.clock = Clock()
+        self._forget_time()
         self.calls = [0] * (TABLE_SIZE + 1)
         self.errors = [0] * (TABLE_SIZE + 1)
 
@@ -509,6 +553,7 @@ class XenEmulation:
         self.upcall_vectors = {int(k): v for k, v in st.upcall_vectors.items()}
         self.vcpu_info_gpa = {int(k): v for k, v in st.vcpu_info.items()}
         self.clock.set_now(st.system_time)
+        self._forget_time()
         self.shutdown_code = None if st.shutdown_code < 0 else st.shutdown_code
         calls, errors = st.counters.get("calls", []), st.counters.get("errors", [])
         if len(calls) == len(self.calls) and len(errors) == len(self.errors):
@@ -526,6 +571,11 @@ class Timers:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+
+    def start_refresh(self) -> None:
+        """Start the thread (it also refreshes guest time every TIME_REFRESH seconds)."""
+        with self._cond:
+            self._ensure()
 
     def _ensure(self) -> None:
         if self._thread is None:
@@ -559,8 +609,15 @@ class Timers:
             self._cond.notify()
 
     def _run(self) -> None:
+        next_refresh = 0.0
         while True:
             fire = []
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + TIME_REFRESH
+                try:
+                    self.xen.republish_time()
+                except Exception:  # noqa: BLE001
+                    log.exception("refreshing guest time failed")
             with self._cond:
                 if self._closed:
                     return

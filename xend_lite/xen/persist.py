@@ -120,6 +120,8 @@ def load_domain(domain: Domain, path: str) -> dict:
         if xen:
             domain.xen.load(st["xen"])
             domain.overlay.load(st["xen_overlay"])
+            # contents stay as saved; refreshes (within a second) need the TSC offset again
+            domain.xen.learn_tsc_offset(m.runners[0].vcpu)
         return {"path": path, "size": os.path.getsize(path)}
     finally:
         snap.close()
