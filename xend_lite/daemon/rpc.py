@@ -200,9 +200,14 @@ class Dispatcher:
     async def handle(self, body: bytes, context: RpcContext) -> bytes | None:
         """One HTTP body in, the reply body out (None: nothing to send back)."""
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+            doc = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        except json.JSONDecodeError as exc:
             return _dump(error_reply(PARSE_ERROR, f"Parse error: {exc}"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            why = str(exc) if isinstance(exc, _NotJson) else "the body is not valid UTF-8 JSON"
+            return _dump(error_reply(PARSE_ERROR, f"Parse error: {why}"))
+        except RecursionError:
+            return _dump(error_reply(PARSE_ERROR, "Parse error: the body is nested too deeply"))
         if isinstance(doc, list):
             if not doc:
                 return _dump(error_reply(INVALID_REQUEST, "Invalid request: empty batch"))
@@ -238,6 +243,22 @@ class Dispatcher:
             log.error("method %s returned a result that is not JSON", request.get("method"))
             return json.dumps(error_reply(INTERNAL_ERROR, "Internal error: the result is not JSON",
                                           reply.get("id"), {"class": "InternalError"}))
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (Python's parser takes them by default)."""
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise _NotJson(f"the number {text[:40]} is out of range")
+    return v
 
 
 def _dump(doc: dict) -> bytes:
