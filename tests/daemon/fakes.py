@@ -49,6 +49,7 @@ class FakeDomain:
         self.calls: list[tuple[str, str]] = []  # (method, thread name)
         self.closed = False
         self.slow_save = float(os.environ.get("FAKE_DOMAIN_SAVE_SECONDS", "0"))
+        self.slow_close = float(os.environ.get("FAKE_DOMAIN_CLOSE_SECONDS", "0"))
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         FakeDomain.instances.append(self)
@@ -116,6 +117,8 @@ class FakeDomain:
 
     def close(self) -> None:
         self._call("close")
+        if self.slow_close:
+            time.sleep(self.slow_close)  # vCPUs that take their time to stop
         if self._timer is not None:
             self._timer.cancel()
         if not self.closed:

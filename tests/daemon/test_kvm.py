@@ -37,9 +37,12 @@ async def booted(start_daemon, **kw):
 
 
 async def wait_mapped(d):
+    """Until the guest has mapped shared_info and its event has gone out (so a stream
+    opened afterwards starts with what the test does next)."""
     async def mapped():
         pages = await call(d, "query-xen-overlay")
-        return any(p["page"] == "shared_info" and p["gpa"] == SHARED_INFO for p in pages)
+        return any(p["page"] == "shared_info" and p["gpa"] == SHARED_INFO for p in pages) and \
+            any(e["event"] == "XEN_OVERLAY_MAPPED" for e in d.daemon.events.history)
 
     for _ in range(300):
         if await mapped():
@@ -125,7 +128,7 @@ async def test_snapshot_round_trip_with_the_real_guest(start_daemon):
         await call(d, "xen-overlay-map", {"page": "shared_info", "gpa": 0x800000})
         await call(d, "snapshot-load", {"path": "real.snap"})
         await ev.until("SNAPSHOT_LOADED")
-    assert ev.names()[:3] == ["STOP", "RESUME", "SNAPSHOT_SAVED"]
+    assert ev.names()[:3] == ["STOP", "RESUME", "SNAPSHOT_SAVED"], ev.items
     pages = {p["page"]: p["gpa"] for p in await call(d, "query-xen-overlay")}
     assert pages["shared_info"] == SHARED_INFO
     assert (await call(d, "query-status"))["status"] == "running"

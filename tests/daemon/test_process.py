@@ -99,6 +99,19 @@ def test_signal_stops_cleanly(short_tmp, sock, sig):
     assert "Traceback" not in err
 
 
+def test_second_signal_exits_at_once(short_tmp, sock):
+    proc = spawn(base_args(short_tmp, sock), env=env(FAKE_DOMAIN_CLOSE_SECONDS="30"))
+    wait_listening(proc, sock)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None  # still stopping the (slow) VM
+    t0 = time.monotonic()
+    rc, err = stop(proc, signal.SIGINT, timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert rc == 1 and "received again" in err
+    assert not os.path.exists(sock)
+
+
 def test_quit_exits_zero_and_removes_the_socket(short_tmp, sock):
     proc = spawn(base_args(short_tmp, sock))
     wait_listening(proc, sock)

@@ -32,6 +32,10 @@ log = logging.getLogger("xend_lite.controller")
 R = RunState
 DomainFactory = Callable[[Any, Callable[[str, dict], None]], Any]
 
+# The Domain's read-only methods the control plane may call.
+QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_hypercalls",
+                     "query_capabilities", "query_xen_overlay"})
+
 # Reasons a guest run ends that the reboot policy handles; every other reason but "stopped"
 # (the daemon's own stop) goes to the poweroff policy.
 REBOOT_REASONS = ("reboot",)
@@ -274,7 +278,13 @@ class Controller:
 
     @requires(*ALL_STATES)
     def _query(self, what: str, *args: Any) -> Any:
+        if what not in QUERIES:
+            raise InvalidArgument(f"no query named {what}")
         return getattr(self.domain, what)(*args)
+
+    @property
+    def owner_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     @requires(R.RUNNING, R.PAUSED)
     def _overlay_map(self, page: str, gpa: int) -> Any:

@@ -193,7 +193,7 @@ class Daemon:
         self._exit = loop.create_future()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_exit, 0, f"{signal.Signals(sig).name} received")
+                loop.add_signal_handler(sig, self._on_signal, sig)
             loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: restart to reload"))
         try:
             try:
@@ -208,6 +208,15 @@ class Daemon:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self._exit is not None and self._exit.done() and self.exit_why.endswith("received"):
+            # a second signal while stopping: the user wants out now
+            log.warning("%s received again: exiting without waiting for the VM", name)
+            self.listeners.close()
+            os._exit(ExitCode.FAILURE)
+        self.request_exit(ExitCode.OK, f"{name} received")
 
     def _guest_stopped(self, stop: GuestStop) -> None:
         """The guest ended its run: apply on_reboot / on_poweroff."""
@@ -240,9 +249,13 @@ class Daemon:
         return f"guest {state.value}; control on {', '.join(self.addresses) or 'nothing'}"
 
     async def _watchdog(self, interval: float) -> None:
-        """WATCHDOG=1 while the event loop turns (a stuck loop stops the pings)."""
+        """WATCHDOG=1 while the event loop turns and the VM owner thread lives; a stuck loop
+        or a dead owner stops the pings, and the service manager restarts us."""
         while True:
-            self.notifier.watchdog()
+            if self.controller.owner_alive:
+                self.notifier.watchdog()
+            else:
+                log.error("the VM owner thread is gone: no more watchdog pings")
             await asyncio.sleep(interval)
 
     def _spawn(self, coro: Any) -> asyncio.Task:
