@@ -41,7 +41,7 @@ def test_map_move_unmap_from_the_guest_keeps_ram_beneath(harness):
         (X.XENMAPSPACE_shared_info, 1, 0x803, errno("EINVAL")),       # bad idx
         (X.XENMAPSPACE_grant_table, 64, 0x803, errno("EINVAL")),      # beyond frames
         (X.XENMAPSPACE_grant_table, X.XENMAPIDX_grant_table_status, 0x803, errno("EINVAL")),
-        (X.XENMAPSPACE_gmfn_foreign, 0, 0x803, errno("EINVAL")),
+        (X.XENMAPSPACE_gmfn_foreign, 0, 0x803, errno("ENOSYS")),
         (X.XENMAPSPACE_shared_info, 0, 1 << 40, errno("EINVAL")),     # past phys bits
         (X.XENMAPSPACE_grant_table, 1, 0x801, errno("EINVAL")),       # frame holds shared_info
         (X.XENMAPSPACE_grant_table, 3, all_ones, 0),                 # unmap
@@ -186,3 +186,25 @@ def test_soft_reset_unmaps_and_zeroes(harness_factory):
     assert h.domain.overlay.gpa("shared_info") is None
     assert bytes(h.domain.overlay.shared_info.view) == bytes(4096)
     assert h.machine.status is None
+
+
+def test_reservation_refusals_return_the_extents_done(harness):
+    """As Xen: a reservation op that cannot start answers with start_extent, not an errno;
+    a continuation (start_extent in the command's high bits) resumes where it says."""
+    h, m, p, b = harness, harness.mem, harness.ptr, harness.bits
+    w = b // 8
+    m.write(SCRATCH + 0x100, b"".join(g.to_bytes(w, "little") for g in (0xa00, 0xa01, 0xa02)))
+
+    def resv(at, handle, n, order=0, domid=X.DOMID_SELF):
+        fmt = "<QQIIH" if b == 64 else "<IIIIH"
+        m.write(at, struct.pack(fmt, handle, n, order, 0, domid))
+    resv(SCRATCH, p(SCRATCH + 0x100), 3, domid=5)
+    resv(SCRATCH + 0x40, p(SCRATCH + 0x100), 3, order=10)
+    resv(SCRATCH + 0x80, p(SCRATCH + 0x100), 3)
+    dec = X.XENMEM_decrease_reservation
+    res = h.run([(MEM, dec, p(SCRATCH)), (MEM, dec, p(SCRATCH + 0x40)),
+                 (MEM, dec, 0xFFFFF000), (MEM, dec | 5 << 6, p(SCRATCH + 0x80)),
+                 (MEM, dec | 2 << 6, p(SCRATCH + 0x80)),
+                 (MEM, X.XENMEM_add_to_physmap | 0x10000 << 6, p(SCRATCH))])
+    assert [r for r, _ in res] == [0, 0, 0, 5, 3, errno("EDOM")]
+    assert h.machine.memmap.ballooned() == [0xa02], "only the extent from the continuation went"

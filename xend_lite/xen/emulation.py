@@ -609,7 +609,7 @@ class Timers:
             self._cond.notify()
 
     def _run(self) -> None:
-        next_refresh = 0.0
+        next_refresh = time.monotonic() + TIME_REFRESH
         while True:
             fire = []
             if time.monotonic() >= next_refresh:

@@ -123,9 +123,9 @@ class Handlers:
         if cmd in (X.XENMEM_increase_reservation, X.XENMEM_decrease_reservation,
                    X.XENMEM_populate_physmap):
             return self._reservation(c, cmd, start, arg)
-        if start:
-            raise XenError(X.XEN_ENOSYS, "no continuation for this sub-op")
         if cmd == X.XENMEM_add_to_physmap:
+            if start > 0xFFFF:
+                raise XenError(X.XEN_EDOM, "continuation out of range")
             return self._add_to_physmap(c, arg)
         if cmd == X.XENMEM_remove_from_physmap:
             return self._remove_from_physmap(c, arg)
@@ -151,7 +151,7 @@ class Handlers:
         xatp = c.read("xen_add_to_physmap", arg)
         space = xatp["space"]
         if space == X.XENMAPSPACE_gmfn_foreign:
-            raise inval("foreign mappings need add_to_physmap_batch")
+            raise XenError(X.XEN_ENOSYS, "foreign mappings need add_to_physmap_batch")
         _self_domain(self.xen, xatp["domid"])
         ov = self.xen.overlay
         if ov is None:
@@ -223,14 +223,17 @@ class Handlers:
         return 0
 
     def _reservation(self, c: Call, cmd: int, start: int, arg: int) -> int:
+        # Xen answers every refusal here with the number of extents done so far.
         lay = c.lay("xen_memory_reservation")
-        r = c.view.read_struct(lay, arg)
+        try:
+            r = c.view.read_struct(lay, arg)
+        except XenError:
+            return start
         nr, order, handle = r["nr_extents"], r["extent_order"], r["extent_start"]
-        if start >= nr:
+        if nr > U32 >> MEMOP_EXTENT_SHIFT or start >= nr:
             return start
-        if order > MAX_EXTENT_ORDER:
+        if r["domid"] not in (X.DOMID_SELF, self.xen.domid) or order > MAX_EXTENT_ORDER:
             return start
-        _self_domain(self.xen, r["domid"])
         mm = self.xen.machine.memmap
         step = c.ulong
         done = start
