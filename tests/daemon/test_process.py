@@ -434,3 +434,28 @@ def test_ctl_value_parsing():
         {"a": 1, "b": 16, "c": True, "d": "hello", "e": "5", "f": {"x": 1}, "g": ""}
     with pytest.raises(ValueError):
         parse_params(["novalue"])
+
+
+def test_ctl_over_tcp_with_token(short_tmp, sock):
+    token = os.path.join(short_tmp, "token")
+    with open(token, "w") as f:
+        f.write("tcp-token-0123456789abcdef\n")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = spawn(base_args(short_tmp, sock) + ["--tcp", f"127.0.0.1:{port}", "--token-file", token])
+    wait_listening(proc, sock)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        r = run(["--tcp", url, "--token-file", token, "query-status"], cmd=CTL)
+        assert r.returncode == 0 and json.loads(r.stdout)["status"] == "running"
+        wrong = os.path.join(short_tmp, "wrong")
+        with open(wrong, "w") as f:
+            f.write("not-the-token-0123456789\n")
+        r = run(["--tcp", url, "--token-file", wrong, "query-status"], cmd=CTL)
+        assert r.returncode == 1 and "Unauthorized" in r.stderr
+        r = run(["--tcp", url, "query-status"], cmd=CTL)
+        assert r.returncode == 1 and "Unauthorized" in r.stderr
+    finally:
+        assert stop(proc)[0] == 0

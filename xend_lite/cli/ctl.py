@@ -160,7 +160,6 @@ async def _run(ns: argparse.Namespace, params: dict, token: str | None) -> int:
     indent = None if ns.compact else 2
     async with client:
         if ns.method == "events":
-            client.timeout = 0
             async for event in client.events():
                 print(json.dumps(event), flush=True)
             return 0
