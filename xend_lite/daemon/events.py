@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections import deque
-from typing import Any
 
 log = logging.getLogger("xend_lite.events")
 
