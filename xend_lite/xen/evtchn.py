@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from xend_lite.xen.emulation import XenEmulation
 
 DAEMON_DOMID = 0
+# VIRQs each vCPU binds for itself (timer, debug, xenoprof, xenpmu); the rest are global
+PER_VCPU_VIRQS = {X.VIRQ_TIMER, X.VIRQ_DEBUG, 10, 13}
 
 
 @dataclass
@@ -156,7 +158,7 @@ class EventChannels:
         with self.lock:
             p = self.get(port)
             if p.state == X.EVTCHNSTAT_virq:
-                if p.virq in (X.VIRQ_TIMER, X.VIRQ_DEBUG):   # per-vCPU VIRQs stay put
+                if p.virq in PER_VCPU_VIRQS:   # per-vCPU VIRQs stay put
                     raise XenError(X.XEN_EINVAL, "per-vCPU VIRQ cannot move")
             elif p.state not in (X.EVTCHNSTAT_unbound, X.EVTCHNSTAT_interdomain):
                 raise XenError(X.XEN_EINVAL, "port cannot move")

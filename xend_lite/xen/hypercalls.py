@@ -14,6 +14,7 @@ from xend_lite.errors import XendLiteError
 from xend_lite.kvm.xenabi import X
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SHIFT, PAGE_SIZE
 from xend_lite.xen.errors import Restart, XenError, fault, inval
+from xend_lite.xen.evtchn import PER_VCPU_VIRQS
 from xend_lite.xen.overlay import SHARED_INFO, grant_page
 
 if TYPE_CHECKING:
@@ -436,12 +437,8 @@ class Handlers:
             lay = c.lay("evtchn_alloc_unbound")
             a = c.view.read_struct(lay, arg)
             _self_domain(xen, a["dom"])
-            remote = a["remote_dom"]
-            if remote == X.DOMID_SELF:
-                remote = xen.domid
-            elif remote not in (0, xen.domid):
-                raise XenError(X.XEN_ESRCH, f"no domain {remote}")
-            port = ev.alloc_unbound(remote)
+            remote = a["remote_dom"]          # any domain may bind later: Xen does not check
+            port = ev.alloc_unbound(xen.domid if remote == X.DOMID_SELF else remote)
             c.view.write_fields(lay, arg, {"port": port})
             return 0
         if cmd == X.EVTCHNOP_bind_interdomain:
@@ -456,7 +453,7 @@ class Handlers:
             virq, vcpu = a["virq"], a["vcpu"]
             if virq >= X.NR_VIRQS:
                 raise inval("no such VIRQ")
-            if virq not in (X.VIRQ_TIMER, X.VIRQ_DEBUG) and vcpu != 0:
+            if virq not in PER_VCPU_VIRQS and vcpu != 0:
                 raise inval("a global VIRQ binds on vcpu 0")
             if vcpu >= xen.nr_vcpus:
                 raise XenError(X.XEN_ENOENT, "no such vcpu")
