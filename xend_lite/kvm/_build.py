@@ -235,6 +235,7 @@ uint8_t xl_xchg8(uintptr_t addr, uint8_t value);
 uint64_t xl_rdtsc(void);
 int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t offset);
 void xl_call_regs(struct kvm_run *run, uint64_t *out);
+int64_t xl_run_regs(int fd, struct kvm_run *run, uint64_t *out);
 """
 
 SOURCE = r"""
@@ -317,6 +318,14 @@ static void xl_call_regs(struct kvm_run *run, uint64_t *out) {
     out[4] = r->rsi; out[5] = r->rdi; out[6] = r->r8; out[7] = r->r10;
     out[8] = r->rflags; out[9] = s->cs.l; out[10] = s->cs.selector; out[11] = s->efer;
     out[12] = s->cr0;
+}
+/* xl_run, and on a port write also xl_call_regs into out: a doorbell handler then has its
+ * registers without another call. */
+static int64_t xl_run_regs(int fd, struct kvm_run *run, uint64_t *out) {
+    int64_t ret = xl_run(fd, run);
+    if (ret > 0xffffffffLL)
+        xl_call_regs(run, out);
+    return ret;
 }
 static uint64_t xl_rdtsc(void) {
     uint32_t lo, hi;

@@ -27,6 +27,7 @@ PORT_SHIFT = 32
 _xl_run = lib.xl_run
 _xl_set_rax = lib.xl_set_rax
 _xl_call_regs = lib.xl_call_regs
+_xl_run_regs = lib.xl_run_regs
 _unpack = ffi.unpack
 _EINTR = 4
 _EAGAIN = 11
@@ -210,10 +211,16 @@ class Vcpu:
     def run_fn(self):
         """A zero-argument KVM_RUN for a hot loop: returns what run_raw() does, except that
         an error comes back as -errno (-EINTR / -EAGAIN for an interruption) instead of
-        raising. Bound to this vCPU's fd and kvm_run; no Python frame per call."""
+        raising. Bound to this vCPU's fd and kvm_run; no Python frame per call. On a port
+        write it also keeps the registers exit_call_regs() returns."""
         import functools
 
-        return functools.partial(_xl_run, self.fd, self.run_struct)
+        return functools.partial(_xl_run_regs, self.fd, self.run_struct, self._call_buf)
+
+    def exit_call_regs(self) -> list[int]:
+        """call_regs() as copied by a run_fn() KVM_RUN that exited on a port write, with no
+        further C call (valid only in a handler for that exit)."""
+        return _unpack(self._call_buf, 13)
 
     def call_regs(self) -> list[int]:
         """The synced rax rbx rcx rdx rsi rdi r8 r10 rflags cs.l cs.selector efer cr0 (after

@@ -431,7 +431,7 @@ class XenEmulation:
         # The hot path of every hypercall: each cffi field read costs, so read only what
         # this call needs, and reuse one Call object per vCPU.
         vcpu = runner.vcpu
-        rax, rbx, rcx, rdx, rsi, rdi, r8, r10, rflags, cs_l, cs_sel, efer, cr0 = vcpu.call_regs()
+        rax, rbx, rcx, rdx, rsi, rdi, r8, r10, rflags, cs_l, cs_sel, efer, cr0 = vcpu.exit_call_regs()
         nr = rax & U32
         long64 = bool(cs_l and efer & EFER_LMA)
         if (cs_sel & 3 or (not long64 and rflags & RFLAGS_VM)) and cr0 & CR0_PE:
