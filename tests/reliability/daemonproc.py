@@ -113,18 +113,31 @@ def http(where, body: bytes, headers: dict | None = None, path: str = "/rpc", me
             s.sendall(head.encode() + body)
         except (BrokenPipeError, ConnectionResetError):
             pass    # the server may answer (413) and close before reading everything
-        chunks = []
-        while True:
+        raw = b""
+        while not complete(raw):
             try:
                 b = s.recv(65536)
             except ConnectionResetError:
                 break
             if not b:
                 break
-            chunks.append(b)
+            raw += b
     finally:
         s.close()
-    return parse_response(b"".join(chunks))
+    return parse_response(raw)
+
+
+def complete(raw: bytes) -> bool:
+    """The whole response is in (the server may linger before closing, so do not wait for
+    EOF when the length is known)."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            return len(body) >= int(v)
+    return False
 
 
 def parse_response(raw: bytes) -> tuple[int, dict, bytes]:
