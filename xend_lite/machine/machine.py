@@ -309,22 +309,19 @@ class Machine:
                 r.release()
             self._lock.release()
 
-    def replace_ram(self, backing: Backing) -> None:
+    def replace_ram(self, backing: Backing, overlays: dict[str, tuple[int, Backing]] | None = None,
+                    ballooned: list[int] | None = None) -> None:
         """Back guest RAM with ``backing`` (same size; e.g. a snapshot's copy-on-write
-        mapping). Call with the machine paused or not started; the old backing is closed."""
+        mapping), and with the given overlays and ballooned frames, in one change of the
+        memory map. Call with the machine paused or not started; the old backing is closed."""
         if backing.size != self.memory_bytes:
             raise InvalidArgument(f"RAM backing is {backing.size} bytes, the guest has {self.memory_bytes}")
         with self._lock, self.paused():
             mm = self.memmap
             old = self.ram
             mm.forget_remaps()
-            mm.ram = [RamRegion(r.gpa, r.size, backing, r.offset) for r in mm.ram]
-            try:
-                mm.apply()
-            except BaseException:
-                mm.ram = [RamRegion(r.gpa, r.size, old, r.offset) for r in mm.ram]
-                mm.apply()
-                raise
+            mm.replace(ram=[RamRegion(r.gpa, r.size, backing, r.offset) for r in mm.ram],
+                       overlays=overlays, ballooned=ballooned)
             self.ram = backing
             old.close()
 

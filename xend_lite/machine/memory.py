@@ -85,15 +85,20 @@ class Backing:
                 os.close(self.fd)
 
 
+_fallocate = None
+
+
 def fallocate_punch(fd: int, offset: int, length: int) -> None:
     """Punch a hole (release pages, reads give zeros) with fallocate(2)."""
+    global _fallocate
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    falloc = libc.fallocate
-    falloc.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if _fallocate is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        _fallocate = libc.fallocate
+        _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-    if falloc(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length) != 0:
+    if _fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -323,6 +328,29 @@ class MemoryMap:
         for gfn in out + back:
             r = self.ram_region_at(gfn << PAGE_SHIFT)
             r.backing.zero(r.offset + (gfn << PAGE_SHIFT) - r.gpa, PAGE_SIZE)
+
+    def replace(self, ram: list[RamRegion] | None = None,
+                overlays: dict[str, tuple[int, Backing]] | None = None,
+                ballooned: list[int] | None = None) -> None:
+        """Swap in new RAM regions, overlays and ballooned frames (those given) and apply
+        them as one change; on failure the old view is put back."""
+        before = (self.ram, dict(self._overlays), set(self._ballooned))
+        if ram is not None:
+            self.ram = sorted(ram, key=lambda r: r.gpa)
+        if overlays is not None:
+            for gpa, backing in overlays.values():
+                self.check_gpa(gpa)
+                if backing.size != PAGE_SIZE:
+                    raise InvalidArgument("an overlay is exactly one page")
+            self._overlays = dict(overlays)
+        if ballooned is not None:
+            self._ballooned = set(ballooned)
+        try:
+            self.apply()
+        except BaseException:
+            self.ram, self._overlays, self._ballooned = before
+            self.apply()
+            raise
 
     def ballooned(self) -> list[int]:
         return sorted(self._ballooned)

@@ -20,6 +20,7 @@ from xend_lite.machine.loader import load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
 from xend_lite.xen.emulation import XenEmulation
 from xend_lite.xen.overlay import OverlayDevice
+from xend_lite.xen.persist import load_domain, save_domain
 
 log = logging.getLogger("xend_lite.domain")
 
@@ -213,15 +214,11 @@ class Domain:
     # -- snapshots -----------------------------------------------------------------------
 
     def snapshot_save(self, path: str, progress: Callable[[int, int], None] | None = None) -> dict:
-        from xend_lite.xen.persist import save_domain
-
         if self.machine.state not in ("paused", "stopped") and self.machine.pause_depth == 0:
             raise StateError("the VM must be paused to save it", self.run_state(), ("paused",))
         return save_domain(self, path, progress)
 
     def snapshot_load(self, path: str) -> dict:
-        from xend_lite.xen.persist import load_domain
-
         return load_domain(self, path)
 
     @staticmethod

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xend_lite.errors import InvalidArgument, NotFound, NotSupported
-from xend_lite.machine.memory import INVALID_GPA, PAGE_SIZE, Backing
+from xend_lite.machine.memory import INVALID_GPA, PAGE_SIZE, Backing, fallocate_punch
 from xend_lite.snapshot.state import State
 
 if TYPE_CHECKING:
@@ -151,8 +151,12 @@ class OverlayDevice:
     # -- reset and state -----------------------------------------------------------------
 
     def zero_pages(self) -> None:
-        for b in self.pages.values():
-            b.zero()
+        """Zero every page at once: one hole punched over the device's memfd."""
+        try:
+            fallocate_punch(self._fd, 0, len(self.pages) * PAGE_SIZE)
+        except OSError:
+            for b in self.pages.values():
+                b.zero()
 
     def reset(self) -> None:
         """Unmap every page and zero it (a Xen soft reset)."""
@@ -190,13 +194,21 @@ class OverlayDevice:
             if len(data) != PAGE_SIZE:
                 raise InvalidArgument(f"overlay page {name} content is {len(data)} bytes")
 
-    def load(self, st: OverlayState) -> None:
-        """Put saved contents back and remap every page (call with vCPUs paused)."""
+    def mappings(self, st: OverlayState) -> dict[str, tuple[int, Backing]]:
+        """The memory-map overlays a saved state asks for (checked first)."""
+        self.check_state(st)
+        return {name: (g, self.pages[name]) for name, g in st.gpas.items()}
+
+    def load(self, st: OverlayState, remap: bool = True) -> None:
+        """Put saved contents back and, unless the caller maps them itself (a restore does
+        it with the RAM in one change), remap every page. Call with vCPUs paused."""
         self.check_state(st)
         self.zero_pages()
         for name, data in st.contents.items():
             self.pages[name].view[:] = data
         self.long_mode = st.long_mode
+        if not remap:
+            return
 
         def remap(mm) -> None:
             for name in list(mm.overlays()):

@@ -110,16 +110,16 @@ def load_domain(domain: Domain, path: str) -> dict:
             if not {"regs", "sregs", "xsave", "msrs", "events"} <= set(data):
                 raise SnapshotError(f"snapshot {path}: cpu/{i} is incomplete")
         # -- everything checked: apply ------------------------------------------------------
+        overlays = domain.overlay.mappings(st["xen_overlay"]) if xen else {}
         backing = Backing.from_file("ram", snap.fd, region.file_offset, region.size)
         backing.fd = -1  # the mapping outlives the file descriptor, closed below
-        m.replace_ram(backing)
-        m.memmap.set_ballooned(mm.ballooned)
+        m.replace_ram(backing, overlays=overlays, ballooned=mm.ballooned)
         apply_vm(m.vm, st["vm"].data, m.irqchip)
         for i, r in enumerate(m.runners):
             apply_vcpu(r.vcpu, st[f"cpu/{i}"].data, m.irqchip)
         if xen:
             domain.xen.load(st["xen"])
-            domain.overlay.load(st["xen_overlay"])
+            domain.overlay.load(st["xen_overlay"], remap=False)
             # contents stay as saved; refreshes (within a second) need the TSC offset again
             domain.xen.learn_tsc_offset(m.runners[0].vcpu)
         return {"path": path, "size": os.path.getsize(path)}
