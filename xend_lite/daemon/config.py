@@ -91,6 +91,7 @@ class DaemonConfig:
     # daemon
     snapshot_dir: str = ""
     log_level: str = "info"
+    save_on_stop: str | None = None
     # command line only
     restore: str | None = None
     debug: bool = False
@@ -224,6 +225,7 @@ KEYS: tuple[Key, ...] = (
     Key("control", "token_file", "token_file", _optional_path, "--token-file"),
     Key("daemon", "snapshot_dir", "snapshot_dir", _path, "--snapshot-dir"),
     Key("daemon", "log_level", "log_level", _one_of(LOG_LEVELS), "--log-level"),
+    Key("daemon", "save_on_stop", "save_on_stop", _optional_path, "--save-on-stop"),
 )
 KEYS_BY_FIELD = {k.field: k for k in KEYS}
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS))

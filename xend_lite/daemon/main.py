@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where relative snapshot paths live")
     d.add_argument("--log-level", dest="log_level", metavar="LEVEL", default=S,
                    help="debug, info, warning or error (info)")
+    d.add_argument("--save-on-stop", dest="save_on_stop", metavar="PATH", default=S,
+                   help="save the VM here when the daemon is stopped, and restore it at the next "
+                        "start (relative to the snapshot directory)")
     d.add_argument("--debug", action="store_true", help="debug logging and tracebacks of start errors")
     d.add_argument("--check", action="store_true", help="report what this host offers, then exit")
     d.add_argument("--version", action="store_true", help="print the version and exit")

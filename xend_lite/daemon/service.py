@@ -129,6 +129,8 @@ class Daemon:
             except (SnapshotError, NotFound, XendLiteError, OSError) as exc:
                 raise StartError(ExitCode.SNAPSHOT, f"snapshot {self.cfg.restore} cannot be loaded: "
                                                     f"{exc}: check the path given with --restore") from exc
+        elif self.cfg.save_on_stop:
+            await self._restore_saved_on_stop()
         state = await self.controller.boot(self.cfg.start_paused)
         app = make_app(self.controller, self.events, daemon=self, token=token)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
@@ -141,6 +143,46 @@ class Daemon:
         interval = self.notifier.watchdog_interval
         if interval:
             self._spawn(self._watchdog(interval))
+
+    def _save_on_stop_path(self) -> str:
+        return self.controller.resolve_path(self.cfg.save_on_stop)
+
+    async def _restore_saved_on_stop(self) -> None:
+        """Bring back what the last stop saved; a file that cannot be loaded is moved aside
+        (PATH.unloadable) and the guest boots afresh rather than the service failing."""
+        path = self._save_on_stop_path()
+        if not os.path.exists(path):
+            return
+        try:
+            await self.controller.restore_at_start(path)
+            log.info("restored the VM saved at the last stop from %s", path)
+        except (SnapshotError, XendLiteError, OSError) as exc:
+            aside = path + ".unloadable"
+            log.error("the VM saved at the last stop (%s) cannot be loaded: %s; moved to %s, "
+                      "booting afresh", path, exc, aside)
+            try:
+                os.replace(path, aside)
+            except OSError as err:
+                log.error("cannot move %s aside: %s", path, err.strerror)
+            # a refused load changed nothing (it is validated first): boot the fresh VM
+
+    async def _save_for_next_start(self) -> None:
+        """On a stop: save the VM if the guest is up; otherwise drop an old save so the next
+        start boots afresh."""
+        path = self._save_on_stop_path()
+        state = self.controller.state
+        if state in (RunState.RUNNING, RunState.PAUSED):
+            try:
+                info = await self.controller.snapshot_save(path, paused=True)
+                log.info("saved the VM for the next start: %s (%d bytes)", path, info.get("size", 0))
+            except Exception as exc:  # noqa: BLE001 - the stop goes on; the error is reported
+                log.error("saving the VM to %s on stop failed: %s", path, exc)
+        elif os.path.exists(path):
+            log.info("the guest is %s: removing %s so the next start boots afresh", state.value, path)
+            try:
+                os.unlink(path)
+            except OSError as err:
+                log.error("cannot remove %s: %s", path, err.strerror)
 
     def _open_listeners(self) -> str | None:
         passed = listen_fds(self._env if self._env is not None else None)
@@ -275,6 +317,8 @@ class Daemon:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cfg.save_on_stop and self.controller.domain is not None:
+            await self._save_for_next_start()
         await self.controller.close()
         await asyncio.sleep(0)  # let the events the close published reach the bus
         self.events.close()

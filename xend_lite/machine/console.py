@@ -58,6 +58,12 @@ class ConsoleSink:
         with self._lock:
             return bytes(self._ring[-max_bytes:]) if max_bytes > 0 else b""
 
+    def restore_ring(self, data: bytes) -> None:
+        """Put back a saved ring (a restore): the tail queries show what the guest printed
+        before the save. Nothing is written to stdout or the log again."""
+        with self._lock:
+            self._ring = bytearray(data[-self._ring_max:])
+
     def text(self) -> str:
         return self.tail(self._ring_max).decode("utf-8", "replace")
 

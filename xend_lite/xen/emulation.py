@@ -554,6 +554,7 @@ class XenEmulation:
         self.vcpu_info_gpa = {int(k): v for k, v in st.vcpu_info.items()}
         self.clock.set_now(st.system_time)
         self._forget_time()
+        self.machine.console.restore_ring(st.console)
         self.shutdown_code = None if st.shutdown_code < 0 else st.shutdown_code
         calls, errors = st.counters.get("calls", []), st.counters.get("errors", [])
         if len(calls) == len(self.calls) and len(errors) == len(self.errors):

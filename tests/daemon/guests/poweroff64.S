@@ -1,0 +1,23 @@
+/* Powers off at once: SCHEDOP_shutdown(SHUTDOWN_poweroff) through the hypercall page. */
+#include "guest.h"
+
+#define HCPAGE 0x200000
+#define REASON 0x300000
+
+    START64
+    INSTALL_HYPERCALL_PAGE(HCPAGE)
+    movl $0, REASON                 /* SHUTDOWN_poweroff */
+    movl $2, %edi                   /* SCHEDOP_shutdown */
+    movq $REASON, %rsi
+    call HCPAGE + 29 * 32
+1:  pause
+    jmp 1b
+
+    .data
+    GUEST_GDT
+    GUEST_PAGE_TABLES
+    .bss
+    .balign 16
+    .space 8192
+stack_top:
+    PVH_NOTE(_start)
