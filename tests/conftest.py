@@ -13,6 +13,15 @@ import pytest
 
 KVM_PATH = "/dev/kvm"
 
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("XEND_LITE_HYPOTHESIS_PROFILE"):
+        _hypothesis_settings.load_profile(os.environ["XEND_LITE_HYPOTHESIS_PROFILE"])
+except ImportError:  # hypothesis is a test extra; without it the property tests skip
+    pass
+
 
 def kvm_unavailable_reason() -> str | None:
     if not os.path.exists(KVM_PATH):
