@@ -7,7 +7,6 @@ import mmap
 import os
 import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 

@@ -9,9 +9,14 @@ import time
 
 import pytest
 
-from tests.daemon.test_process import REAL, base_args, ctl, sock, spawn, stop, wait_listening  # noqa: F401 (fixture)
+from tests.daemon.test_process import REAL, base_args, ctl, spawn, stop, wait_listening
 
 pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture
+def sock(short_tmp):
+    return os.path.join(short_tmp, "d.sock")
 
 
 def hypercalls(sock: str) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import queue
 import struct
 import subprocess
-import threading
 import time
 
 import pytest

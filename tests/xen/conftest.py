@@ -122,3 +122,28 @@ def harness_factory(guest_image, tmp_path):
 @pytest.fixture
 def harness(harness_factory, bits):
     return harness_factory(bits)
+
+
+@pytest.fixture
+def run_to_done(guest_image, tmp_path):
+    """run_to_done("xen/guests/x.S") -> Domain: boot a 64-bit test guest and wait until it
+    writes port 0xf0 (its "done" signal); the domain is closed at teardown."""
+    made = []
+
+    def run(src: str, timeout: float = 20.0, **spec) -> Domain:
+        import threading
+
+        img = tmp_path / (src.rsplit("/", 1)[-1] + ".elf")
+        img.write_bytes(guest_image(src))
+        spec.setdefault("memory_mib", 64)
+        d = Domain(DomainSpec(image=str(img), **spec))
+        made.append(d)
+        done = threading.Event()
+        d.machine.register_io_out(DONE_PORT, lambda _r, _e: done.set())
+        d.start()
+        assert done.wait(timeout), (d.machine.status, d.machine.console.tail(500))
+        return d
+
+    yield run
+    for d in made:
+        d.close()

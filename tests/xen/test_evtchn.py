@@ -197,26 +197,12 @@ def test_forcing_the_kernel_backend_is_a_clear_error_here(harness_factory):
         harness_factory(64, backend="kvm-xen")
 
 
-def test_event_reaches_the_guest_as_its_upcall_interrupt(guest_image, tmp_path):
-    import threading
-
-    from xend_lite.xen.domain import Domain, DomainSpec
-
-    img = tmp_path / "upcall64.elf"
-    img.write_bytes(guest_image("xen/guests/upcall64.S"))
-    d = Domain(DomainSpec(image=str(img), memory_mib=64))
-    done = threading.Event()
-    d.machine.register_io_out(0xF0, lambda _r, _e: done.set())
-    try:
-        d.start()
-        assert done.wait(20), (d.machine.status, d.machine.console.tail(500))
-        count, port = struct.unpack("<QQ", d.machine.mem.read(0x300000, 16))
-        assert port > 0 and count >= 1, (count, port)
-        assert d.xen.evtchn.is_pending(port)
-        assert d.xen.params[X.HVM_PARAM_CALLBACK_IRQ] == 2 << 56 | 0xF3
-    finally:
-        d.close()
-
+def test_event_reaches_the_guest_as_its_upcall_interrupt(run_to_done):
+    d = run_to_done("xen/guests/upcall64.S")
+    count, port = struct.unpack("<QQ", d.machine.mem.read(0x300000, 16))
+    assert port > 0 and count >= 1, (count, port)
+    assert d.xen.evtchn.is_pending(port)
+    assert d.xen.params[X.HVM_PARAM_CALLBACK_IRQ] == 2 << 56 | 0xF3
 
 def test_bind_interdomain_to_the_daemon_side_and_echo(harness):
     h, m, p = harness, harness.mem, harness.ptr

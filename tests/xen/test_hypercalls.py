@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from tests.xen.conftest import ALIAS, HCPAGE, SCRATCH, errno
+from tests.xen.conftest import HCPAGE, SCRATCH, errno
 from xend_lite.kvm.xenabi import X
 from xend_lite.xen.emulation import HYPERCALL_PAGE
 
@@ -92,7 +92,6 @@ def test_console_io(harness):
 def test_memory_map_reservation_and_params(harness):
     p = harness.ptr
     m = harness.mem
-    mm_lay = 8 if harness.bits == 32 else 16
     mmap_struct = struct.pack("<II", 16, p(SCRATCH + 0x100)) if harness.bits == 32 else \
         struct.pack("<IIQ", 16, 0, p(SCRATCH + 0x100))
     m.write(SCRATCH, mmap_struct)
@@ -175,21 +174,8 @@ def test_bad_hypercall_msr_gets_gp(harness_factory):
     assert h.xen.hypercall_page is None
 
 
-def test_hypercall_from_user_mode_is_refused(guest_image, tmp_path):
-    import threading
-
-    from xend_lite.xen.domain import Domain, DomainSpec
-
-    img = tmp_path / "user64.elf"
-    img.write_bytes(guest_image("xen/guests/user64.S"))
-    d = Domain(DomainSpec(image=str(img), memory_mib=64))
-    done = threading.Event()
-    d.machine.register_io_out(0xF0, lambda _r, _e: done.set())
-    try:
-        d.start()
-        assert done.wait(20), (d.machine.status, d.machine.console.tail(500))
-        user, kernel = struct.unpack("<qq", d.machine.mem.read(0x300000, 16))
-        assert kernel == 4 << 16 | 16
-        assert user == errno("EPERM")
-    finally:
-        d.close()
+def test_hypercall_from_user_mode_is_refused(run_to_done):
+    d = run_to_done("xen/guests/user64.S")
+    user, kernel = struct.unpack("<qq", d.machine.mem.read(0x300000, 16))
+    assert kernel == 4 << 16 | 16
+    assert user == errno("EPERM")

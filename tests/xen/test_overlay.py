@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import threading
 import time
 
 import pytest
@@ -12,7 +11,6 @@ from tests.xen.conftest import SCRATCH, errno
 from xend_lite.errors import InvalidArgument, NotFound
 from xend_lite.kvm.xenabi import X
 from xend_lite.machine.memory import INVALID_GPA
-from xend_lite.xen.domain import Domain, DomainSpec
 
 pytestmark = pytest.mark.kvm
 
@@ -153,27 +151,17 @@ def test_host_map_api_errors(harness_factory):
     assert len(listing) == 65 and listing["shared_info"]["backend"] == "userspace"
 
 
-def test_time_through_shared_info_is_live_and_monotonic(guest_image, tmp_path):
-    img = tmp_path / "time64.elf"
-    img.write_bytes(guest_image("xen/guests/time64.S"))
-    d = Domain(DomainSpec(image=str(img), memory_mib=64))
-    done = threading.Event()
-    d.machine.register_io_out(0xF0, lambda _r, _e: done.set())
-    try:
-        d.start()
-        assert done.wait(30), d.machine.status
-        m = d.machine.mem
-        wc_sec, backwards, retries = struct.unpack("<QQQ", m.read(0x300100, 24))
-        samples = struct.unpack("<2000Q", m.read(0x310000, 16000))
-        assert abs(wc_sec - time.time()) < 5
-        assert backwards == 0
-        assert samples[-1] > samples[0] > 0, "system time must advance with the TSC"
-        assert samples[-1] - samples[0] < 30 * 10**9
-        now = d.xen.clock.now()
-        assert abs(now - samples[-1]) < 2 * 10**9, (now, samples[-1])
-    finally:
-        d.close()
-
+def test_time_through_shared_info_is_live_and_monotonic(run_to_done):
+    d = run_to_done("xen/guests/time64.S", timeout=30)
+    m = d.machine.mem
+    wc_sec, backwards, retries = struct.unpack("<QQQ", m.read(0x300100, 24))
+    samples = struct.unpack("<2000Q", m.read(0x310000, 16000))
+    assert abs(wc_sec - time.time()) < 5
+    assert backwards == 0
+    assert samples[-1] > samples[0] > 0, "system time must advance with the TSC"
+    assert samples[-1] - samples[0] < 30 * 10**9
+    now = d.xen.clock.now()
+    assert abs(now - samples[-1]) < 2 * 10**9, (now, samples[-1])
 
 def test_soft_reset_unmaps_and_zeroes(harness_factory):
     h = harness_factory(64)

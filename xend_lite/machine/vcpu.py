@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
-from xend_lite.kvm import SYNC_REGS, SYNC_SREGS, KvmError, Vcpu, exits
+from xend_lite.kvm import SYNC_REGS, SYNC_SREGS, KvmError, Vcpu
 from xend_lite.kvm.vcpu import PORT_SHIFT
 
 if TYPE_CHECKING:

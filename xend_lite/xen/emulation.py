@@ -20,16 +20,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from xend_lite.errors import GuestMemoryError, InvalidArgument, XendLiteError
+from xend_lite.errors import GuestMemoryError, InvalidArgument
 from xend_lite.kvm import KvmError, host_tsc
-from xend_lite.kvm import const as K
 from xend_lite.kvm.xenabi import X
 from xend_lite.machine.machine import MemoryBusy
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SIZE
 from xend_lite.snapshot.state import State
 from xend_lite.xen import cpuid as xcpuid
-from xend_lite.xen.abi import SHINFO32, SHINFO64, TIME_FLAGS, TIME_MUL, TIME_SHIFT, TIME_SYSTEM, \
-    TIME_TSC, TIME_VERSION, SharedInfoLayout, guest_layout
+from xend_lite.xen.abi import SHINFO32, SHINFO64, TIME_FLAGS, TIME_TSC, TIME_VERSION, SharedInfoLayout, guest_layout
 from xend_lite.xen.errors import Restart, XenError
 from xend_lite.xen.evtchn import EventChannels
 from xend_lite.xen.guestview import GuestView

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from xend_lite.errors import XendLiteError
 from xend_lite.kvm.xenabi import X
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SHIFT, PAGE_SIZE
-from xend_lite.xen.errors import Restart, XenError, fault, inval
+from xend_lite.xen.errors import Restart, XenError, inval
 from xend_lite.xen.evtchn import PER_VCPU_VIRQS
 from xend_lite.xen.overlay import SHARED_INFO, grant_page
 

@@ -10,14 +10,6 @@
     movl $2, %edi                   /* SCHEDOP_shutdown */
     movq $REASON, %rsi
     call HCPAGE + 29 * 32
-1:  pause
-    jmp 1b
+    IDLE
 
-    .data
-    GUEST_GDT
-    GUEST_PAGE_TABLES
-    .bss
-    .balign 16
-    .space 8192
-stack_top:
-    PVH_NOTE(_start)
+    END64(8192)

@@ -66,11 +66,4 @@
 3:  incq RESULT + 16
     jmp 1b
 
-    .data
-    GUEST_GDT
-    GUEST_PAGE_TABLES
-    .bss
-    .balign 16
-    .space 8192
-stack_top:
-    PVH_NOTE(_start)
+    END64(8192)

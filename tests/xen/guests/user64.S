@@ -36,8 +36,7 @@ user:
     movq %rax, RESULT
     movb $1, %al
     outb %al, $0xf0
-1:  pause
-    jmp 1b
+    IDLE
 
     .data
     GUEST_GDT

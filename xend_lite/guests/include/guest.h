@@ -79,6 +79,18 @@ _start: movl $stack_top, %esp; ENTER_LONG_MODE(main64); \
 main64: movw $SEL_DATA, %ax; movw %ax, %ds; movw %ax, %es; movw %ax, %ss; \
     leaq stack_top(%rip), %rsp
 
+/* The usual end of a 64-bit test guest: its GDT and page tables, `bytes` of stack below
+ * `stack_top`, and the PVH note naming `_start`. */
+#define END64(bytes) \
+    .data; GUEST_GDT; GUEST_PAGE_TABLES; \
+    .bss; .balign 16; .space bytes; \
+stack_top: ; \
+    PVH_NOTE(_start)
+
+/* Idle forever (a guest that is done). */
+#define IDLE \
+9005: pause; jmp 9005b
+
 /* Install the hypercall page at guest-physical `page` through the MSR that the Xen leaf at
  * 0x40000002 names (guests that know Xen sits at the first base). */
 #define INSTALL_HYPERCALL_PAGE(page) \
