@@ -1,0 +1,196 @@
+"""QEMU as the baseline of the side-by-side benchmarks: find (or install) qemu-system-x86_64,
+its guest (a 512-byte boot sector that writes one byte to COM1 and spins), a process
+wrapper, and a raw-socket QMP client of the same weight as bench._xl.Rpc."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench._harness import Skip
+
+_INSTALL_TRIED = False
+
+
+def qemu_binary() -> str:
+    """qemu-system-x86_64, installed with apt-get when missing and we are root; else Skip."""
+    global _INSTALL_TRIED
+    exe = shutil.which("qemu-system-x86_64")
+    if exe:
+        return exe
+    if not _INSTALL_TRIED and os.geteuid() == 0 and shutil.which("apt-get"):
+        _INSTALL_TRIED = True
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        proc = subprocess.run(["apt-get", "install", "-y", "-q", "qemu-system-x86"], env=env,
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+            subprocess.run(["apt-get", "install", "-y", "-q", "qemu-system-x86"], env=env,
+                           capture_output=True, text=True, timeout=900)
+        exe = shutil.which("qemu-system-x86_64")
+        if exe:
+            return exe
+    raise Skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86), so there is "
+               "no same-run baseline")
+
+
+# mov dx, 0x3f8 ; mov al, 'Q' ; out dx, al ; jmp $   (real mode, loaded at 0x7c00)
+BOOT_CODE = bytes([0xBA, 0xF8, 0x03, 0xB0, 0x51, 0xEE, 0xEB, 0xFE])
+
+
+def boot_sector(workdir: Path) -> Path:
+    path = workdir / "qemu-spin.img"
+    data = BOOT_CODE + bytes(510 - len(BOOT_CODE)) + b"\x55\xaa"
+    if not path.exists() or path.read_bytes() != data:
+        path.write_bytes(data)
+    return path
+
+
+class QmpError(RuntimeError):
+    pass
+
+
+class Qmp:
+    """One QMP connection: greeting read, capabilities negotiated by ``handshake``."""
+
+    def __init__(self, path: str, timeout: float = 120.0, handshake: bool = True):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buf = b""
+        self.events: list[dict] = []
+        self.greeting = self._read()
+        if "QMP" not in self.greeting:
+            raise QmpError(f"unexpected greeting {self.greeting!r}")
+        if handshake:
+            self.call("qmp_capabilities")
+
+    def _read(self) -> dict:
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line, self.buf = self.buf[:i], self.buf[i + 1:]
+                if line.strip():
+                    return json.loads(line)
+                continue
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise QmpError("QEMU closed the QMP connection")
+            self.buf += chunk
+
+    def request_bytes(self, command: str, arguments: dict | None = None) -> bytes:
+        req: dict = {"execute": command}
+        if arguments is not None:
+            req["arguments"] = arguments
+        return json.dumps(req, separators=(",", ":")).encode() + b"\n"
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_reply(self) -> dict:
+        while True:
+            msg = self._read()
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            return msg
+
+    def call(self, command: str, arguments: dict | None = None):
+        self.sock.sendall(self.request_bytes(command, arguments))
+        reply = self.read_reply()
+        if "error" in reply:
+            raise QmpError(f"{command}: {reply['error'].get('desc')}")
+        return reply.get("return")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Qmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Qemu:
+    """A qemu-system-x86_64 -accel kvm process with a QMP socket in its own temporary
+    directory. ``memfd=True`` backs guest RAM with a memfd (so RSS shows it apart, and the
+    host can write into it through /proc/PID/fd)."""
+
+    def __init__(self, workdir: Path, memory_mib: int = 128, *, vcpus: int = 1, memfd: bool = False,
+                 serial: bool = False, incoming: str | None = None, extra: list[str] | None = None,
+                 monitors: int = 1):
+        exe = qemu_binary()
+        self.dir = tempfile.mkdtemp(prefix="qemu-bench-")
+        # A QMP chardev serves one client at a time: one monitor per concurrent connection.
+        self.qmp_paths = [os.path.join(self.dir, f"qmp{i}.sock") for i in range(monitors)]
+        self.qmp_path = self.qmp_paths[0]
+        self.serial = os.path.join(self.dir, "serial.log") if serial else None
+        argv = [exe, "-accel", "kvm", "-m", str(memory_mib), "-smp", str(vcpus), "-nographic",
+                "-nodefaults", "-display", "none", "-no-user-config",
+                "-drive", f"file={boot_sector(workdir)},format=raw,if=ide",
+                *(a for p in self.qmp_paths for a in ("-qmp", f"unix:{p},server=on,wait=off"))]
+        if memfd:
+            argv += ["-object", f"memory-backend-memfd,id=ram0,size={memory_mib}M",
+                     "-machine", "memory-backend=ram0"]
+        if serial:
+            argv += ["-serial", f"file:{self.serial}"]
+        if incoming:
+            argv += ["-incoming", incoming]
+        argv += extra or []
+        self.argv = argv
+        self.stderr = open(os.path.join(self.dir, "stderr"), "w+b")
+        self.t_spawn = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=self.stderr)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr_text(self) -> str:
+        self.stderr.flush()
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace").strip()[-800:]
+
+    def wait_qmp(self, timeout: float = 60.0, handshake: bool = True, monitor: int = 0) -> Qmp:
+        """Poll until QMP socket number ``monitor`` greets; ``t_greeting`` is when it did."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                q = Qmp(self.qmp_paths[monitor], handshake=False)
+                self.t_greeting = time.perf_counter()
+                if handshake:
+                    q.call("qmp_capabilities")
+                return q
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited with status {self.proc.returncode}: {self.stderr_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("QEMU's QMP socket never answered")
+            time.sleep(0.0005)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Qemu:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
