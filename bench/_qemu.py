@@ -1,5 +1,5 @@
 """QEMU as the baseline of the side-by-side benchmarks: find (or install) qemu-system-x86_64,
-its guest (a 512-byte boot sector that writes one byte to COM1 and spins), a process
+its guest (a 512-byte boot sector that writes a marker to COM1 and spins), a process
 wrapper, and a raw-socket QMP client of the same weight as bench._xl.Rpc."""
 
 from __future__ import annotations
@@ -41,8 +41,12 @@ def qemu_binary() -> str:
                "no same-run baseline")
 
 
-# mov dx, 0x3f8 ; mov al, 'Q' ; out dx, al ; jmp $   (real mode, loaded at 0x7c00)
-BOOT_CODE = bytes([0xBA, 0xF8, 0x03, 0xB0, 0x51, 0xEE, 0xEB, 0xFE])
+# mov dx, 0x3f8 ; then '<', 'Q', '>' each by mov al, c ; out dx, al ; then jmp $  (real mode,
+# loaded at 0x7c00). SeaBIOS prints its banner on COM1 first and, from its timer interrupt,
+# may still flush its serial console between our bytes: '<' (never in SeaBIOS's text) marks
+# the guest's first output.
+BOOT_CODE = bytes([0xBA, 0xF8, 0x03, 0xB0, 0x3C, 0xEE, 0xB0, 0x51, 0xEE, 0xB0, 0x3E, 0xEE, 0xEB, 0xFE])
+SERIAL_MARKER = b"<"
 
 
 def boot_sector(workdir: Path) -> Path:

@@ -1,0 +1,189 @@
+"""Daemon start-up and footprint beside QEMU's in the same run: spawn to a control socket
+that is ready and that answers, spawn to the guest's first console output, and the resident
+memory of an idle VM with the guest's RAM counted apart."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from bench._harness import Context, Figure, Section, median
+from bench._qemu import SERIAL_MARKER, Qemu, Qmp, qemu_binary
+from bench._xl import Daemon, Rpc, proc_status, require_kvm
+
+TITLE = "startup: spawn to ready, to first guest output, and idle RSS, against QEMU"
+SUMMARY = (
+    "xend-lite runs its embedded default guest (no --image); QEMU (`-accel kvm -nodefaults`) "
+    "boots a boot sector through SeaBIOS that writes `<Q>` to COM1 and spins; both with 128 MiB "
+    "unless a figure says otherwise. Ready: READY=1 on a NOTIFY_SOCKET we bind (xend-lite) and "
+    "the QMP greeting (QEMU). Answers: a client polling from the spawn on until query-status "
+    "is answered (QMP: greeting, qmp_capabilities, query-status). First guest output: the "
+    "first byte in --console-log (xend-lite) or the marker in the `-serial file:` log (QEMU), "
+    "polled every 0.5 ms. RSS from /proc/PID/status after 0.5 s idle; \"without guest RAM\" "
+    "subtracts RssShmem, which holds the guest RAM for both (xend-lite's RAM is a memfd; QEMU "
+    "is given `memory-backend-memfd` for that figure). Times are medians; below 1 favours "
+    "xend-lite.")
+
+POLL = 0.0005
+
+
+def _poll_answer(connect, timeout: float = 60.0) -> float:
+    """perf_counter when the first query-status is answered (connecting as soon as possible)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            c = connect()
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the control socket never answered") from None
+            time.sleep(POLL)
+    try:
+        c.call("query-status")
+        return time.perf_counter()
+    finally:
+        c.close()
+
+
+def _watch_file(path: str, done: dict, marker: bytes | None, timeout: float = 60.0) -> threading.Thread:
+    """A thread that stores in done['t'] the time ``path`` first holds output (or ``marker``)."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not done.get("stop"):
+            try:
+                if marker is None:
+                    if os.stat(path).st_size > 0:
+                        done["t"] = time.perf_counter()
+                        return
+                else:
+                    with open(path, "rb") as f:
+                        if marker in f.read():
+                            done["t"] = time.perf_counter()
+                            return
+            except FileNotFoundError:
+                pass
+            time.sleep(POLL)
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    return th
+
+
+def _rss(pid: int) -> dict[str, float]:
+    st = proc_status(pid)
+    return {"rss": st["VmRSS"] / 1024, "rss_nonguest": (st["VmRSS"] - st.get("RssShmem", 0)) / 1024}
+
+
+def xend_lite_once(memory_mib: int = 128) -> dict[str, float]:
+    d = Daemon("--memory", str(memory_mib), console_log=True)
+    try:
+        console: dict = {}
+        watcher = _watch_file(d.console, console, None)
+        ready: dict = {}
+
+        def wait_ready() -> None:
+            try:
+                ready["s"] = d.wait_ready()
+            except Exception as exc:  # noqa: BLE001 - reported below
+                ready["error"] = exc
+        rt = threading.Thread(target=wait_ready, daemon=True)
+        rt.start()
+        t_answer = _poll_answer(lambda: Rpc(d.socket, timeout=60))
+        rt.join(60)
+        if "error" in ready:
+            raise ready["error"]
+        watcher.join(10)
+        console["stop"] = True
+        if "t" not in console:
+            raise RuntimeError("the default guest printed nothing on its console")
+        time.sleep(0.5)
+        return {"ready": ready["s"], "answer": t_answer - d.t_spawn, "console": console["t"] - d.t_spawn,
+                **_rss(d.pid)}
+    finally:
+        d.close()
+
+
+def qemu_once(ctx: Context, memory_mib: int = 128, memfd: bool = False) -> dict[str, float]:
+    q = Qemu(ctx.workdir, memory_mib, serial=True, memfd=memfd)
+    try:
+        console: dict = {}
+        watcher = _watch_file(q.serial, console, SERIAL_MARKER)
+        greeted: dict = {}
+
+        def connect() -> Qmp:
+            c = Qmp(q.qmp_path, timeout=60, handshake=False)
+            greeted.setdefault("t", time.perf_counter())
+            c.call("qmp_capabilities")
+            return c
+        t_answer = _poll_answer(connect)
+        watcher.join(30)
+        console["stop"] = True
+        if "t" not in console:
+            raise RuntimeError(f"the QEMU guest never wrote its marker: {q.stderr_text()}")
+        time.sleep(0.5)
+        return {"ready": greeted["t"] - q.t_spawn, "answer": t_answer - q.t_spawn,
+                "console": console["t"] - q.t_spawn, **_rss(q.pid)}
+    finally:
+        q.close()
+
+
+def run(ctx: Context) -> Section:
+    require_kvm()
+    qemu_binary()
+    big = 4096 if _fits(4096) else None
+    xs, qs, qm, xb, qb = [], [], [], [], []
+    for _ in range(ctx.repeats):  # interleaved, so drift hits both alike
+        xs.append(xend_lite_once())
+        qs.append(qemu_once(ctx))
+        qm.append(qemu_once(ctx, memfd=True))
+        if big and not ctx.smoke:
+            xb.append(xend_lite_once(big))
+            qb.append(qemu_once(ctx, big))
+
+    def m(rows: list[dict], key: str, scale: float = 1.0) -> float:
+        return median([r[key] for r in rows]) * scale
+
+    q = "QEMU"
+    figures = [
+        Figure("spawn to control socket ready (READY=1 / QMP greeting)", m(xs, "ready", 1e3), "ms",
+               q, m(qs, "ready", 1e3)),
+        Figure("spawn to first query-status answered", m(xs, "answer", 1e3), "ms", q, m(qs, "answer", 1e3)),
+        Figure("spawn to the guest's first console output", m(xs, "console", 1e3), "ms",
+               q, m(qs, "console", 1e3)),
+        Figure("idle RSS, whole process", m(xs, "rss"), "MiB", q, m(qs, "rss")),
+        Figure("idle RSS without guest RAM (VmRSS - RssShmem)", m(xs, "rss_nonguest"), "MiB",
+               "QEMU, memfd guest RAM", m(qm, "rss_nonguest")),
+    ]
+    if xb:
+        figures += [
+            Figure(f"spawn to control socket ready, {big} MiB guest", m(xb, "ready", 1e3), "ms",
+                   f"QEMU, {big} MiB", m(qb, "ready", 1e3)),
+            Figure(f"spawn to first query-status answered, {big} MiB guest", m(xb, "answer", 1e3), "ms",
+                   f"QEMU, {big} MiB", m(qb, "answer", 1e3)),
+            Figure(f"idle RSS, whole process, {big} MiB guest", m(xb, "rss"), "MiB",
+                   f"QEMU, {big} MiB", m(qb, "rss")),
+        ]
+    notes = [
+        f"{ctx.repeats} interleaved launch(es) of each; median kept.",
+        "Targets: start-up within 3x QEMU's; RSS no more than QEMU's.",
+        "xend-lite's ready point comes after the VM is built and booted (the guest is already "
+        "running when READY=1 is sent); QEMU greets on QMP before SeaBIOS has run.",
+        "Per-launch values (ms; MiB): " + "; ".join(
+            f"{name} " + ", ".join(f"{k}={v * (1e3 if k in ('ready', 'answer', 'console') else 1):.1f}"
+                                   for k, v in r.items())
+            for name, rows in (("xend-lite", xs), ("qemu", qs), ("qemu-memfd", qm), (f"xend-lite-{big}", xb),
+                               (f"qemu-{big}", qb)) for r in rows),
+    ]
+    return Section(TITLE, SUMMARY, figures, notes)
+
+
+def _fits(mib: int) -> bool:
+    """Enough free host memory to boot a guest this large twice over (it stays untouched)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024 > 2 * mib
+    except OSError:
+        pass
+    return False
