@@ -64,7 +64,7 @@ def soak(g, total: int, seed: int, batch: int = 500) -> dict:
 
 
 def test_hostile_hypercall_soak(fuzz_guest, bits, memory_audit, request):
-    total = scaled(2500, 50000, request)
+    total = scaled(2500, 100000, request)
     g = fuzz_guest(bits)
     info = soak(g, total, seed=1000 + bits)
     memory_audit.check()
