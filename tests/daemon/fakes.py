@@ -216,7 +216,7 @@ class FakeDomain:
             raise SnapshotError(f"cannot write {path}: {exc.strerror}") from exc
         return {"path": path, "logical_size": os.path.getsize(path)}
 
-    def snapshot_load(self, path: str) -> dict:
+    def snapshot_load(self, path: str, verify: bool = True) -> dict:
         self._call("snapshot_load")
         doc = self._read(path)
         self.overlays = dict(doc["overlays"])

@@ -103,9 +103,6 @@ async def test_corrupt_snapshots_are_refused_and_the_vm_goes_on(start_daemon, sh
     print(f"\n{cases} corrupt snapshots refused: {classes}")
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: snapshot-load maps guest RAM from the file "
-                   "without checking its chunk checksums (load_snapshot(verify_memory=False) in "
-                   "xen/persist.py), so a flipped bit in saved RAM loads silently")
 async def test_flipped_bit_in_saved_ram_is_refused(start_daemon, short_tmp):
     d = await booted(start_daemon)
     async with d.client() as c:

@@ -203,3 +203,24 @@ def test_time_is_refreshed_every_second_and_never_steps_back(domains, counter_im
     view[32:36] = b"\xff\xff\xff\xff"
     d.xen.republish_time()
     assert record()[0] % 2 == 0 and d.machine.status is None
+
+
+def test_flipped_bit_in_saved_ram_refused_unless_verification_is_skipped(domains, counter_image,
+                                                                        tmp_path):
+    from xend_lite.snapshot import MemoryChecksumMismatch, describe
+
+    path = str(tmp_path / "snap.xls")
+    saved_running(domains, counter_image, path)
+    data = bytearray(open(path, "rb").read())
+    mem_off = len(data) - describe(path)["memory_size"]   # RAM is the last thing in the file
+    saved_count = int.from_bytes(data[mem_off + COUNTER:mem_off + COUNTER + 8], "little")
+    data[mem_off + COUNTER + 3] ^= 0x40
+    bad = str(tmp_path / "bad.xls")
+    open(bad, "wb").write(data)
+    b = domains(counter_image)
+    regs = b.machine.runners[0].vcpu.get_regs()
+    with pytest.raises(MemoryChecksumMismatch):
+        b.snapshot_load(bad)
+    assert b.machine.runners[0].vcpu.get_regs() == regs
+    b.snapshot_load(bad, verify=False)      # the caller asked for speed over the check
+    assert counters(b)[0] == saved_count ^ (0x40 << 24)

@@ -208,8 +208,8 @@ class Controller:
     async def snapshot_save(self, path: str, paused: bool = False) -> dict:
         return await self._call(self._snapshot_save, self.resolve_path(path), paused)
 
-    async def snapshot_load(self, path: str) -> dict:
-        return await self._call(self._snapshot_load, self.resolve_path(path, must_exist=True))
+    async def snapshot_load(self, path: str, verify: bool = True) -> dict:
+        return await self._call(self._snapshot_load, self.resolve_path(path, must_exist=True), verify)
 
     async def snapshot_describe(self, path: str) -> dict:
         return await self._call(self._snapshot_describe, self.resolve_path(path, must_exist=True))
@@ -335,12 +335,15 @@ class Controller:
         return result
 
     @requires(R.RUNNING, R.PAUSED)
-    def _snapshot_load(self, path: str) -> dict:
+    def _snapshot_load(self, path: str, verify: bool = True) -> dict:
         was_running = self._pause_for()
         self._set_state(R.RESTORING)
         t0 = time.monotonic()
         try:
-            self.domain.snapshot_load(path)
+            if verify:
+                self.domain.snapshot_load(path)
+            else:
+                self.domain.snapshot_load(path, verify=False)
         except BaseException:
             self._back_from(was_running, stay_paused=False)
             raise

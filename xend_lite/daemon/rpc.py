@@ -384,9 +384,10 @@ async def snapshot_save(ctx: RpcContext, path: str, paused: bool) -> Any:
     return await ctx.controller.snapshot_save(path, paused)
 
 
-@method("snapshot-load", Param("path", string))
-async def snapshot_load(ctx: RpcContext, path: str) -> Any:
-    return await ctx.controller.snapshot_load(path)
+@method("snapshot-load", Param("path", string), opt("verify", boolean, True))
+async def snapshot_load(ctx: RpcContext, path: str, verify: bool) -> Any:
+    """Load a snapshot; verify=false skips the guest-memory checksums (the fastest restore)."""
+    return await ctx.controller.snapshot_load(path, verify)
 
 
 @method("query-snapshot", Param("path", string))

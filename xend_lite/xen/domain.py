@@ -218,8 +218,8 @@ class Domain:
             raise StateError("the VM must be paused to save it", self.run_state(), ("paused",))
         return save_domain(self, path, progress)
 
-    def snapshot_load(self, path: str) -> dict:
-        return load_domain(self, path)
+    def snapshot_load(self, path: str, verify: bool = True) -> dict:
+        return load_domain(self, path, verify)
 
     @staticmethod
     def snapshot_describe(path: str) -> dict:

@@ -76,12 +76,16 @@ def save_domain(domain: Domain, path: str, progress: Callable[[int, int], None] 
             "bytes_written": info.bytes_written}
 
 
-def load_domain(domain: Domain, path: str) -> dict:
-    """Validate ``path`` against this domain, then apply it (the VM paused or not started)."""
+def load_domain(domain: Domain, path: str, verify: bool = True) -> dict:
+    """Validate ``path`` against this domain, then apply it (the VM paused or not started).
+    ``verify`` also checks guest memory against its chunk checksums first (reading the data
+    the file holds, skipping holes); without it only the metadata is checked and restore
+    time does not depend on how much memory the guest used."""
     m = domain.machine
     n = len(m.runners)
     xen = domain.xen is not None
-    snap = load_snapshot(path, CLASSES, required=_sections(n, xen), allowed=())
+    snap = load_snapshot(path, CLASSES, required=_sections(n, xen), allowed=(),
+                         verify_memory=verify)
     try:
         st = snap.states
         mm: MemoryMapState = st["memory_map"]
