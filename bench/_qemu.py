@@ -41,11 +41,11 @@ def qemu_binary() -> str:
                "no same-run baseline")
 
 
-# mov dx, 0x3f8 ; then '<', 'Q', '>' each by mov al, c ; out dx, al ; then jmp $  (real mode,
-# loaded at 0x7c00). SeaBIOS prints its banner on COM1 first and, from its timer interrupt,
-# may still flush its serial console between our bytes: '<' (never in SeaBIOS's text) marks
-# the guest's first output.
-BOOT_CODE = bytes([0xBA, 0xF8, 0x03, 0xB0, 0x3C, 0xEE, 0xB0, 0x51, 0xEE, 0xB0, 0x3E, 0xEE, 0xEB, 0xFE])
+# cli ; mov dx, 0x3f8 ; then '<', 'Q', '>' each by mov al, c ; out dx, al ; then jmp $  (real
+# mode, loaded at 0x7c00). Interrupts stay off so no BIOS code runs once it spins (the
+# snapshot benchmark fills guest RAM with random bytes under it). SeaBIOS prints its banner
+# on COM1 first: '<' (never in SeaBIOS's text) marks the guest's first output.
+BOOT_CODE = bytes([0xFA, 0xBA, 0xF8, 0x03, 0xB0, 0x3C, 0xEE, 0xB0, 0x51, 0xEE, 0xB0, 0x3E, 0xEE, 0xEB, 0xFE])
 SERIAL_MARKER = b"<"
 
 
