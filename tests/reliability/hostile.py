@@ -151,17 +151,19 @@ class TableMaker:
         if kind == "unmapped":
             return p.choice((1 << 32, (1 << 32) + PAGE, 0x7FFFFFFFF000, 0xFFFF800000000000,
                              0xFFFFFFFF80000000, p.int(1 << 33, (1 << 39) - 1)))
-        # random: anything in 64-bit mode; in 32-bit mode the low half must not hit the
-        # guest's own memory, so it stays in the unbacked space above RAM
+        # random, above RAM (holes, unmapped, non-canonical): below it the guest's own memory
+        # lies, and hypothesis favours small numbers. In 32-bit mode only the low half counts.
         if self.long:
-            return p.int(0, U64)
+            return p.int(RAM_END, U64)
         return p.int(0, U32) << 32 | p.int(RAM_END, U32)
 
     def faulting(self) -> int:
-        kinds = [RAM_END + 0x10000, 0xFFFFF000, U64 if self.long else U32, RAM_END - 2]
-        if self.long:
-            kinds += [1 << 47, 1 << 32, 0xFFFF800000000000]
-        return self.p.choice(kinds)
+        """A struct pointer that faults whatever is mapped: an overlay page may lie in any
+        hole (even just past RAM), and a poll or shutdown struct read from one could block
+        the guest for good or stop it, as on Xen."""
+        if self.long:   # non-canonical, or canonical but outside the guest's page tables
+            return self.p.choice((U64, U64 - 7, 1 << 47, 1 << 32, 0xFFFF800000000000))
+        return self.p.choice((U32, U32 - 2, U32 - 7))      # runs past 4 GiB
 
     def frame(self) -> int:
         """A guest frame number for ops that map or balloon: only safe zones or nonsense."""
@@ -176,7 +178,10 @@ class TableMaker:
         if k == "hole":
             return p.choice((RAM_END // PAGE, 0xC0000, 0xFEE00, 0xFFFBD, 0x100000, 0x3FFFFFF))
         if k == "huge":
-            return p.choice((1 << 40, 1 << 52, (1 << 52) - 1, p.int(0, U64 if self.long else U32)))
+            # random, but never a frame of the guest's own memory: hypothesis likes small
+            # numbers, and a page laid over the guest's code or table would kill it
+            return p.choice((1 << 40, 1 << 52, (1 << 52) - 1,
+                             p.int(RAM_END // PAGE, U64 if self.long else U32)))
         return U64 if self.long else U32
 
     def word(self) -> int:
