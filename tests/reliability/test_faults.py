@@ -320,3 +320,8 @@ async def test_vcpu_thread_dying_is_visible(start_daemon, where):
         await wait_for(lambda: d.domain.xen.hypercall_page is not None, 10)
         await still_running(d, c)
         await events.close()
+
+
+@pytest.mark.slow
+async def test_corrupt_snapshots_are_refused_long(start_daemon, short_tmp, request):
+    await test_corrupt_snapshots_are_refused_and_the_vm_goes_on(start_daemon, short_tmp, request)

@@ -415,3 +415,8 @@ def test_refusal_time_does_not_reveal_the_token(daemon, request):
           f"{m_far * 1e6:.0f} us ({rounds} each)")
     # compare_digest's difference is nanoseconds; request noise is tens of microseconds
     assert abs(m_near - m_far) < max(0.15 * min(m_near, m_far), 100e-6)
+
+
+@pytest.mark.slow
+def test_refusal_time_does_not_reveal_the_token_long(daemon, request):
+    test_refusal_time_does_not_reveal_the_token(daemon, request)
