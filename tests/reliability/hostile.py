@@ -114,7 +114,6 @@ class TableMaker:
         for gpa, data in self.writes:
             self.g.mem.write(gpa, data)
         self.writes.clear()
-        self.cursor = STRUCTS[0]
 
     # -- pointers ------------------------------------------------------------------------
 
