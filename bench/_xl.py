@@ -125,7 +125,7 @@ class Notify:
             self.sock.settimeout(min(left, 0.5))
             try:
                 msg = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"xend-lite exited with status {proc.returncode} before READY=1")
                 continue
@@ -179,7 +179,7 @@ class Daemon:
         """Seconds from spawn to READY=1."""
         try:
             self.t_ready = self.notify.wait_ready(timeout, self.proc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure gets the daemon's stderr
             raise RuntimeError(f"{exc}: {self.stderr_text()}") from None
         return self.t_ready - self.t_spawn
 

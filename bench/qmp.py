@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from bench._harness import HERE, Context, Figure, Section, Skip, median
+from bench._harness import HERE, Context, Figure, Section, median
 from bench._qemu import Qemu, qemu_binary
 from bench._xl import Daemon, percentile, require_kvm, spin_image
 
@@ -178,9 +178,9 @@ def run(ctx: Context) -> Section:
                "same guest, control plane idle", H["hc_idle"] / 1e3),
     ]
     notes = [
-        f"Counts per run: {counts[0]} sequential requests, 4 x {counts[1]} concurrent, {counts[2]} "
+        (f"Counts per run: {counts[0]} sequential requests, 4 x {counts[1]} concurrent, {counts[2]} "
         f"stop+cont pairs, {counts[3]} warm-up; {n_hammer} requests against the hypercall guest; "
-        f"{ctx.repeats} interleaved run(s), median kept.",
+        f"{ctx.repeats} interleaved run(s), median kept."),
         "Targets: req/s at least QEMU's (ratio >= 1), p99 no worse (ratio <= 1).",
         "Per-run values: " + "; ".join(
             f"{name} " + ", ".join(f"{k}={v:.0f}" for k, v in r.items())

@@ -215,14 +215,14 @@ def run(ctx: Context) -> Section:
     if not figures:
         raise Skip("no guest size fits: " + "; ".join(skipped))
     notes += [
-        f"{ctx.repeats} interleaved round(s) per size; restore in the running daemon is the median "
+        (f"{ctx.repeats} interleaved round(s) per size; restore in the running daemon is the median "
         f"of {loads} loads per round. Dense: {DENSE_BYTES // MIB} MiB of random bytes at "
-        f"{DENSE_AT // MIB} MiB (a 256 MiB guest holds {dense_bytes(256) // MIB} MiB).",
-        "Targets: dense save >= 0.9x the sequential write; sparse save faster than QEMU; restore "
-        "flat across sizes, faster than QEMU at every size, < 10 ms in a running daemon.",
-        "xend-lite maps the snapshot's RAM copy-on-write (pages are read when the guest touches "
+        f"{DENSE_AT // MIB} MiB (a 256 MiB guest holds {dense_bytes(256) // MIB} MiB)."),
+        ("Targets: dense save >= 0.9x the sequential write; sparse save faster than QEMU; restore "
+        "flat across sizes, faster than QEMU at every size, < 10 ms in a running daemon."),
+        ("xend-lite maps the snapshot's RAM copy-on-write (pages are read when the guest touches "
         "them), after reading the data the file holds to check its checksums unless verify=false "
-        "(`--restore` always checks); QEMU reads the whole stream before the guest runs.",
+        "(`--restore` always checks); QEMU reads the whole stream before the guest runs."),
         *(f"Skipped {s}" for s in skipped),
         "Per-round values: " + " || ".join(raw),
     ]
