@@ -274,3 +274,23 @@ async def test_rpc_error_type(daemon):
     with pytest.raises(RpcError):
         async with daemon.client() as c:
             await c.call("nope")
+
+
+def test_notify_never_blocks_when_the_manager_stops_reading(tmp_path):
+    """A NOTIFY_SOCKET nobody reads fills up; sending must fail fast, not hang the loop."""
+    import socket as _socket
+    import time as _time
+
+    from xend_lite.daemon.systemd import Notifier
+
+    path = str(tmp_path / "notify")
+    peer = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    peer.bind(path)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": path})
+        t0 = _time.monotonic()
+        results = [n.status("x" * 200) for _ in range(5000)]
+        assert _time.monotonic() - t0 < 5
+        assert results[0] is True and results[-1] is False   # the queue filled and sends failed
+    finally:
+        peer.close()

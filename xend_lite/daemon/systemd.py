@@ -42,7 +42,9 @@ class Notifier:
         msg = "\n".join(fields)
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # non-blocking: a manager that stops reading must not stall the event loop
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
             self._sock.sendto(msg.encode(), self._addr)
         except OSError as exc:
             log.warning("sd_notify %r failed: %s", msg.split("\n", 1)[0], exc.strerror or exc)
