@@ -116,9 +116,6 @@ async def test_flipped_bit_in_saved_ram_is_refused(start_daemon, short_tmp):
             await c.call("snapshot-load", {"path": bad})
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: a restored guest's RAM is a private mapping "
-                   "of the snapshot file, so rewriting the file in place (cp over it) changes the "
-                   "running guest's memory, and truncating it kills the guest")
 async def test_rewriting_a_loaded_snapshot_in_place_leaves_the_guest_alone(start_daemon, short_tmp):
     d = await booted(start_daemon)
     m = d.domain.machine
@@ -327,9 +324,6 @@ async def test_corrupt_snapshots_are_refused_long(start_daemon, short_tmp, reque
     await test_corrupt_snapshots_are_refused_and_the_vm_goes_on(start_daemon, short_tmp, request)
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: after snapshot-load the guest's RAM is a mapping "
-                   "of the snapshot file; once the file is truncated the daemon's own read of RAM "
-                   "(a save) dies of SIGBUS, taking the whole daemon down")
 def test_truncating_a_loaded_snapshot_does_not_kill_the_daemon():
     import shutil
     import tempfile

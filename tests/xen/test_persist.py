@@ -224,3 +224,26 @@ def test_flipped_bit_in_saved_ram_refused_unless_verification_is_skipped(domains
     assert b.machine.runners[0].vcpu.get_regs() == regs
     b.snapshot_load(bad, verify=False)      # the caller asked for speed over the check
     assert counters(b)[0] == saved_count ^ (0x40 << 24)
+
+
+def test_restored_ram_moves_off_the_file_so_rewriting_it_is_harmless(domains, counter_image,
+                                                                     tmp_path):
+    path = str(tmp_path / "snap.xls")
+    a, (c0, _h0, _v0), _ = saved_running(domains, counter_image, path)
+    b = domains(counter_image)
+    b.snapshot_load(path)
+    b.machine.mem.write(0x500000, b"written before the move")   # a page written while on the file
+    b.start()
+    assert b.detached.wait(10), "RAM did not move off the snapshot file"
+    assert not b.machine.ram.private
+    with open(path, "r+b") as f:                 # rewrite it in place, then truncate it
+        f.write(b"\xff" * 65536)
+        f.truncate(4096)
+    assert wait_for(lambda: counters(b)[0] > c0 + 1000)
+    assert b.machine.mem.read(0x500000, 23) == b"written before the move"
+    assert b.overlay.gpa("shared_info") == SHINFO and b.machine.status is None
+    b.pause()
+    b.snapshot_save(str(tmp_path / "again.xls"))     # and it saves from its own memory
+    c = domains(counter_image)
+    c.snapshot_load(str(tmp_path / "again.xls"))
+    assert c.machine.mem.read(0x500000, 23) == b"written before the move"

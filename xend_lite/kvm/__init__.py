@@ -50,13 +50,31 @@ def map_shared_fixed(addr: int, length: int, fd: int, offset: int) -> None:
         raise OSError(-ret, os.strerror(-ret))
 
 
+def written_runs(addr: int, pages: int) -> list[tuple[int, int]]:
+    """(first page, count) runs of a private file mapping at ``addr`` whose pages now hold
+    their own copy (written since mapped), read from /proc/self/pagemap."""
+    from xend_lite.kvm._ffi import ffi
+
+    cap = 4096
+    while True:
+        buf = ffi.new("uint64_t[]", 2 * cap)
+        n = _lib.xl_written_runs(addr, pages, buf, cap)
+        if n == -7 and cap < pages:   # E2BIG: more runs than room
+            cap *= 8
+            continue
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        vals = ffi.unpack(buf, 2 * n)
+        return list(zip(vals[0::2], vals[1::2]))
+
+
 def host_tsc() -> int:
     """The host's time-stamp counter (RDTSC)."""
     return _lib.xl_rdtsc()
 
 
 __all__ = [
-    "map_shared_fixed", "atomic_and64", "atomic_or64", "atomic_xchg8", "host_tsc",
+    "map_shared_fixed", "written_runs", "atomic_and64", "atomic_or64", "atomic_xchg8", "host_tsc",
     "CAPABILITIES", "CpuidEntry", "Dtable", "Kvm", "KvmError", "MsrFilterRange", "Regs",
     "SYNC_EVENTS", "SYNC_REGS", "SYNC_SREGS", "Segment", "Sregs", "Translation", "Vcpu", "Vm",
     "buffer_address", "const", "exits",

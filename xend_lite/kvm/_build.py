@@ -236,6 +236,7 @@ uint64_t xl_rdtsc(void);
 int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t offset);
 void xl_call_regs(struct kvm_run *run, uint64_t *out);
 int64_t xl_run_regs(int fd, struct kvm_run *run, uint64_t *out);
+int64_t xl_written_runs(uintptr_t addr, uint64_t pages, uint64_t *runs, uint64_t max_runs);
 """
 
 SOURCE = r"""
@@ -245,6 +246,8 @@ SOURCE = r"""
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <linux/kvm.h>
 
 typedef __typeof__(((struct kvm_run *)0)->hw) xl_run_hw;
@@ -326,6 +329,50 @@ static int64_t xl_run_regs(int fd, struct kvm_run *run, uint64_t *out) {
     if (ret > 0xffffffffLL)
         xl_call_regs(run, out);
     return ret;
+}
+/* Pages of a private file mapping that now hold their own copy (written since mapped, by
+ * the guest through KVM or by the host), from /proc/self/pagemap: present or swapped, and
+ * not a file page. Fills runs with (first page, count) pairs; returns the number of runs,
+ * or -errno. A run list that would overflow max_runs returns -E2BIG. */
+static int64_t xl_written_runs(uintptr_t addr, uint64_t pages, uint64_t *runs, uint64_t max_runs) {
+    enum { CHUNK = 4096 };
+    uint64_t buf[CHUNK];
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int64_t n = 0;
+    int in_run = 0;
+    for (uint64_t done = 0; done < pages;) {
+        uint64_t want = pages - done < CHUNK ? pages - done : CHUNK;
+        ssize_t got = pread(fd, buf, want * 8, (off_t)((addr / 4096 + done) * 8));
+        if (got <= 0) {
+            int err = got < 0 ? errno : EIO;
+            close(fd);
+            return -err;
+        }
+        uint64_t k = (uint64_t)got / 8;
+        for (uint64_t i = 0; i < k; i++) {
+            uint64_t e = buf[i];
+            int own = (e & (3ULL << 62)) && !(e & (1ULL << 61));
+            if (own && !in_run) {
+                if ((uint64_t)n >= max_runs) {
+                    close(fd);
+                    return -E2BIG;
+                }
+                runs[2 * n] = done + i;
+                runs[2 * n + 1] = 0;
+                n++;
+                in_run = 1;
+            } else if (!own) {
+                in_run = 0;
+            }
+            if (own)
+                runs[2 * n - 1]++;
+        }
+        done += k;
+    }
+    close(fd);
+    return n;
 }
 static uint64_t xl_rdtsc(void) {
     uint32_t lo, hi;

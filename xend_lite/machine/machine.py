@@ -6,7 +6,9 @@ made the Machine) starts, pauses, resumes, changes the memory map and stops it.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from xend_lite.errors import InvalidArgument, StateError
-from xend_lite.kvm import CpuidEntry, Kvm, MsrFilterRange, Regs, Sregs, exits
+from xend_lite.kvm import CpuidEntry, Kvm, MsrFilterRange, Regs, Sregs, exits, written_runs
 from xend_lite.kvm import const as K
 from xend_lite.machine.console import DEBUG_PORTS, LSR_THR_EMPTY, UART_BASE, UART_LSR, ConsoleSink
 from xend_lite.machine.memory import (HIGH_RAM_BASE, LOW_RAM_TOP, PAGE_SIZE, Backing, GuestMemory,
@@ -101,6 +103,7 @@ class Machine:
         self._exit_handlers: dict[type, Callable] = {}
         self.xen_mode = False  # set by the Xen emulation; devices such as xen_overlay need it
         self._lock = threading.RLock()
+        self.ram_lock = threading.RLock()  # held while RAM is read in bulk (a save) or swapped
         self._pause_depth = 0
         self.state = "created"
         self.status: ShutdownStatus | None = None
@@ -324,6 +327,57 @@ class Machine:
                        overlays=overlays, ballooned=ballooned)
             self.ram = backing
             old.close()
+
+    def detach_ram(self, src_fd: int, src_offset: int, stop: threading.Event | None = None) -> bool:
+        """Move RAM restored from a file (a private mapping of it) into a memfd of its own,
+        so the VM no longer depends on the file: the file's data is copied
+        while the guest runs (holes stay holes), then, with the vCPUs paused, the pages
+        written since the restore are copied from the mapping and the new memfd takes its
+        place. Returns False when there was nothing to do or ``stop`` was set."""
+        old = self.ram
+        if not old.private:
+            return False
+        size = old.size
+        new = Backing.anonymous("ram", size)
+        try:
+            pos = 0
+            while pos < size:
+                if stop is not None and stop.is_set():
+                    new.close()
+                    return False
+                try:
+                    start = os.lseek(src_fd, src_offset + pos, os.SEEK_DATA) - src_offset
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break
+                    raise
+                if start >= size:
+                    break
+                end = min(size, os.lseek(src_fd, src_offset + start, os.SEEK_HOLE) - src_offset)
+                off = start
+                while off < end:   # read straight into the new memory: one copy
+                    n = os.preadv(src_fd, [new.view[off:min(end, off + (64 << 20))]], src_offset + off)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "snapshot file ended early")
+                    off += n
+                pos = end
+            with self.ram_lock, self._lock, self.paused():
+                if self.ram is not old or (stop is not None and stop.is_set()):
+                    new.close()
+                    return False
+                for first, count in written_runs(old.addr, size // PAGE_SIZE):
+                    a, b = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+                    new.view[a:b] = old.view[a:b]
+                mm = self.memmap
+                mm.forget_remaps()
+                mm.replace(ram=[RamRegion(r.gpa, r.size, new, r.offset) for r in mm.ram])
+                self.ram = new
+                old.close()
+            return True
+        except BaseException:
+            if self.ram is not new:
+                new.close()
+            raise
 
     @property
     def pause_depth(self) -> int:

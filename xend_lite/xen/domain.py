@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,7 +22,7 @@ from xend_lite.machine.loader import load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
 from xend_lite.xen.emulation import XenEmulation
 from xend_lite.xen.overlay import OverlayDevice
-from xend_lite.xen.persist import load_domain, save_domain
+from xend_lite.xen.persist import load_domain, release_lease, save_domain
 
 log = logging.getLogger("xend_lite.domain")
 
@@ -86,6 +88,8 @@ class Domain:
         self.machine.add_shutdown_listener(self._on_shutdown)
         self.boot = load_image(self.machine, self.image, spec.cmdline)
         self._closed = False
+        self._detach_job: tuple[threading.Thread, threading.Event] | None = None
+        self.detached = threading.Event()   # set once restored RAM no longer uses its file
 
     def _build_xen(self) -> None:
         self.xen: XenEmulation | None = None
@@ -152,6 +156,7 @@ class Domain:
         if self._closed:
             return
         self._closed = True
+        self._stop_detach()
         try:
             self.machine.close()
         finally:
@@ -219,7 +224,36 @@ class Domain:
         return save_domain(self, path, progress)
 
     def snapshot_load(self, path: str, verify: bool = True) -> dict:
-        return load_domain(self, path, verify)
+        """Load a snapshot; RAM then moves off the file in the background (see detached)."""
+        self._stop_detach()
+        info = load_domain(self, path, verify)
+        fd, offset = info.pop("_detach")
+        self.detached.clear()
+        stop = threading.Event()
+        t = threading.Thread(target=self._detach, args=(fd, offset, stop, path),
+                             name="ram-detach", daemon=True)
+        self._detach_job = (t, stop)
+        t.start()
+        return info
+
+    def _detach(self, fd: int, offset: int, stop: threading.Event, path: str) -> None:
+        t0 = time.monotonic()
+        try:
+            if self.machine.detach_ram(fd, offset, stop):
+                log.info("guest RAM no longer depends on %s (moved in %.3f s)", path,
+                         time.monotonic() - t0)
+                self.detached.set()
+        except Exception:  # noqa: BLE001 - the VM runs on from the file; say why
+            log.exception("moving guest RAM off %s failed; the VM keeps using the file", path)
+        finally:
+            release_lease(fd)
+            os.close(fd)
+
+    def _stop_detach(self) -> None:
+        job, self._detach_job = self._detach_job, None
+        if job is not None:
+            job[1].set()
+            job[0].join()
 
     @staticmethod
     def snapshot_describe(path: str) -> dict:

@@ -10,6 +10,7 @@ costs the same for any guest size and the restored guest never writes into the s
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -23,6 +24,8 @@ from xend_lite.xen.overlay import OverlayState
 
 if TYPE_CHECKING:
     from xend_lite.xen.domain import Domain
+
+log = logging.getLogger("xend_lite.persist")
 
 
 @dataclass
@@ -50,6 +53,35 @@ class MemoryMapState(State):
 
 CLASSES = [CpuState, VmState, MemoryMapState, XenState, OverlayState]
 
+F_SETSIG, F_SETLEASE = 10, 1024
+
+
+def _hold_lease(fd: int) -> bool:
+    """A read lease on the snapshot while restored RAM still reads from it: anyone opening
+    it to write or truncating it waits (up to the kernel's lease-break time) until RAM has
+    moved off it and the lease is dropped. Its break notice is the harmless kick signal.
+    Not every file system or owner allows leases; then there is no such protection."""
+    import fcntl
+
+    from xend_lite.kvm.vcpu import kick_signal
+
+    try:
+        fcntl.fcntl(fd, F_SETSIG, kick_signal())
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+        return True
+    except OSError as exc:
+        log.debug("no lease on the snapshot: %s", exc.strerror)
+        return False
+
+
+def release_lease(fd: int) -> None:
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass
+
 
 def _sections(n_vcpus: int, xen: bool) -> list[str]:
     """Every section a snapshot of this domain holds (Xen's only in Xen mode)."""
@@ -68,10 +100,11 @@ def save_domain(domain: Domain, path: str, progress: Callable[[int, int], None] 
     if domain.xen is not None:
         states["xen"] = domain.xen.save()
         states["xen_overlay"] = domain.overlay.save()
-    ram = m.ram
-    region = (MemoryRegion("ram", 0, ram.size, buffer=ram.map) if ram.private
-              else MemoryRegion("ram", 0, ram.size, fd=ram.fd, offset=ram.offset))
-    info = save_snapshot(path, states, [region], progress=progress)
+    with m.ram_lock:   # RAM cannot move off a restored file while it is being read
+        ram = m.ram
+        region = (MemoryRegion("ram", 0, ram.size, buffer=ram.map) if ram.private
+                  else MemoryRegion("ram", 0, ram.size, fd=ram.fd, offset=ram.offset))
+        info = save_snapshot(path, states, [region], progress=progress)
     return {"path": path, "size": info.logical_size, "size_on_disk": info.size_on_disk,
             "bytes_written": info.bytes_written}
 
@@ -114,6 +147,7 @@ def load_domain(domain: Domain, path: str, verify: bool = True) -> dict:
             if not {"regs", "sregs", "xsave", "msrs", "events"} <= set(data):
                 raise SnapshotError(f"snapshot {path}: cpu/{i} is incomplete")
         # -- everything checked: apply ------------------------------------------------------
+        _hold_lease(snap.fd)
         overlays = domain.overlay.mappings(st["xen_overlay"]) if xen else {}
         backing = Backing.from_file("ram", snap.fd, region.file_offset, region.size)
         backing.fd = -1  # the mapping outlives the file descriptor, closed below
@@ -126,6 +160,9 @@ def load_domain(domain: Domain, path: str, verify: bool = True) -> dict:
             domain.overlay.load(st["xen_overlay"], remap=False)
             # contents stay as saved; refreshes (within a second) need the TSC offset again
             domain.xen.learn_tsc_offset(m.runners[0].vcpu)
-        return {"path": path, "size": os.path.getsize(path)}
+        # RAM is still the file's pages: hand the caller the same file (not whatever has the
+        # path now) to move RAM off it
+        detach = (os.dup(snap.fd), region.file_offset)
+        return {"path": path, "size": os.path.getsize(path), "_detach": detach}
     finally:
         snap.close()
