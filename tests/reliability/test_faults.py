@@ -50,14 +50,16 @@ def memory_offset(data: bytes) -> int:
 
 
 def corrupt(data: bytes, rng: random.Random) -> tuple[bytes, str]:
-    """Truncation anywhere, or flipped bits anywhere before guest memory (header, table,
-    states, memory checksums, padding)."""
+    """Truncation anywhere, or flipped bits anywhere: half of them before guest memory
+    (header, table, states, memory checksums, padding), half in guest memory (data or holes;
+    a load checks memory against its chunk checksums)."""
     if rng.random() < 0.4:
         n = rng.randrange(0, len(data))
         return data[:n], f"truncated to {n}"
     out = bytearray(data)
     limit = memory_offset(data)
-    flips = [rng.randrange(0, limit) for _ in range(rng.choice((1, 1, 2, 8)))]
+    flips = [rng.randrange(0, limit) if rng.random() < 0.5 else rng.randrange(limit, len(data))
+             for _ in range(rng.choice((1, 1, 2, 8)))]
     for f in flips:
         out[f] ^= 1 << rng.randrange(8)
     return bytes(out), f"bits flipped at {flips}"
