@@ -9,6 +9,7 @@ import hashlib
 import os
 import random
 import subprocess
+import time
 
 import pytest
 
@@ -365,3 +366,44 @@ def test_truncating_a_loaded_snapshot_does_not_kill_the_daemon():
     finally:
         d.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="known issue: a host-side write to guest RAM while restored "
+                   "RAM moves off the snapshot file (Machine.detach_ram) can land in the old mapping "
+                   "after its written pages were copied, and is lost (about 3 in 100 here)")
+def test_host_writes_during_the_move_off_the_snapshot_are_kept(tmp_path):
+    """Threads other than the vCPUs write guest RAM too (the timer thread's time records in a
+    registered vcpu_info, a reset loading the image): a write made at any moment of the move
+    must survive it."""
+    from xend_lite.xen.domain import Domain, DomainSpec
+
+    d = Domain(DomainSpec(memory_mib=32))
+    try:
+        d.start()
+        m = d.machine
+        m.mem.write(MARK, os.urandom(8 * MIB))
+        path = str(tmp_path / "r.snap")
+        d.pause()
+        d.snapshot_save(path)
+        d.resume()
+        rng = random.Random(5)
+        lost = 0
+        for _ in range(300):
+            d.pause()
+            d.snapshot_load(path)
+            d.resume()
+            t0 = time.monotonic()
+            assert d.detached.wait(10)
+            took = time.monotonic() - t0
+            d.pause()
+            d.snapshot_load(path)
+            d.resume()
+            time.sleep(rng.uniform(0, took * 1.2))
+            mark = os.urandom(4096)
+            m.mem.write(MARK, mark)
+            assert d.detached.wait(10)
+            lost += m.mem.read(MARK, 4096) != mark
+        assert lost == 0, f"{lost} of 300 host writes made during the move were lost"
+    finally:
+        d.close()
