@@ -369,9 +369,6 @@ def test_truncating_a_loaded_snapshot_does_not_kill_the_daemon():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known issue: a host-side write to guest RAM while restored "
-                   "RAM moves off the snapshot file (Machine.detach_ram) can land in the old mapping "
-                   "after its written pages were copied, and is lost (about 3 in 100 here)")
 def test_host_writes_during_the_move_off_the_snapshot_are_kept(tmp_path):
     """Threads other than the vCPUs write guest RAM too (the timer thread's time records in a
     registered vcpu_info, a reset loading the image): a write made at any moment of the move

@@ -20,6 +20,7 @@ from xend_lite.kvm import CpuidEntry, Kvm, MsrFilterRange, Regs, Sregs, exits, w
 from xend_lite.kvm import const as K
 from xend_lite.machine.console import DEBUG_PORTS, LSR_THR_EMPTY, UART_BASE, UART_LSR, ConsoleSink
 from xend_lite.machine.memory import (HIGH_RAM_BASE, LOW_RAM_TOP, PAGE_SIZE, Backing, GuestMemory,
+                                      on_vcpu_thread,
                                       MemoryMap, RamRegion)
 from xend_lite.machine.vcpu import PAUSED, RUNNING, VcpuRunner
 
@@ -86,6 +87,8 @@ class Machine:
             self.cpuid: list[CpuidEntry] = kvm.supported_cpuid()
             self.phys_bits = _phys_bits(self.cpuid)
             self.memmap = MemoryMap(self.vm, regions, phys_bits=self.phys_bits, remap_overlays=True)
+            # held while RAM is read in bulk (a save) or replaced; see MemoryMap.access_lock
+            self.ram_lock = self.memmap.access_lock
             self.mem = GuestMemory(self.memmap)
             self.runners = [VcpuRunner(self, self.vm.create_vcpu(i)) for i in range(vcpus)]
             for r in self.runners:
@@ -103,7 +106,6 @@ class Machine:
         self._exit_handlers: dict[type, Callable] = {}
         self.xen_mode = False  # set by the Xen emulation; devices such as xen_overlay need it
         self._lock = threading.RLock()
-        self.ram_lock = threading.RLock()  # held while RAM is read in bulk (a save) or swapped
         self._pause_depth = 0
         self.state = "created"
         self.status: ShutdownStatus | None = None
@@ -319,7 +321,7 @@ class Machine:
         memory map. Call with the machine paused or not started; the old backing is closed."""
         if backing.size != self.memory_bytes:
             raise InvalidArgument(f"RAM backing is {backing.size} bytes, the guest has {self.memory_bytes}")
-        with self._lock, self.paused():
+        with self.ram_lock, self._lock, self.paused():
             mm = self.memmap
             old = self.ram
             mm.forget_remaps()
@@ -327,6 +329,18 @@ class Machine:
                        overlays=overlays, ballooned=ballooned)
             self.ram = backing
             old.close()
+
+    @contextmanager
+    def host_access(self) -> Iterator[None]:
+        """Hold while touching guest RAM through host addresses or views (time records and
+        event bits in a registered vcpu_info). Off the vCPU threads this keeps RAM from being
+        replaced meanwhile; take it before any other lock. A vCPU thread needs nothing: a
+        replacement waits until every vCPU is parked."""
+        if on_vcpu_thread():
+            yield
+            return
+        with self.ram_lock:
+            yield
 
     def detach_ram(self, src_fd: int, src_offset: int, stop: threading.Event | None = None) -> bool:
         """Move RAM restored from a file (a private mapping of it) into a memfd of its own,

@@ -28,6 +28,19 @@ LOW_RAM_TOP = 0xC000_0000
 HIGH_RAM_BASE = 0x1_0000_0000
 
 
+_thread = threading.local()
+
+
+def mark_vcpu_thread() -> None:
+    """Called by each vCPU thread: its guest-memory accesses never race a RAM swap (a swap
+    waits until every vCPU is parked), so they take no lock and never wait for one."""
+    _thread.vcpu = True
+
+
+def on_vcpu_thread() -> bool:
+    return getattr(_thread, "vcpu", False)
+
+
 class Backing:
     """Page-aligned host memory that can back guest-physical pages.
 
@@ -161,6 +174,9 @@ class MemoryMap:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._lock = threading.Lock()
+        # Held by other threads while they touch guest memory, and by whoever replaces the
+        # RAM backing (restore, moving RAM off a snapshot) or reads it in bulk (a save).
+        self.access_lock = threading.RLock()
         self.segments: tuple[Segment, ...] = ()
         self._starts: list[int] = []
         self.generation = 0
@@ -193,10 +209,9 @@ class MemoryMap:
         return None
 
     def is_ram_page(self, gfn: int) -> bool:
-        """True when the frame is guest RAM, not ballooned out and not under an overlay."""
-        gpa = gfn << PAGE_SHIFT
-        return (gfn not in self._ballooned and self.ram_region_at(gpa) is not None
-                and all(g != gpa for g, _ in self._overlays.values()))
+        """True when the frame is guest RAM that has not been ballooned out (an overlay may
+        lie over it: ballooning then takes out the RAM beneath, the overlay stays)."""
+        return gfn not in self._ballooned and self.ram_region_at(gfn << PAGE_SHIFT) is not None
 
     def _remap_target(self, gpa: int) -> tuple[int, int, int] | None:
         """(host address, RAM fd, RAM file offset) when an overlay at gpa can be mapped in
@@ -492,6 +507,12 @@ class GuestMemory:
         return pieces
 
     def read(self, gpa: int, length: int) -> bytes:
+        if not on_vcpu_thread():
+            with self.map.access_lock:
+                return self._read(gpa, length)
+        return self._read(gpa, length)
+
+    def _read(self, gpa: int, length: int) -> bytes:
         fast = isinstance(gpa, int) and isinstance(length, int) and 0 < length <= self.MAX_ACCESS
         seg = self.map.find(gpa) if fast else None
         if seg is not None and gpa + length <= seg.end:
@@ -503,6 +524,12 @@ class GuestMemory:
         return bytes(out)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        if not on_vcpu_thread():
+            with self.map.access_lock:
+                return self._write(gpa, data)
+        return self._write(gpa, data)
+
+    def _write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
         pieces = self._pieces(gpa, length)  # all checked before anything is written
         pos = 0

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from xend_lite.kvm import SYNC_REGS, SYNC_SREGS, KvmError, Vcpu
 from xend_lite.kvm.vcpu import PORT_SHIFT
+from xend_lite.machine.memory import mark_vcpu_thread
 
 if TYPE_CHECKING:
     from xend_lite.machine.machine import Machine
@@ -134,6 +135,7 @@ class VcpuRunner:
     # -- the loop ------------------------------------------------------------------------
 
     def _main(self) -> None:
+        mark_vcpu_thread()
         try:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - the thread must report, never die silently

@@ -13,8 +13,10 @@ they stay holes in the output file, whose disk use follows the data the guest re
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import fcntl
+import mmap
 import os
 import secrets
 import time
@@ -171,6 +173,10 @@ class _MemoryCopier:
         self.zero_page = bytes(ff.PAGE_SIZE)
         self.tracker = tracker
         self.written = 0
+        self._crc_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="snapshot-crc")
+
+    def close(self) -> None:
+        self._crc_pool.shutdown(wait=True)
 
     def region(self, r: MemoryRegion, out_off: int) -> tuple[int, list[int]]:
         """Copy one region to ``out_off``; return (data bytes written, chunk CRCs)."""
@@ -178,16 +184,40 @@ class _MemoryCopier:
         crcs = [zero_crc(min(self.chunk, r.size - i * self.chunk)) for i in range(n_chunks)]
         data = 0
         base = self.tracker.done
-        for lo, hi in self._extents(r):
-            c = lo // self.chunk * self.chunk
-            while c < hi:
-                length = min(self.chunk, r.size - c)
-                n, crcs[c // self.chunk] = self._chunk(r, c, length, out_off + c)
-                data += n
-                c += length
-                self.tracker.advance_to(base + c)
+        src = self._map_source(r)
+        try:
+            for lo, hi in self._extents(r):
+                c = lo // self.chunk * self.chunk
+                while c < hi:
+                    length = min(self.chunk, r.size - c)
+                    # a chunk wholly inside a data extent is read in place from a mapping of
+                    # the source (no copy); one that touches a hole is read with preadv,
+                    # which leaves the hole unallocated
+                    if src is not None and lo <= c and c + length <= hi:
+                        n, crcs[c // self.chunk] = self._chunk(src, c, length, out_off + c)
+                    else:
+                        self._read(r, c, length)
+                        n, crcs[c // self.chunk] = self._chunk(self.buf, 0, length, out_off + c)
+                    data += n
+                    c += length
+                    self.tracker.advance_to(base + c)
+        finally:
+            if src is not None:
+                try:
+                    src.close()
+                except BufferError:   # a failed write's traceback still holds a view of it:
+                    pass              # it is unmapped when that goes
         self.tracker.advance_to(base + r.size)
         return data, crcs
+
+    @staticmethod
+    def _map_source(r: MemoryRegion) -> mmap.mmap | None:
+        if r.buffer is not None or r.fd < 0 or r.offset % mmap.ALLOCATIONGRANULARITY or r.size == 0:
+            return None
+        try:
+            return mmap.mmap(r.fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=r.offset)
+        except (OSError, ValueError):
+            return None
 
     def _extents(self, r: MemoryRegion) -> Iterable[tuple[int, int]]:
         """Ranges (relative to the region) that may hold data, in order, chunk-disjoint."""
@@ -212,34 +242,51 @@ class _MemoryCopier:
             # the chunk holding h was read whole: go on after it
             pos = max(h, (h + self.chunk - 1) // self.chunk * self.chunk)
 
-    def _chunk(self, r: MemoryRegion, c: int, length: int, out_off: int) -> tuple[int, int]:
-        buf, view = self.buf, self.view
+    def _read(self, r: MemoryRegion, c: int, length: int) -> None:
+        view = self.view[:length]
         if r.buffer is not None:
-            buf[:length] = memoryview(r.buffer).cast("B")[c:c + length]
+            view[:] = memoryview(r.buffer).cast("B")[c:c + length]
         else:
-            got = os.preadv(r.fd, [view[:length]], r.offset + c)
+            got = os.preadv(r.fd, [view], r.offset + c)
             if got < length:  # past the source's end: zeros
                 view[got:length] = self.zero_chunk[:length - got]
-        if buf.startswith(self.zero_chunk[:length] if length != self.chunk
-                          else self.zero_chunk):
+
+    def _chunk(self, obj: mmap.mmap | bytearray, at: int, length: int,
+               out_off: int) -> tuple[int, int]:
+        """Write obj[at:at+length] (page holes kept); return (bytes written, CRC-32)."""
+        zero = self.zero_chunk if length == self.chunk else self.zero_chunk[:length]
+        if obj.find(zero, at, at + length) == at:          # all zeros: nothing to write
             return 0, zero_crc(length)
-        page = ff.PAGE_SIZE
-        zp = self.zero_page
-        written = 0
-        run = -1
-        for p in range(0, length, page):
-            if buf.startswith(zp, p):
+        view = memoryview(obj)[at:at + length]
+        crc = None
+        try:
+            # the checksum runs on another core while this one writes (both drop the GIL)
+            crc = self._crc_pool.submit(zlib.crc32, view)
+            written = 0
+            zp = self.zero_page
+            if obj.find(zp, at, at + length) < 0:         # no page of zeros: one write
+                _pwrite_all(self.out, view, out_off)
+                written = length
+            else:
+                page = ff.PAGE_SIZE
+                run = -1
+                for p in range(0, length, page):
+                    if obj.find(zp, at + p, at + p + page) == at + p:
+                        if run >= 0:
+                            _pwrite_all(self.out, view[run:p], out_off + run)
+                            written += p - run
+                            run = -1
+                    elif run < 0:
+                        run = p
                 if run >= 0:
-                    _pwrite_all(self.out, view[run:p], out_off + run)
-                    written += p - run
-                    run = -1
-            elif run < 0:
-                run = p
-        if run >= 0:
-            _pwrite_all(self.out, view[run:length], out_off + run)
-            written += length - run
-        self.written += written
-        return written, zlib.crc32(view[:length])
+                    _pwrite_all(self.out, view[run:length], out_off + run)
+                    written += length - run
+            self.written += written
+            return written, crc.result()
+        finally:
+            if crc is not None:
+                concurrent.futures.wait([crc])   # the checksum thread still reads the view
+            view.release()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -362,11 +409,14 @@ def save_snapshot(path: str | os.PathLike[str],
         copier = _MemoryCopier(fd, chunk, tracker)
         sums = bytearray()
         data_total = 0
-        for r, e in zip(mem, placed):
-            data, crcs = copier.region(r, mem_offset + e.offset)
-            data_total += data
-            sums += ff.SUM_HEAD.pack(data)
-            sums += b"".join(c.to_bytes(4, "little") for c in crcs)
+        try:
+            for r, e in zip(mem, placed):
+                data, crcs = copier.region(r, mem_offset + e.offset)
+                data_total += data
+                sums += ff.SUM_HEAD.pack(data)
+                sums += b"".join(c.to_bytes(4, "little") for c in crcs)
+        finally:
+            copier.close()
         created_ns = time.time_ns()
         head = ff.Header(ff.FORMAT_VERSION, 0, created_ns, meta_len, mem_offset, file_end,
                          len(table), chunk, ff.PAGE_SIZE, 0)

@@ -135,6 +135,7 @@ class Domain:
 
     def reset(self) -> None:
         """A system reset: power-on vCPU state, RAM cleared, Xen soft reset, image reloaded."""
+        self._stop_detach()   # the reset rewrites RAM: let no move of it race that
         m = self.machine
         was = m.state
         if was == "stopped":

@@ -267,7 +267,7 @@ class XenEmulation:
         corrected, as Xen's calibration does."""
         if self.overlay is None:
             return
-        with self._time_lock:
+        with self.machine.host_access(), self._time_lock:
             now = self.clock.now()
             anchor = self._time_anchor
             if anchor is None:
@@ -358,6 +358,10 @@ class XenEmulation:
     def register_vcpu_info(self, vcpu: int, gpa: int) -> None:
         """Move a vCPU's vcpu_info from shared_info into guest memory, keeping what was
         there and asking the guest to rescan every selector word."""
+        with self.machine.host_access():
+            self._move_vcpu_info(vcpu, gpa)
+
+    def _move_vcpu_info(self, vcpu: int, gpa: int) -> None:
         old = self._vcpu_info_view(vcpu)
         data = bytes(old[0][old[1]:old[1] + 64]) if old else bytes(64)
         self.vcpu_info_gpa[vcpu] = gpa
@@ -632,7 +636,8 @@ class Timers:
                     continue
             for v in fire:
                 try:
-                    self.xen.evtchn.raise_virq(v, X.VIRQ_TIMER)
+                    with self.xen.machine.host_access():   # before the event-channel lock
+                        self.xen.evtchn.raise_virq(v, X.VIRQ_TIMER)
                     self.xen.wake_vcpu(v)
                 except Exception:  # noqa: BLE001
                     log.exception("timer for vcpu%d failed", v)

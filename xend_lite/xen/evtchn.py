@@ -189,7 +189,7 @@ class EventChannels:
             self.daemon_ports.clear()
 
     def send(self, port: int) -> None:
-        with self.lock:
+        with self.xen.machine.host_access(), self.lock:
             p = self.get(port)
             self.sends += 1
             if p.state == X.EVTCHNSTAT_interdomain:
@@ -214,7 +214,7 @@ class EventChannels:
     # -- delivery ------------------------------------------------------------------------
 
     def raise_virq(self, vcpu: int, virq: int) -> None:
-        with self.lock:
+        with self.xen.machine.host_access(), self.lock:
             port = self.virqs.get((vcpu, virq))
             if port is not None:
                 self.raise_port(port)
@@ -229,20 +229,21 @@ class EventChannels:
         word, bit = divmod(port, lay.bits)
         p = self.ports.get(port)
         vcpu = p.vcpu if p is not None else 0
-        if not _or_bit(base + lay.evtchn_pending + word * lay.word, bit, lay.word):
-            masked = xen.read_shinfo_bit(lay.evtchn_mask + word * lay.word, bit, lay.word)
-            if not masked:
-                vi = xen.vcpu_info_addr(vcpu)
-                if vi and not _or_bit(vi + lay.pending_sel, word, lay.word):
-                    if not atomic_xchg8(vi + lay.upcall_pending, 1):
-                        xen.inject_upcall(vcpu)
+        with xen.machine.host_access():   # a registered vcpu_info lives in guest RAM
+            if not _or_bit(base + lay.evtchn_pending + word * lay.word, bit, lay.word):
+                masked = xen.read_shinfo_bit(lay.evtchn_mask + word * lay.word, bit, lay.word)
+                if not masked:
+                    vi = xen.vcpu_info_addr(vcpu)
+                    if vi and not _or_bit(vi + lay.pending_sel, word, lay.word):
+                        if not atomic_xchg8(vi + lay.upcall_pending, 1):
+                            xen.inject_upcall(vcpu)
         xen.wake_vcpu(vcpu, port)
 
     def unmask(self, port: int) -> None:
         """Clear the mask bit; a port still pending is delivered now."""
         xen = self.xen
         lay = xen.shinfo_layout()
-        with self.lock:
+        with xen.machine.host_access(), self.lock:
             if not self.valid(port):
                 raise XenError(X.XEN_EINVAL, "port out of range")
             word, bit = divmod(port, lay.bits)
