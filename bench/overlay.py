@@ -30,6 +30,8 @@ def measure(image: bytes, n: int, in_place: bool = True) -> dict[str, list[float
     from xend_lite.kvm import Kvm
     from xend_lite.machine.loader import boot_cpu, load_image
     from xend_lite.machine.machine import Machine
+    from xend_lite.xen.domain import DomainSpec
+    from xend_lite.xen.emulation import XenEmulation
     from xend_lite.xen.overlay import OverlayDevice
 
     out: dict[str, list[float]] = {"map": [], "move": [], "unmap": [], "pause": []}
@@ -39,6 +41,7 @@ def measure(image: bytes, n: int, in_place: bool = True) -> dict[str, list[float
         try:
             info = load_image(m, image, flat_gpa=LOAD_GPA)
             m.set_boot_cpu(1, boot_cpu(m, info, 1))
+            XenEmulation(m, DomainSpec())        # the overlay device exists in Xen mode only
             ov = OverlayDevice(m, grant_frames=1)
             m.start()
             time.sleep(0.05)

@@ -15,6 +15,7 @@ cannot be JSON becomes an Internal Error for that element alone.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -173,6 +174,9 @@ def _adapter(m: RpcMethod) -> Callable[..., Awaitable[Any]]:
             raise error_for(exc) from None
         return Success({} if result is None else result)
     call.__name__ = m.name
+    # jsonrpcserver checks the arguments against the method's signature on every call;
+    # computing it once saves most of a request's dispatch time
+    call.__signature__ = inspect.signature(call)
     return call
 
 
@@ -191,6 +195,29 @@ def error_reply(code: int, message: str, id_: Any = None, data: Any = None) -> d
 
 def _identity(x: Any) -> Any:
     return x
+
+
+_REQUEST_KEYS = frozenset(("jsonrpc", "method", "id", "params"))
+
+
+def _validate(request: Any) -> Any:
+    """JSON-RPC 2.0's request schema, checked directly: the same rules as jsonrpcserver's
+    bundled JSON Schema (jsonrpc "2.0", a string method, an id that is a string, number or
+    null, params an array or object, nothing else), at a fraction of a general schema
+    validator's cost per request. Raises ValueError when the request breaks one."""
+    if type(request) is not dict or not request.keys() <= _REQUEST_KEYS:
+        raise ValueError("not a request object")
+    if request.get("jsonrpc") != "2.0" or type(request.get("jsonrpc")) is not str:
+        raise ValueError("jsonrpc must be \"2.0\"")
+    if type(request.get("method")) is not str:
+        raise ValueError("method must be a string")
+    if "id" in request:
+        i = request["id"]
+        if i is not None and type(i) not in (str, int, float):
+            raise ValueError("id must be a string, a number or null")
+    if "params" in request and type(request["params"]) not in (list, dict):
+        raise ValueError("params must be an array or an object")
+    return request
 
 
 class Dispatcher:
@@ -227,7 +254,7 @@ class Dispatcher:
         if not isinstance(request, dict):
             return json.dumps(error_reply(INVALID_REQUEST, "Invalid request: expected an object"))
         response = await dispatch_to_response(request, self._methods, context=context,
-                                              deserializer=_identity)
+                                              deserializer=_identity, validator=_validate)
         if response is None:
             return None
         reply = to_serializable_one(response)

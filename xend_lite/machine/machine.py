@@ -370,7 +370,10 @@ class Machine:
                 end = min(size, os.lseek(src_fd, src_offset + start, os.SEEK_HOLE) - src_offset)
                 off = start
                 while off < end:   # read straight into the new memory: one copy
-                    n = os.preadv(src_fd, [new.view[off:min(end, off + (64 << 20))]], src_offset + off)
+                    if stop is not None and stop.is_set():
+                        new.close()
+                        return False
+                    n = os.preadv(src_fd, [new.view[off:min(end, off + (16 << 20))]], src_offset + off)
                     if n <= 0:
                         raise OSError(errno.EIO, "snapshot file ended early")
                     off += n
