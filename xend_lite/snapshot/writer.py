@@ -19,6 +19,7 @@ import fcntl
 import mmap
 import os
 import secrets
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -41,7 +42,8 @@ class MemoryRegion:
     """Guest memory to save: ``size`` bytes at guest address ``gpa``, read from ``fd`` at
     ``offset`` (a memfd or a file; holes are skipped without reading). Where the memory is a
     MAP_PRIVATE mapping whose pages differ from its file, pass the mapping as ``buffer``
-    instead (fd -1): every page of it is then read."""
+    instead (fd -1): every page of it is then read. Passing both, a shared mmap of the fd as
+    ``buffer`` saves mapping the fd again."""
 
     name: str
     gpa: int
@@ -202,7 +204,7 @@ class _MemoryCopier:
                     c += length
                     self.tracker.advance_to(base + c)
         finally:
-            if src is not None:
+            if src is not None and src is not r.buffer:
                 try:
                     src.close()
                 except BufferError:   # a failed write's traceback still holds a view of it:
@@ -212,6 +214,8 @@ class _MemoryCopier:
 
     @staticmethod
     def _map_source(r: MemoryRegion) -> mmap.mmap | None:
+        if r.fd >= 0 and isinstance(r.buffer, mmap.mmap):
+            return r.buffer                    # the caller's own shared mapping of the fd
         if r.buffer is not None or r.fd < 0 or r.offset % mmap.ALLOCATIONGRANULARITY or r.size == 0:
             return None
         try:
@@ -221,7 +225,7 @@ class _MemoryCopier:
 
     def _extents(self, r: MemoryRegion) -> Iterable[tuple[int, int]]:
         """Ranges (relative to the region) that may hold data, in order, chunk-disjoint."""
-        if r.buffer is not None:
+        if r.fd < 0:
             yield 0, r.size
             return
         pos = 0
@@ -244,7 +248,7 @@ class _MemoryCopier:
 
     def _read(self, r: MemoryRegion, c: int, length: int) -> None:
         view = self.view[:length]
-        if r.buffer is not None:
+        if r.fd < 0:
             view[:] = memoryview(r.buffer).cast("B")[c:c + length]
         else:
             got = os.preadv(r.fd, [view], r.offset + c)
@@ -255,7 +259,7 @@ class _MemoryCopier:
                out_off: int) -> tuple[int, int]:
         """Write obj[at:at+length] (page holes kept); return (bytes written, CRC-32)."""
         zero = self.zero_chunk if length == self.chunk else self.zero_chunk[:length]
-        if obj.find(zero, at, at + length) == at:          # all zeros: nothing to write
+        if obj[at] == 0 and obj.find(zero, at, at + length) == at:   # all zeros: no write
             return 0, zero_crc(length)
         view = memoryview(obj)[at:at + length]
         crc = None
@@ -338,6 +342,22 @@ def cleanup_stale_temps(path: str) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def _keep_old(path: str, d: str, base: str) -> str | None:
+    old = os.path.join(d, f"{_tmp_prefix(base)}{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    try:
+        os.link(path, old)
+    except OSError:
+        return None          # nothing there yet, or links are not possible: rename frees it
+    return old
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(d: str) -> None:
@@ -433,9 +453,16 @@ def save_snapshot(path: str | os.PathLike[str],
         st = os.fstat(fd)
         os.close(fd)
         fd = -1
+        # The file this replaces is freed after the rename, in the background: freeing a
+        # large file's blocks can take longer than writing the directory entry. It is kept
+        # meanwhile under a temporary name, which the next save removes if this process dies.
+        old = _keep_old(path, d, base)
         os.rename(tmp, path)
         published = True
         _fsync_dir(d)
+        if old is not None:
+            threading.Thread(target=_unlink_quietly, args=(old,), name="snapshot-reclaim",
+                             daemon=True).start()
     except OSError as err:
         where = "publishing" if published else "writing"
         raise SnapshotWriteError(f"{where} snapshot {path} failed: "

@@ -103,7 +103,8 @@ def save_domain(domain: Domain, path: str, progress: Callable[[int, int], None] 
     with m.ram_lock:   # RAM cannot move off a restored file while it is being read
         ram = m.ram
         region = (MemoryRegion("ram", 0, ram.size, buffer=ram.map) if ram.private
-                  else MemoryRegion("ram", 0, ram.size, fd=ram.fd, offset=ram.offset))
+                  else MemoryRegion("ram", 0, ram.size, fd=ram.fd, offset=ram.offset,
+                                    buffer=ram.map))
         info = save_snapshot(path, states, [region], progress=progress)
     return {"path": path, "size": info.logical_size, "size_on_disk": info.size_on_disk,
             "bytes_written": info.bytes_written}
