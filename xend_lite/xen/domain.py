@@ -28,6 +28,7 @@ log = logging.getLogger("xend_lite.domain")
 
 Emit = Callable[[str, dict], None]
 INVALID_GPA = (1 << 64) - 1
+DETACH_DELAY = 0.2   # seconds between a restore and moving its RAM off the snapshot file
 XEN_VERSION_DEFAULT = "4.16"
 
 
@@ -238,8 +239,11 @@ class Domain:
         return info
 
     def _detach(self, fd: int, offset: int, stop: threading.Event, path: str) -> None:
-        t0 = time.monotonic()
         try:
+            # let the restored guest get going first; the read lease covers the wait
+            if stop.wait(DETACH_DELAY):
+                return
+            t0 = time.monotonic()
             if self.machine.detach_ram(fd, offset, stop):
                 log.info("guest RAM no longer depends on %s (moved in %.3f s)", path,
                          time.monotonic() - t0)
