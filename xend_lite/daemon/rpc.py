@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from jsonrpcserver import Success
-from jsonrpcserver.async_main import dispatch_to_response
+from oslash.either import Left  # type: ignore[import-untyped]
+from jsonrpcserver.async_dispatcher import dispatch_request
+from jsonrpcserver.dispatcher import create_request, not_notification, to_response, validate_request
 from jsonrpcserver.exceptions import JsonRpcError
 from jsonrpcserver.response import to_serializable_one
 
@@ -193,10 +195,6 @@ def error_reply(code: int, message: str, id_: Any = None, data: Any = None) -> d
     return {"jsonrpc": "2.0", "error": err, "id": id_}
 
 
-def _identity(x: Any) -> Any:
-    return x
-
-
 _REQUEST_KEYS = frozenset(("jsonrpc", "method", "id", "params"))
 
 
@@ -253,10 +251,16 @@ class Dispatcher:
         """One request object (already parsed) in, its reply as JSON text out."""
         if not isinstance(request, dict):
             return json.dumps(error_reply(INVALID_REQUEST, "Invalid request: expected an object"))
-        response = await dispatch_to_response(request, self._methods, context=context,
-                                              deserializer=_identity, validator=_validate)
-        if response is None:
-            return None
+        # jsonrpcserver's own steps for one request (validate, look up, check the arguments,
+        # call, wrap the result), without the task its batch-oriented entry point makes
+        checked = validate_request(_validate, request)
+        if isinstance(checked, Left):
+            response = checked
+        else:
+            pair = await dispatch_request(self._methods, context, create_request(request))
+            if not not_notification(pair):
+                return None
+            response = to_response(*pair)
         reply = to_serializable_one(response)
         if "error" in reply and reply["error"]["code"] == METHOD_NOT_FOUND:
             reply["error"]["message"] = f"Method not found: {request.get('method')}"
