@@ -27,6 +27,8 @@ PORT_SHIFT = 32
 _xl_run = lib.xl_run
 _xl_set_rax = lib.xl_set_rax
 _xl_call_regs = lib.xl_call_regs
+#: set_rax_raw(vcpu.run_struct, value): Vcpu.set_rax without the method call, for hot paths
+set_rax_raw = _xl_set_rax
 _xl_run_regs = lib.xl_run_regs
 _unpack = ffi.unpack
 _EINTR = 4

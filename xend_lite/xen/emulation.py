@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument
 from xend_lite.kvm import KvmError, host_tsc
+from xend_lite.kvm.vcpu import set_rax_raw
 from xend_lite.kvm.xenabi import X
 from xend_lite.machine.machine import MemoryBusy
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SIZE
@@ -83,6 +84,7 @@ def stub(nr: int) -> bytes:
 
 HYPERCALL_PAGE = b"".join(stub(i) for i in range(NR_STUBS))
 _EPERM, _ENOSYS, _EINVAL = -X.XEN_EPERM, -X.XEN_ENOSYS, -X.XEN_EINVAL
+_set_rax = set_rax_raw
 
 
 def _arity(fn: Callable) -> int:
@@ -444,17 +446,21 @@ class XenEmulation:
                 ret = _EPERM if nr in PRIVILEGED else _ENOSYS
             else:
                 fn, nargs = entry
-                if long64:
-                    args = (rdi, rsi, rdx, r10, r8)[:nargs]
-                else:
-                    args = (rbx & U32, rcx & U32, rdx & U32, rsi & U32, rdi & U32)[:nargs]
                 c = self._calls.get(runner.index)
                 if c is None:
                     c = self._calls[runner.index] = Call(self, runner, long64)
                 c.long_mode = long64
                 c._view = None
                 try:
-                    ret = fn(c, *args)
+                    # arguments in the guest's convention, exactly as many as the handler takes
+                    if long64:
+                        ret = (fn(c, rdi, rsi) if nargs == 2 else
+                               fn(c, rdi, rsi, rdx) if nargs == 3 else
+                               fn(c, *(rdi, rsi, rdx, r10, r8)[:nargs]))
+                    else:
+                        ret = (fn(c, rbx & U32, rcx & U32) if nargs == 2 else
+                               fn(c, *(rbx & U32, rcx & U32, rdx & U32, rsi & U32,
+                                       rdi & U32)[:nargs]))
                 except XenError as exc:
                     ret = -exc.errno
                 except (Restart, MemoryBusy):
@@ -471,7 +477,7 @@ class XenEmulation:
         self.calls[slot] += 1
         if ret < 0:
             self.errors[slot] += 1
-        vcpu.set_rax(ret & U64 if long64 else ret & U32)
+        _set_rax(vcpu.run_struct, ret & U64 if long64 else ret & U32)
 
     def counters(self) -> dict:
         out = {}

@@ -42,6 +42,7 @@ GNTTAB_MAX_VERSION = 1
 XEN_EXTRAVERSION = b".0-xend-lite"
 XENVER_PLATFORM_VIRT_START = {True: 0xFFFF800000000000, False: 0xF5800000}
 EFER_LMA = 1 << 10
+XENVER_VERSION = X.XENVER_version
 
 
 def table(xen: XenEmulation) -> dict[int, Callable]:
@@ -72,13 +73,14 @@ def _self_domain(xen: XenEmulation, domid: int) -> None:
 class Handlers:
     def __init__(self, xen: XenEmulation):
         self.xen = xen
+        self.version_word = xen.version[0] << 16 | xen.version[1]
 
     # -- xen_version ---------------------------------------------------------------------
 
     def xen_version(self, c: Call, cmd: int, arg: int) -> int:
+        if cmd == XENVER_VERSION:        # the one guests call in loops: answered first
+            return self.version_word
         xen = self.xen
-        if cmd == X.XENVER_version:
-            return xen.version[0] << 16 | xen.version[1]
         if cmd == X.XENVER_extraversion:
             c.view.write(arg, XEN_EXTRAVERSION.ljust(16, b"\0"))
             return 0
