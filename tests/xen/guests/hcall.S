@@ -53,42 +53,10 @@
     movq 24(%r13), %rdx
     movq 32(%r13), %r10
     movq 40(%r13), %r8
-    movq $0x1111111111111111, %rbx
-    movq $0x2222222222222222, %rcx
-    movq $0x3333333333333333, %rbp
-    movq $0x4444444444444444, %r9
-    movq $0x5555555555555555, %r11
-    movq $0x6666666666666666, %r12
-    movq $0x7777777777777777, %r13
-    movq $0x8888888888888888, %r14
-    movq $0x9999999999999999, %r15
+    FILL_PATTERNS64
     movq $0xabcdef, %rax
     call *hc_target(%rip)
-    movq %rax, hc_result(%rip)
-    movq %rbx, regs_save + 0(%rip)
-    movq %rcx, regs_save + 8(%rip)
-    movq %rbp, regs_save + 16(%rip)
-    movq %r9, regs_save + 24(%rip)
-    movq %r11, regs_save + 32(%rip)
-    movq %r12, regs_save + 40(%rip)
-    movq %r13, regs_save + 48(%rip)
-    movq %r14, regs_save + 56(%rip)
-    movq %r15, regs_save + 64(%rip)
-    movq %rdi, regs_save + 72(%rip)
-    movq %rsi, regs_save + 80(%rip)
-    movq %rdx, regs_save + 88(%rip)
-    movq %r10, regs_save + 96(%rip)
-    movq %r8, regs_save + 104(%rip)
-    popq %r15
-    popq %r14
-    popq %r13
-    leaq regs_save(%rip), %rsi
-    leaq 64(%r13), %rdi
-    movl $14, %ecx
-    cld
-    rep movsq
-    movq hc_result(%rip), %rax
-    movq %rax, 56(%r13)
+    RECORD_CALL64
     incq %r14
     movq %r14, 16(%r15)
     jmp 2b

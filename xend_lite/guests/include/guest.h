@@ -102,4 +102,28 @@ stack_top: ; \
     movq $xatp, %rsi; movw $0x7ff0, 0(%rsi); movw $0, 2(%rsi); movl $0, 4(%rsi); \
     movq $0, 8(%rsi); movq $((gpa) >> 12), 16(%rsi); movl $7, %edi; call hcpage + 12 * 32
 
+/* Hypercall harness guests (64-bit): fill every register a hypercall must keep with a
+ * known pattern before the call ... */
+#define FILL_PATTERNS64 \
+    movq $0x1111111111111111, %rbx; movq $0x2222222222222222, %rcx; \
+    movq $0x3333333333333333, %rbp; movq $0x4444444444444444, %r9; \
+    movq $0x5555555555555555, %r11; movq $0x6666666666666666, %r12; \
+    movq $0x7777777777777777, %r13; movq $0x8888888888888888, %r14; \
+    movq $0x9999999999999999, %r15
+
+/* ... and after it: RAX and the 14 registers into the table entry at 0(%rsp)+16 (pushed
+ * r13), through the guest's own hc_result and regs_save (15 quadwords); pops r15, r14, r13. */
+#define RECORD_CALL64 \
+    movq %rax, hc_result(%rip); \
+    movq %rbx, regs_save + 0(%rip); movq %rcx, regs_save + 8(%rip); \
+    movq %rbp, regs_save + 16(%rip); movq %r9, regs_save + 24(%rip); \
+    movq %r11, regs_save + 32(%rip); movq %r12, regs_save + 40(%rip); \
+    movq %r13, regs_save + 48(%rip); movq %r14, regs_save + 56(%rip); \
+    movq %r15, regs_save + 64(%rip); movq %rdi, regs_save + 72(%rip); \
+    movq %rsi, regs_save + 80(%rip); movq %rdx, regs_save + 88(%rip); \
+    movq %r10, regs_save + 96(%rip); movq %r8, regs_save + 104(%rip); \
+    popq %r15; popq %r14; popq %r13; \
+    leaq regs_save(%rip), %rsi; leaq 64(%r13), %rdi; movl $14, %ecx; cld; rep movsq; \
+    movq hc_result(%rip), %rax; movq %rax, 56(%r13)
+
 #endif
