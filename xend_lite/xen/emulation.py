@@ -51,7 +51,6 @@ RFLAGS_VM = 1 << 17
 MSR_IA32_TSC = 0x10
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
-BLOCK_SLICE = 0.010
 TIME_REFRESH = 1.0   # seconds between vcpu_time_info refreshes, as Xen's calibration
 
 HYPERCALL_NAMES: dict[int, str] = {}
@@ -73,7 +72,6 @@ _names()
 PRIVILEGED = {X.__HYPERVISOR_platform_op, X.__HYPERVISOR_sysctl, X.__HYPERVISOR_domctl,
               X.__HYPERVISOR_kexec_op, X.__HYPERVISOR_dm_op}
 
-CAPABILITIES = b"hvm-3.0-x86_64 hvm-3.0-x86_32 hvm-3.0-x86_32p"
 
 
 def stub(nr: int) -> bytes:
@@ -236,28 +234,27 @@ class XenEmulation:
         v = self.overlay.shared_info.view
         return bool(int.from_bytes(v[off:off + word], "little") >> bit & 1)
 
-    def vcpu_info_addr(self, vcpu: int) -> int:
-        """Host address of a vCPU's vcpu_info, or 0 when it has none."""
-        gpa = self.vcpu_info_gpa.get(vcpu)
-        if gpa is not None:
-            seg = self.machine.memmap.find(gpa)
-            if seg is None or seg.end < gpa + 64:
-                return 0
-            return seg.host_addr + (gpa - seg.gpa)
-        if vcpu < 32 and self.overlay is not None:
-            return self.overlay.shared_info.addr + vcpu * 64
-        return 0
-
-    def _vcpu_info_view(self, vcpu: int) -> tuple[memoryview, int] | None:
+    def _vcpu_info_slot(self, vcpu: int):
+        """(backing, offset) of a vCPU's vcpu_info: where it registered it in guest memory,
+        else its slot in shared_info; None when it has none."""
         gpa = self.vcpu_info_gpa.get(vcpu)
         if gpa is not None:
             seg = self.machine.memmap.find(gpa)
             if seg is None or seg.end < gpa + 64:
                 return None
-            return seg.backing.view, seg.offset + gpa - seg.gpa
+            return seg.backing, seg.offset + gpa - seg.gpa
         if vcpu < 32 and self.overlay is not None:
-            return self.overlay.shared_info.view, vcpu * 64
+            return self.overlay.shared_info, vcpu * 64
         return None
+
+    def vcpu_info_addr(self, vcpu: int) -> int:
+        """Host address of a vCPU's vcpu_info, or 0 when it has none."""
+        slot = self._vcpu_info_slot(vcpu)
+        return 0 if slot is None else slot[0].addr + slot[1]
+
+    def _vcpu_info_view(self, vcpu: int) -> tuple[memoryview, int] | None:
+        slot = self._vcpu_info_slot(vcpu)
+        return None if slot is None else (slot[0].view, slot[1])
 
     def publish_time(self, guest_tsc: int) -> None:
         """Write every vCPU's vcpu_time_info (guest TSC stamp, system time, scale) and the

@@ -15,6 +15,8 @@ from xend_lite.kvm.xenabi import X
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SHIFT, PAGE_SIZE
 from xend_lite.xen.errors import Restart, XenError, inval
 from xend_lite.xen.evtchn import PER_VCPU_VIRQS
+
+BLOCK_SLICE = 0.010   # longest SCHEDOP_block wait before the guest looks again
 from xend_lite.xen.overlay import SHARED_INFO, grant_page
 
 if TYPE_CHECKING:
@@ -32,7 +34,6 @@ GUEST_WRITABLE = {X.HVM_PARAM_CALLBACK_IRQ, 15, 37, 19, 34, X.HVM_PARAM_STORE_EV
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
-E820_RAM, E820_RESERVED = 1, 2
 MEMOP_EXTENT_SHIFT = 6
 MEMOP_CMD_MASK = (1 << MEMOP_EXTENT_SHIFT) - 1
 MAX_EXTENT_ORDER = 9
@@ -397,7 +398,7 @@ class Handlers:
             vv = xen._vcpu_info_view(c.index)
             return bool(vv and vv[0][vv[1]])
         deadline = xen.timers.deadline(c.index)
-        slice_s = 0.010
+        slice_s = BLOCK_SLICE
         if deadline is not None:
             slice_s = min(slice_s, max(0.0, (deadline - xen.clock.now()) / 1e9))
         c.runner.block(slice_s, pending)
