@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from xend_lite.snapshot import MemoryRegion, SnapshotWriteError, load_snapshot, save_snapshot
+from xend_lite.snapshot import (MemoryRegion, SnapshotWriteError, load_snapshot, save_snapshot,
+                                wait_reclaimed)
 
 from .helpers import (
     CLASSES,
@@ -98,6 +99,8 @@ def save_in_process(path: Path, seed: int) -> None:
                                                                fd)])
     finally:
         os.close(fd)
+    # the file the save replaced is freed in the background: wait, as a stopping daemon does
+    assert wait_reclaimed(30)
 
 
 def kill_loop(tmp_path: Path, rounds: int) -> dict[str, int]:

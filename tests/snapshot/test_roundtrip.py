@@ -20,6 +20,7 @@ from xend_lite.snapshot import (
     describe,
     load_snapshot,
     save_snapshot,
+    wait_reclaimed,
 )
 
 from .helpers import (
@@ -176,6 +177,21 @@ def test_buffer_region_and_no_regions(tmp_path):
     save_snapshot(tmp_path / "n", {"tclock": ClockState(1)}, [])
     with load_snapshot(tmp_path / "n", CLASSES) as snap:
         assert snap.regions == [] and snap.header.file_size == PAGE
+
+
+def test_replaced_file_is_freed_in_the_background(tmp_path):
+    path = tmp_path / "s"
+    save_snapshot(path, [ClockState(1)], [])
+    with open(path, "rb") as reader:       # a reader of the earlier file keeps its contents
+        old_inode = os.fstat(reader.fileno()).st_ino
+        save_snapshot(path, [ClockState(2)], [])
+        assert wait_reclaimed(30)
+        assert os.listdir(tmp_path) == ["s"]          # the replaced file's name is gone
+        assert os.stat(path).st_ino != old_inode
+        assert os.fstat(reader.fileno()).st_nlink == 0
+        with load_snapshot(path, CLASSES) as snap:
+            assert snap.states == {"tclock": ClockState(2)}
+    assert wait_reclaimed(0)                          # nothing pending: returns at once
 
 
 def test_mapping_is_private(tmp_path):

@@ -30,6 +30,8 @@ from xend_lite.errors import (ConfigError, InvalidArgument, LoaderError, NotFoun
 
 log = logging.getLogger("xend_lite.daemon")
 
+RECLAIM_WAIT = 30.0    # seconds a stopping daemon waits for replaced snapshots to be freed
+
 
 class ExitCode(IntEnum):
     """The daemon's exit statuses. A guest poweroff exits with the guest's own code."""
@@ -326,6 +328,12 @@ class Daemon:
             await self._wait_websockets(2.0)
             await self.runner.cleanup()
         self.listeners.close()
+        # files replaced by this run's saves are freed in the background: finish that here,
+        # so no temporary file is left behind in the snapshot directory
+        from xend_lite.snapshot import wait_reclaimed
+
+        if not await asyncio.to_thread(wait_reclaimed, RECLAIM_WAIT):
+            log.warning("old snapshot files are still being freed; the next save removes them")
         self.notifier.close()
         log.info("stopped in %.2f s", time.monotonic() - t0)
 

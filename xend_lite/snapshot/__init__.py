@@ -38,11 +38,11 @@ from xend_lite.snapshot.reader import (
     load_snapshot,
 )
 from xend_lite.snapshot.state import State, registered_states, section_name
-from xend_lite.snapshot.writer import MemoryRegion, SnapshotInfo, save_snapshot
+from xend_lite.snapshot.writer import MemoryRegion, SnapshotInfo, save_snapshot, wait_reclaimed
 
 __all__ = [
     "State", "registered_states", "section_name",
-    "save_snapshot", "MemoryRegion", "SnapshotInfo",
+    "save_snapshot", "wait_reclaimed", "MemoryRegion", "SnapshotInfo",
     "load_snapshot", "LoadedSnapshot", "LoadedRegion", "SectionInfo", "SnapshotHeader",
     "describe",
     "SnapshotError", "SnapshotIOError", "SnapshotReadError", "SnapshotWriteError",

@@ -360,6 +360,42 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+_reclaims: set[threading.Thread] = set()
+_reclaims_lock = threading.Lock()
+
+
+def _reclaim(path: str) -> None:
+    try:
+        _unlink_quietly(path)
+    finally:
+        with _reclaims_lock:
+            _reclaims.discard(threading.current_thread())
+
+
+def _start_reclaim(path: str) -> None:
+    t = threading.Thread(target=_reclaim, args=(path,), name="snapshot-reclaim", daemon=True)
+    with _reclaims_lock:
+        _reclaims.add(t)
+    t.start()
+
+
+def wait_reclaimed(timeout: float | None = None) -> bool:
+    """Wait until the files replaced by this process's saves are freed; True when none is
+    left. A process that exits first leaves them under temporary names, which the next save
+    to the same path removes: call this before exiting to leave a clean directory."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        with _reclaims_lock:
+            pending = list(_reclaims)
+        if not pending:
+            return True
+        for t in pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.join(left)
+            if t.is_alive():
+                return False
+
+
 def _fsync_dir(d: str) -> None:
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -461,8 +497,7 @@ def save_snapshot(path: str | os.PathLike[str],
         published = True
         _fsync_dir(d)
         if old is not None:
-            threading.Thread(target=_unlink_quietly, args=(old,), name="snapshot-reclaim",
-                             daemon=True).start()
+            _start_reclaim(old)
     except OSError as err:
         where = "publishing" if published else "writing"
         raise SnapshotWriteError(f"{where} snapshot {path} failed: "

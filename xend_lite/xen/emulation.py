@@ -466,15 +466,24 @@ class XenEmulation:
                     vcpu.mark_regs_dirty()
                     return
                 except Exception:  # noqa: BLE001 - a handler bug must not reach the vCPU loop
-                    self.internal_errors += 1
-                    if self.internal_errors <= 10:
-                        log.exception("hypercall %d failed inside the daemon", nr)
-                    ret = _EINVAL
+                    self._handler_failed(vcpu, nr, long64)
+                    return
         slot = nr if nr < TABLE_SIZE else TABLE_SIZE
         self.calls[slot] += 1
         if ret < 0:
             self.errors[slot] += 1
         _set_rax(vcpu.run_struct, ret & U64 if long64 else ret & U32)
+
+    def _handler_failed(self, vcpu, nr: int, long64: bool) -> None:
+        """A handler raised: the guest gets -EINVAL, and the call is counted (as a call and
+        an error) before the internal error is, so whoever sees the internal error sees the
+        call too."""
+        self.calls[nr] += 1
+        self.errors[nr] += 1
+        self.internal_errors += 1
+        if self.internal_errors <= 10:
+            log.exception("hypercall %d failed inside the daemon", nr)
+        _set_rax(vcpu.run_struct, _EINVAL & U64 if long64 else _EINVAL & U32)
 
     def counters(self) -> dict:
         out = {}
