@@ -235,7 +235,10 @@ uint8_t xl_xchg8(uintptr_t addr, uint8_t value);
 uint64_t xl_rdtsc(void);
 int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t offset);
 void xl_call_regs(struct kvm_run *run, uint64_t *out);
-int64_t xl_run_regs(int fd, struct kvm_run *run, uint64_t *out);
+int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, int set_rax, uint64_t rax);
+void xl_set_call_result(struct kvm_run *run, const uint64_t *out, uint64_t rax);
+#define XL_CALL_LONG ...
+#define XL_CALL_USER ...
 int64_t xl_written_runs(uintptr_t addr, uint64_t pages, uint64_t *runs, uint64_t max_runs);
 """
 
@@ -322,12 +325,42 @@ static void xl_call_regs(struct kvm_run *run, uint64_t *out) {
     out[8] = r->rflags; out[9] = s->cs.l; out[10] = s->cs.selector; out[11] = s->efer;
     out[12] = s->cr0;
 }
-/* xl_run, and on a port write also xl_call_regs into out: a doorbell handler then has its
- * registers without another call. */
-static int64_t xl_run_regs(int fd, struct kvm_run *run, uint64_t *out) {
+/* A call made by a port write, in the convention of the caller's mode: out[0] the call
+ * number (EAX), out[1] XL_CALL_* flags, out[2..6] the five arguments (64-bit mode: RDI RSI
+ * RDX R10 R8; otherwise EBX ECX EDX ESI EDI, zero-extended). XL_CALL_USER: the caller is
+ * not the guest kernel (CPL > 0 in protected mode, or virtual-8086 mode). */
+#define XL_CALL_LONG 1u
+#define XL_CALL_USER 2u
+static void xl_call_args(struct kvm_run *run, uint64_t *out) {
+    const struct kvm_regs *r = &run->s.regs.regs;
+    const struct kvm_sregs *s = &run->s.regs.sregs;
+    uint64_t lng = s->cs.l && (s->efer & (1u << 10)) ? XL_CALL_LONG : 0;   /* EFER.LMA */
+    uint64_t user = (s->cr0 & 1u) && ((s->cs.selector & 3u)
+                                      || (!lng && (r->rflags & (1u << 17))))   /* RFLAGS.VM */
+                    ? XL_CALL_USER : 0;
+    out[0] = (uint32_t)r->rax;
+    out[1] = lng | user;
+    if (lng) {
+        out[2] = r->rdi; out[3] = r->rsi; out[4] = r->rdx; out[5] = r->r10; out[6] = r->r8;
+    } else {
+        out[2] = (uint32_t)r->rbx; out[3] = (uint32_t)r->rcx; out[4] = (uint32_t)r->rdx;
+        out[5] = (uint32_t)r->rsi; out[6] = (uint32_t)r->rdi;
+    }
+}
+/* Give the guest rax as the result of the call out describes (truncated to 32 bits for a
+ * caller not in 64-bit mode), through the synced registers. */
+static void xl_set_call_result(struct kvm_run *run, const uint64_t *out, uint64_t rax) {
+    run->s.regs.regs.rax = out[1] & XL_CALL_LONG ? rax : (uint32_t)rax;
+    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+}
+/* The vCPU loop's KVM_RUN. With set_rax, first xl_set_call_result. On a port write, out is
+ * filled by xl_call_args, so a doorbell handler needs no further C call. */
+static int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, int set_rax, uint64_t rax) {
+    if (set_rax)
+        xl_set_call_result(run, out, rax);
     int64_t ret = xl_run(fd, run);
     if (ret > 0xffffffffLL)
-        xl_call_regs(run, out);
+        xl_call_args(run, out);
     return ret;
 }
 /* Pages of a private file mapping that now hold their own copy (written since mapped, by

@@ -10,7 +10,7 @@ import mmap
 import os
 import signal
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from xend_lite.kvm import exits
 from xend_lite.kvm._ffi import ffi, lib
@@ -27,9 +27,10 @@ PORT_SHIFT = 32
 _xl_run = lib.xl_run
 _xl_set_rax = lib.xl_set_rax
 _xl_call_regs = lib.xl_call_regs
-#: set_rax_raw(vcpu.run_struct, value): Vcpu.set_rax without the method call, for hot paths
-set_rax_raw = _xl_set_rax
-_xl_run_regs = lib.xl_run_regs
+_xl_run_call = lib.xl_run_call
+#: exit_call() flags: the caller was in 64-bit mode / was not the guest kernel
+CALL_LONG = lib.XL_CALL_LONG
+CALL_USER = lib.XL_CALL_USER
 _unpack = ffi.unpack
 _EINTR = 4
 _EAGAIN = 11
@@ -171,6 +172,7 @@ class Vcpu:
         self._valid_regs = 0
         self._run_req = lib.KVM_RUN
         self._call_buf = ffi.new("uint64_t[13]")
+        self._args_buf = ffi.new("uint64_t[7]")
         # Registers as KVM_CAP_SYNC_REGS delivers them (valid after run() when enabled).
         self.sync_regs = self.run_struct.s.regs.regs
         self.sync_sregs = self.run_struct.s.regs.sregs
@@ -210,19 +212,29 @@ class Vcpu:
             raise KvmError("KVM_RUN", -ret)
         return ret
 
-    def run_fn(self):
-        """A zero-argument KVM_RUN for a hot loop: returns what run_raw() does, except that
-        an error comes back as -errno (-EINTR / -EAGAIN for an interruption) instead of
-        raising. Bound to this vCPU's fd and kvm_run; no Python frame per call. On a port
-        write it also keeps the registers exit_call_regs() returns."""
+    def run_fns(self) -> tuple[Callable[[], int], Callable[[int], int]]:
+        """Two KVM_RUNs for a hot loop, bound to this vCPU with no Python frame per call:
+        ``run()`` and ``run_result(rax)``, which first gives the guest ``rax`` (an unsigned
+        64-bit value) as the result of the call exit_call() described, truncated to 32 bits
+        for a caller that was not in 64-bit mode. Both return what run_raw() does, except
+        that an error comes back as -errno (-EINTR / -EAGAIN for an interruption) instead
+        of raising. On a port write they also keep the call exit_call() returns. Needs
+        SYNC_REGS and SYNC_SREGS."""
         import functools
 
-        return functools.partial(_xl_run_regs, self.fd, self.run_struct, self._call_buf)
+        return (functools.partial(_xl_run_call, self.fd, self.run_struct, self._args_buf, 0, 0),
+                functools.partial(_xl_run_call, self.fd, self.run_struct, self._args_buf, 1))
 
-    def exit_call_regs(self) -> list[int]:
-        """call_regs() as copied by a run_fn() KVM_RUN that exited on a port write, with no
-        further C call (valid only in a handler for that exit)."""
-        return _unpack(self._call_buf, 13)
+    def exit_call(self) -> list[int]:
+        """The call made by the port write a run_fns() KVM_RUN exited on, with no further C
+        call (valid only in a handler for that exit): [number (EAX), CALL_* flags, five
+        arguments in the caller's convention (64-bit: RDI RSI RDX R10 R8; 32-bit: EBX ECX
+        EDX ESI EDI)]."""
+        return _unpack(self._args_buf, 7)
+
+    def set_call_result(self, rax: int) -> None:
+        """What run_result(rax) does before it runs: RAX for the call exit_call() describes."""
+        lib.xl_set_call_result(self.run_struct, self._args_buf, rax & 0xFFFFFFFFFFFFFFFF)
 
     def call_regs(self) -> list[int]:
         """The synced rax rbx rcx rdx rsi rdi r8 r10 rflags cs.l cs.selector efer cr0 (after

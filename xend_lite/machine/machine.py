@@ -33,7 +33,7 @@ EFER_LMA = 1 << 10
 
 IoOutHandler = Callable[[VcpuRunner, exits.IoOut], None]
 IoInHandler = Callable[[VcpuRunner, exits.IoIn], bytes]
-DoorbellHandler = Callable[[VcpuRunner], None]
+DoorbellHandler = Callable[[VcpuRunner], "int | None"]
 MsrReadHandler = Callable[[VcpuRunner], "int | None"]
 MsrWriteHandler = Callable[[VcpuRunner, int], bool]
 
@@ -130,7 +130,9 @@ class Machine:
 
     def register_doorbell(self, port: int, fn: DoorbellHandler) -> None:
         """A port whose writes carry no data of interest (the value is in the registers):
-        handled on the vCPU loop's hot path without decoding the exit."""
+        handled on the vCPU loop's hot path without decoding the exit. The handler reads
+        the call from ``runner.vcpu.exit_call()``; an int it returns (unsigned 64-bit) is
+        the guest's RAX, given with the next KVM_RUN (Vcpu.run_fns); None leaves RAX be."""
         self._doorbells[port] = fn
 
     def register_io_in(self, port: int, fn: IoInHandler) -> None:

@@ -172,14 +172,22 @@ class VcpuRunner:
         machine = self.machine
         doorbells = machine._doorbells
         counts = self.exit_counts
-        run_fn = vcpu.run_fn()
+        run_plain, run_result = vcpu.run_fns()
+        result = None      # a doorbell handler's value for RAX, given with the next KVM_RUN
         self.state = RUNNING
         while True:
             if self._pause_req or self._stop_req:
+                if result is not None:     # paused or saved meanwhile: the result is state
+                    vcpu.set_call_result(result)
+                    result = None
                 if self._stop_req or not self._park():
                     return
                 continue
-            reason = run_fn()
+            if result is None:
+                reason = run_plain()
+            else:
+                reason = run_result(result)
+                result = None
             if reason < 0:
                 if reason not in _INTERRUPTED:
                     raise KvmError("KVM_RUN", -reason)
@@ -190,7 +198,7 @@ class VcpuRunner:
                 h = doorbells.get((reason >> PORT_SHIFT) - 1)
                 if h is not None:
                     try:
-                        h(self)
+                        result = h(self)
                     except Exception as exc:  # noqa: BLE001 - a handler bug stops this VM, not the daemon
                         machine.handler_failed(self, run.io.port, exc)
                         return

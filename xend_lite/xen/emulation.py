@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument
 from xend_lite.kvm import KvmError, host_tsc
-from xend_lite.kvm.vcpu import set_rax_raw
+from xend_lite.kvm.vcpu import CALL_LONG, CALL_USER
 from xend_lite.kvm.xenabi import X
 from xend_lite.machine.machine import MemoryBusy
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SIZE
@@ -46,8 +46,6 @@ STUB_SIZE = 32
 NR_STUBS = PAGE_SIZE // STUB_SIZE
 TABLE_SIZE = 64
 EFER_LMA = 1 << 10
-CR0_PE = 1
-RFLAGS_VM = 1 << 17
 MSR_IA32_TSC = 0x10
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
@@ -82,7 +80,6 @@ def stub(nr: int) -> bytes:
 
 HYPERCALL_PAGE = b"".join(stub(i) for i in range(NR_STUBS))
 _EPERM, _ENOSYS, _EINVAL = -X.XEN_EPERM, -X.XEN_ENOSYS, -X.XEN_EINVAL
-_set_rax = set_rax_raw
 
 
 def _arity(fn: Callable) -> int:
@@ -428,14 +425,12 @@ class XenEmulation:
 
     # -- dispatch ------------------------------------------------------------------------
 
-    def _on_hypercall(self, runner: VcpuRunner) -> None:
-        # The hot path of every hypercall: each cffi field read costs, so read only what
-        # this call needs, and reuse one Call object per vCPU.
-        vcpu = runner.vcpu
-        rax, rbx, rcx, rdx, rsi, rdi, r8, r10, rflags, cs_l, cs_sel, efer, cr0 = vcpu.exit_call_regs()
-        nr = rax & U32
-        long64 = bool(cs_l and efer & EFER_LMA)
-        if (cs_sel & 3 or (not long64 and rflags & RFLAGS_VM)) and cr0 & CR0_PE:
+    def _on_hypercall(self, runner: VcpuRunner) -> int | None:
+        # The hot path of every hypercall: the call arrives decoded for the caller's mode
+        # (Vcpu.exit_call), one Call object per vCPU is reused, and the result goes back to
+        # the vCPU loop, which gives it to the guest with the next KVM_RUN.
+        nr, flags, a1, a2, a3, a4, a5 = runner.vcpu.exit_call()
+        if flags & CALL_USER:
             ret = _EPERM             # not from the guest kernel: Xen refuses
         else:
             entry = self._table[nr] if nr < TABLE_SIZE else None
@@ -445,36 +440,31 @@ class XenEmulation:
                 fn, nargs = entry
                 c = self._calls.get(runner.index)
                 if c is None:
-                    c = self._calls[runner.index] = Call(self, runner, long64)
-                c.long_mode = long64
+                    c = self._calls[runner.index] = Call(self, runner, False)
+                c.long_mode = flags & CALL_LONG != 0
                 c._view = None
                 try:
-                    # arguments in the guest's convention, exactly as many as the handler takes
-                    if long64:
-                        ret = (fn(c, rdi, rsi) if nargs == 2 else
-                               fn(c, rdi, rsi, rdx) if nargs == 3 else
-                               fn(c, *(rdi, rsi, rdx, r10, r8)[:nargs]))
-                    else:
-                        ret = (fn(c, rbx & U32, rcx & U32) if nargs == 2 else
-                               fn(c, *(rbx & U32, rcx & U32, rdx & U32, rsi & U32,
-                                       rdi & U32)[:nargs]))
+                    # exactly as many arguments as the handler takes
+                    ret = (fn(c, a1, a2) if nargs == 2 else
+                           fn(c, a1, a2, a3) if nargs == 3 else
+                           fn(c, *(a1, a2, a3, a4, a5)[:nargs]))
                 except XenError as exc:
                     ret = -exc.errno
                 except (Restart, MemoryBusy):
+                    vcpu = runner.vcpu
                     regs = vcpu.sync_regs
                     regs.rip = (regs.rip - 2) & U64   # back to the stub's `out`
                     vcpu.mark_regs_dirty()
-                    return
+                    return None
                 except Exception:  # noqa: BLE001 - a handler bug must not reach the vCPU loop
-                    self._handler_failed(vcpu, nr, long64)
-                    return
+                    return self._handler_failed(nr)
         slot = nr if nr < TABLE_SIZE else TABLE_SIZE
         self.calls[slot] += 1
         if ret < 0:
             self.errors[slot] += 1
-        _set_rax(vcpu.run_struct, ret & U64 if long64 else ret & U32)
+        return ret & U64
 
-    def _handler_failed(self, vcpu, nr: int, long64: bool) -> None:
+    def _handler_failed(self, nr: int) -> int:
         """A handler raised: the guest gets -EINVAL, and the call is counted (as a call and
         an error) before the internal error is, so whoever sees the internal error sees the
         call too."""
@@ -483,7 +473,7 @@ class XenEmulation:
         self.internal_errors += 1
         if self.internal_errors <= 10:
             log.exception("hypercall %d failed inside the daemon", nr)
-        _set_rax(vcpu.run_struct, _EINVAL & U64 if long64 else _EINVAL & U32)
+        return _EINVAL & U64
 
     def counters(self) -> dict:
         out = {}
