@@ -29,16 +29,31 @@ from xend_lite.snapshot.errors import (
     UnsupportedFormat,
 )
 from xend_lite.snapshot.codec import CodecError
-from xend_lite.snapshot.reader import (
-    LoadedRegion,
-    LoadedSnapshot,
-    SectionInfo,
-    SnapshotHeader,
-    describe,
-    load_snapshot,
-)
-from xend_lite.snapshot.state import State, registered_states, section_name
-from xend_lite.snapshot.writer import MemoryRegion, SnapshotInfo, save_snapshot, wait_reclaimed
+
+# The reader and the writer are imported when first asked for: a VM that boots without
+# saving or loading needs only State (its components declare what they would save).
+_LAZY = {
+    "LoadedRegion": "reader", "LoadedSnapshot": "reader", "SectionInfo": "reader",
+    "SnapshotHeader": "reader", "describe": "reader", "load_snapshot": "reader",
+    "State": "state", "registered_states": "state", "section_name": "state",
+    "MemoryRegion": "writer", "SnapshotInfo": "writer", "save_snapshot": "writer",
+    "wait_reclaimed": "writer",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "State", "registered_states", "section_name",

@@ -12,8 +12,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from xend_lite.errors import InvalidArgument, LoaderError, NotFound, NotSupported, StateError
 from xend_lite.kvm import CAPABILITIES, Kvm
@@ -22,7 +21,6 @@ from xend_lite.machine.loader import load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
 from xend_lite.xen.emulation import XenEmulation
 from xend_lite.xen.overlay import OverlayDevice
-from xend_lite.xen.persist import load_domain, release_lease, save_domain
 
 log = logging.getLogger("xend_lite.domain")
 
@@ -32,8 +30,7 @@ DETACH_DELAY = 0.2   # seconds between a restore and moving its RAM off the snap
 XEN_VERSION_DEFAULT = "4.16"
 
 
-@dataclass(frozen=True)
-class DomainSpec:
+class DomainSpec(NamedTuple):
     """What a domain is made of (the daemon's config builds it)."""
 
     image: str | None = None          # None: the embedded default guest
@@ -52,7 +49,7 @@ class DomainSpec:
     @classmethod
     def from_config(cls, cfg: Any) -> DomainSpec:
         """Take the fields this class knows from any config object that has them."""
-        kw = {f: getattr(cfg, f) for f in cls.__dataclass_fields__ if hasattr(cfg, f)}
+        kw = {f: getattr(cfg, f) for f in cls._fields if hasattr(cfg, f)}
         return cls(**kw)
 
 
@@ -223,11 +220,16 @@ class Domain:
     def snapshot_save(self, path: str, progress: Callable[[int, int], None] | None = None) -> dict:
         if self.machine.state not in ("paused", "stopped") and self.machine.pause_depth == 0:
             raise StateError("the VM must be paused to save it", self.run_state(), ("paused",))
+        # snapshots are not needed to boot: their code is imported at the first save or load
+        from xend_lite.xen.persist import save_domain
+
         return save_domain(self, path, progress)
 
     def snapshot_load(self, path: str, verify: bool = True) -> dict:
         """Load a snapshot; RAM then moves off the file in the background (see detached)."""
         self._stop_detach()
+        from xend_lite.xen.persist import load_domain
+
         info = load_domain(self, path, verify)
         fd, offset = info.pop("_detach")
         self.detached.clear()
@@ -251,6 +253,8 @@ class Domain:
         except Exception:  # noqa: BLE001 - the VM runs on from the file; say why
             log.exception("moving guest RAM off %s failed; the VM keeps using the file", path)
         finally:
+            from xend_lite.xen.persist import release_lease
+
             release_lease(fd)
             os.close(fd)
 
