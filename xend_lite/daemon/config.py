@@ -12,9 +12,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import tomllib
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from xend_lite.errors import ConfigError
 
@@ -48,8 +47,7 @@ def default_snapshot_dir(uid: int | None = None, env: dict[str, str] | None = No
     return os.path.join(state, "xend-lite")
 
 
-@dataclass(frozen=True)
-class TcpAddress:
+class TcpAddress(NamedTuple):
     host: str
     port: int
 
@@ -192,8 +190,7 @@ def _type_name(v: Any) -> str:
             list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
 
 
-@dataclass(frozen=True)
-class Key:
+class Key(NamedTuple):
     section: str
     name: str
     field: str
@@ -240,6 +237,8 @@ def _check(key: Key, value: Any, where: str) -> Any:
 
 def read_toml(path: str) -> dict[str, Any]:
     """Validated field values from a TOML file. Errors name the file and the key."""
+    import tomllib  # only a --config start reads TOML
+
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)

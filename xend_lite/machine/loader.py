@@ -8,7 +8,7 @@ hvm_start_info that describes the command line and the memory map.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from xend_lite.errors import LoaderError
 from xend_lite.kvm import Regs, Segment, Sregs
@@ -33,20 +33,18 @@ START_INFO = struct.Struct("<IIIIQQQQII")
 MEMMAP_ENTRY = struct.Struct("<QQII")
 
 
-@dataclass(frozen=True, slots=True)
-class LoadSegment:
+class LoadSegment(NamedTuple):
     gpa: int
     filesz: int
     memsz: int
 
 
-@dataclass(frozen=True, slots=True)
-class BootInfo:
+class BootInfo(NamedTuple):
     entry: int
     pvh: bool
     start_info: int | None
     elf_class: int | None  # 32, 64 or None for a flat binary
-    segments: tuple[LoadSegment, ...] = field(default=())
+    segments: tuple[LoadSegment, ...] = ()
 
     @property
     def image_end(self) -> int:
@@ -57,8 +55,7 @@ def _err(msg: str) -> LoaderError:
     return LoaderError(f"guest image: {msg}")
 
 
-@dataclass(frozen=True, slots=True)
-class _Phdr:
+class _Phdr(NamedTuple):
     type: int
     offset: int
     paddr: int
