@@ -23,8 +23,8 @@ from typing import Any, Awaitable, Callable
 
 from jsonrpcserver import Success
 from oslash.either import Left  # type: ignore[import-untyped]
-from jsonrpcserver.async_dispatcher import dispatch_request
-from jsonrpcserver.dispatcher import create_request, not_notification, to_response, validate_request
+from jsonrpcserver.async_dispatcher import call as call_method
+from jsonrpcserver.dispatcher import create_request, get_method, not_notification, to_response, validate_request
 from jsonrpcserver.exceptions import JsonRpcError
 from jsonrpcserver.response import to_serializable_one
 
@@ -225,7 +225,7 @@ class Dispatcher:
     async def handle(self, body: bytes, context: RpcContext) -> bytes | None:
         """One HTTP body in, the reply body out (None: nothing to send back)."""
         try:
-            doc = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+            doc = _decode(body)
         except json.JSONDecodeError as exc:
             return _dump(error_reply(PARSE_ERROR, f"Parse error: {exc}"))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -251,25 +251,32 @@ class Dispatcher:
         """One request object (already parsed) in, its reply as JSON text out."""
         if not isinstance(request, dict):
             return json.dumps(error_reply(INVALID_REQUEST, "Invalid request: expected an object"))
-        # jsonrpcserver's own steps for one request (validate, look up, check the arguments,
-        # call, wrap the result), without the task its batch-oriented entry point makes
+        # jsonrpcserver's own steps for one request (validate, look up, call, wrap the
+        # result), without the task its batch-oriented entry point makes. Its check of the
+        # arguments against the method's signature is left out: every method here is an
+        # adapter taking (context, *args, **kwargs), which any arguments fit, and the
+        # adapter checks the parameters itself (bind_params).
         checked = validate_request(_validate, request)
         if isinstance(checked, Left):
             response = checked
         else:
-            pair = await dispatch_request(self._methods, context, create_request(request))
-            if not not_notification(pair):
+            req = create_request(request)
+            found = get_method(self._methods, req.method)
+            result = found if isinstance(found, Left) else await call_method(req, context, found._value)
+            if not not_notification((req, result)):
                 return None
-            response = to_response(*pair)
+            response = to_response(req, result)
         reply = to_serializable_one(response)
-        if "error" in reply and reply["error"]["code"] == METHOD_NOT_FOUND:
-            reply["error"]["message"] = f"Method not found: {request.get('method')}"
-        if "error" in reply and reply["error"]["code"] == INVALID_REQUEST:
-            reply["error"]["message"] = "Invalid request: " + _invalid_why(request)
-            reply["error"].pop("data", None)
-            reply["id"] = _valid_id(request.get("id"))
+        if "error" in reply:
+            err = reply["error"]
+            if err["code"] == METHOD_NOT_FOUND:
+                err["message"] = f"Method not found: {request.get('method')}"
+            elif err["code"] == INVALID_REQUEST:
+                err["message"] = "Invalid request: " + _invalid_why(request)
+                err.pop("data", None)
+                reply["id"] = _valid_id(request.get("id"))
         try:
-            return json.dumps(reply, allow_nan=False)
+            return _encode(reply)
         except (TypeError, ValueError):
             log.error("method %s returned a result that is not JSON", request.get("method"))
             return json.dumps(error_reply(INTERNAL_ERROR, "Internal error: the result is not JSON",
@@ -290,6 +297,18 @@ def _finite_float(text: str) -> float:
     if v != v or v in (float("inf"), float("-inf")):
         raise _NotJson(f"the number {text[:40]} is out of range")
     return v
+
+
+# One decoder and one encoder for every request: json.loads and json.dumps with options
+# build a new one on each call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+_encode = json.JSONEncoder(allow_nan=False).encode
+
+
+def _decode(body: bytes) -> Any:
+    """json.loads(body, parse_constant=..., parse_float=...) with the one decoder: the same
+    encoding detection (UTF-8, -16, -32, a UTF-8 BOM skipped) and the same errors."""
+    return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
 
 
 def _dump(doc: dict) -> bytes:
