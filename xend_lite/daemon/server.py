@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,43 +164,72 @@ def _is_tcp(request: web.Request) -> bool:
     return sock is None or sock.family != socket.AF_UNIX
 
 
+def _refusal(request: web.Request, token: str | None) -> web.Response | None:
+    """None when the request may go on; else the 401 a TCP client without the token gets.
+    Unix-socket clients are trusted by the socket's 0600 mode."""
+    if not _is_tcp(request):
+        return None
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    if (token is not None and scheme.lower() == "bearer"
+            and hmac.compare_digest(value.strip().encode(), token.encode())):
+        return None
+    log.warning("refused a TCP request from %s: %s", request.remote,
+                "no bearer token" if not given else "wrong bearer token")
+    return web.json_response(
+        error_reply(-32000, "Unauthorized: send Authorization: Bearer <token>"),
+        status=401, headers={"WWW-Authenticate": 'Bearer realm="xend-lite"'})
+
+
 @web.middleware
 async def bearer_auth(request: web.Request, handler):
-    """TCP clients must send the token; Unix-socket clients are trusted by the 0600 mode."""
-    if _is_tcp(request):
-        token: str | None = request.app[TOKEN]
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        ok = (token is not None and scheme.lower() == "bearer"
-              and hmac.compare_digest(value.strip().encode(), token.encode()))
-        if not ok:
-            log.warning("refused a TCP request from %s: %s", request.remote,
-                        "no bearer token" if not given else "wrong bearer token")
-            return web.json_response(
-                error_reply(-32000, "Unauthorized: send Authorization: Bearer <token>"),
-                status=401, headers={"WWW-Authenticate": 'Bearer realm="xend-lite"'})
+    """TCP clients must send the token on every path (an unknown path too gets 401, not
+    404); Unix-socket clients are trusted by the 0600 mode."""
+    refused = _refusal(request, request.app[TOKEN])
+    if refused is not None:
+        return refused
     return await handler(request)
 
 
-async def rpc_handler(request: web.Request) -> web.StreamResponse:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return _too_large()
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _too_large()
-    ctx = RpcContext(controller=request.app[CONTROLLER], daemon=request.app[DAEMON])
-    reply = await request.app[DISPATCHER].handle(body, ctx)
-    if reply is None:
-        resp: web.StreamResponse = web.Response(status=204)
-    else:
-        resp = web.Response(body=reply, content_type="application/json")
-    if ctx.after_reply:
-        await resp.prepare(request)
-        await resp.write_eof()
-        for action in ctx.after_reply:
-            action()
-    return resp
+def rpc_handler_for(dispatcher: Dispatcher, controller: Any, daemon: Any,
+                    token: str | None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """POST /rpc. With a token the app's middleware checks TCP clients; without one no TCP
+    client can pass, and the handler refuses it itself (the daemon then listens on no TCP
+    socket, but the app does not rely on that)."""
+    check_tcp = token is None
+
+    async def rpc_handler(request: web.Request) -> web.StreamResponse:
+        if check_tcp and _is_tcp(request):
+            return _refusal(request, None)  # type: ignore[return-value]
+        length = request.content_length
+        if length is not None:
+            if length > MAX_BODY:
+                return _too_large()
+            content = request.content
+            # a body of a declared length that is all here already (the usual case: it
+            # came with the headers) is taken as it is, without read()'s chunk loop
+            body = content.read_nowait() if content.is_eof() else None
+        else:
+            body = None
+        if body is None:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return _too_large()
+        ctx = RpcContext(controller, daemon)
+        reply = await dispatcher.handle(body, ctx)
+        if reply is None:
+            resp: web.StreamResponse = web.Response(status=204)
+        else:
+            resp = web.Response(body=reply, content_type="application/json")
+        if ctx.after_reply:
+            await resp.prepare(request)
+            await resp.write_eof()
+            for action in ctx.after_reply:
+                action()
+        return resp
+
+    return rpc_handler
 
 
 def _too_large() -> web.Response:
@@ -209,6 +239,8 @@ def _too_large() -> web.Response:
 
 
 async def events_handler(request: web.Request) -> web.StreamResponse:
+    if request.app[TOKEN] is None and _is_tcp(request):
+        return _refusal(request, None)  # type: ignore[return-value]
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
     bus = request.app[EVENTS]
@@ -246,14 +278,17 @@ async def events_handler(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(controller: Any, events: EventBus, daemon: Any = None, token: str | None = None) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[bearer_auth])
-    app[DISPATCHER] = Dispatcher()
+    # The bearer-token middleware only where TCP clients are expected (a token is given):
+    # a middleware costs every request a few microseconds, Unix-socket ones too.
+    app = web.Application(client_max_size=MAX_BODY,
+                          middlewares=[bearer_auth] if token is not None else [])
+    dispatcher = Dispatcher()
+    app[DISPATCHER] = dispatcher
     app[EVENTS] = events
     app[CONTROLLER] = controller
     app[DAEMON] = daemon
     app[TOKEN] = token
     app[WEBSOCKETS] = set()
-    app.router.add_post("/rpc", rpc_handler)
+    app.router.add_post("/rpc", rpc_handler_for(dispatcher, controller, daemon, token))
     app.router.add_get("/events", events_handler)
     return app
-
