@@ -121,7 +121,7 @@ def build_file(sections: list[dict[str, Any]], payloads: list[bytes],
         n = ff.chunk_count(r["size"], chunk)
         sums += ff.SUM_HEAD.pack(0)
         for i in range(n):
-            sums += zlib.crc32(bytes(min(chunk, r["size"] - i * chunk))).to_bytes(4, "little")
+            sums += ff.zero_chunk_sum(min(chunk, r["size"] - i * chunk)).to_bytes(4, "little")
     meta = table + b"".join(payloads) + bytes(sums)
     mem_offset = ff.align_up(ff.HEADER_SIZE + len(meta))
     file_end = mem_offset + ff.align_up(sum(r["size"] for r in regions))

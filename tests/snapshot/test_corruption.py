@@ -116,6 +116,18 @@ def test_newer_format_version_even_with_a_good_checksum(tmp_path, good):
     assert (ei.value.version, ei.value.supported) == (ff.FORMAT_VERSION + 1, ff.FORMAT_VERSION)
 
 
+@pytest.mark.parametrize("version,words", [(1, "older"), (0, "unknown")])
+def test_older_format_version_even_with_a_good_checksum(tmp_path, good, version, words):
+    """Version 1 summed memory chunks with zlib's CRC-32: it is refused, not misread."""
+    raw = bytearray(good[0])
+    raw[8:12] = struct.pack("<I", version)
+    fix_header_crc(raw)
+    with pytest.raises(UnsupportedFormat, match=words) as ei:
+        load(tmp_path, raw)
+    assert (ei.value.version, ei.value.supported) == (version, ff.FORMAT_VERSION)
+    assert f"reads version {ff.FORMAT_VERSION} only" in str(ei.value)
+
+
 def test_unknown_flags_with_a_good_checksum(tmp_path, good):
     raw = bytearray(good[0])
     raw[12] = 1

@@ -4,8 +4,10 @@ is never read, progress is reported, describe() summarises without reading memor
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
+import random
 import time
 
 import pytest
@@ -22,6 +24,9 @@ from xend_lite.snapshot import (
     save_snapshot,
     wait_reclaimed,
 )
+from xend_lite.kvm import csum
+from xend_lite.snapshot import fileformat as ff
+from xend_lite.snapshot import writer
 
 from .helpers import (
     CLASSES,
@@ -275,12 +280,103 @@ def test_verify_memory_finds_corrupt_memory(tmp_path):
         assert ei.value.region == region
 
 
+def test_verify_memory_checks_every_lane_of_a_chunk(tmp_path):
+    """A flipped byte anywhere in a chunk (each of its four checksum lanes, both ends) is
+    found; the file is otherwise left whole."""
+    fd = memfd(2 * MiB, "ram")
+    try:
+        os.pwrite(fd, os.urandom(2 * MiB), 0)
+        save_snapshot(tmp_path / "s", sample_states(), [MemoryRegion("ram", 0, 2 * MiB, fd)])
+    finally:
+        os.close(fd)
+    with load_snapshot(tmp_path / "s", CLASSES, verify_memory=True) as snap:
+        base = snap.region("ram").file_offset
+    raw = (tmp_path / "s").read_bytes()
+    q = MiB // 4
+    for off in (0, q - 1, q, 2 * q + 123, 3 * q, MiB - 1, MiB + 3 * q + 8):
+        bad = bytearray(raw)
+        bad[base + off] ^= 0x80
+        (tmp_path / "bad").write_bytes(bad)
+        with pytest.raises(MemoryChecksumMismatch) as ei:
+            load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
+        assert ei.value.offset == off // MiB * MiB
+
+
+def _is_hole(fd: int, at: int) -> bool:
+    try:
+        return os.lseek(fd, at, os.SEEK_DATA) > at
+    except OSError as err:   # ENXIO: no data from here to the end
+        if err.errno != errno.ENXIO:
+            raise
+        return True
+
+
+def test_zero_pages_inside_data_chunks_are_holes(tmp_path):
+    """Pages of zeros among data pages, at any place in a chunk (and pages that only start
+    or only end with zeros), from an fd and from a buffer."""
+    rng = random.Random(7)
+    kinds = [rng.choice(["zero", "data", "head0", "tail"]) for _ in range(3 * 256 + 5)]
+    kinds[256:512] = ["zero"] * 256          # one whole chunk of zeros
+    src = bytearray()
+    for k in kinds:
+        src += (bytes(PAGE) if k == "zero" else
+                b"\0" + rng.randbytes(PAGE - 1) if k == "head0" else
+                bytes(PAGE - 1) + b"\1" if k == "tail" else rng.randbytes(PAGE))
+    fd = memfd(len(src), "ram")
+    try:
+        os.pwrite(fd, src, 0)
+        for region in (MemoryRegion("ram", 0, len(src), fd),
+                       MemoryRegion("ram", 0, len(src), buffer=src)):
+            save_snapshot(tmp_path / "s", sample_states(), [region])
+            with load_snapshot(tmp_path / "s", CLASSES, verify_memory=True) as snap:
+                r = snap.region("ram")
+                assert r.data == PAGE * sum(k != "zero" for k in kinds)
+                m = snap.map_region("ram")
+                try:
+                    assert m[:] == src
+                finally:
+                    m.close()
+                for i, k in enumerate(kinds):
+                    assert _is_hole(snap.fd, r.file_offset + i * PAGE) == (k == "zero"), i
+    finally:
+        os.close(fd)
+
+
+def test_written_memory_is_sent_to_disk_while_the_save_runs(tmp_path, monkeypatch):
+    """Writeback of the file is started every WRITEBACK_STEP of memory (and for the tail),
+    over the ranges written; a file system that refuses it only loses the head start."""
+    calls = []
+    monkeypatch.setattr(csum, "start_writeback", lambda fd, off, n: calls.append((off, n)))
+    size = 3 * writer.WRITEBACK_STEP + 3 * MiB
+    fd = memfd(size, "ram")
+    try:
+        os.pwrite(fd, os.urandom(size), 0)
+        save_snapshot(tmp_path / "s", sample_states(), [MemoryRegion("ram", 0, size, fd)])
+        with load_snapshot(tmp_path / "s", CLASSES) as snap:
+            base = snap.region("ram").file_offset
+        assert calls[0][0] == base and len(calls) == 4
+        assert all(a + n == b for (a, n), (b, _) in zip(calls, calls[1:]))
+        assert calls[-1][0] + calls[-1][1] == base + size
+
+        def refuse(fd, off, n):
+            calls.append((off, n))
+            raise OSError(errno.EINVAL, "no")
+        calls.clear()
+        monkeypatch.setattr(csum, "start_writeback", refuse)
+        save_snapshot(tmp_path / "s", sample_states(), [MemoryRegion("ram", 0, size, fd)])
+        assert len(calls) == 1            # not asked again in the same save
+        with load_snapshot(tmp_path / "s", CLASSES, verify_memory=True):
+            pass
+    finally:
+        os.close(fd)
+
+
 def test_describe(tmp_path, big_and_small):
     path = tmp_path / "s"
     info = save_snapshot(path, sample_states(), big_and_small)
     d = describe(path)
     json.dumps(d)
-    assert d["format_version"] == 1
+    assert d["format_version"] == ff.FORMAT_VERSION == 2
     created = datetime.datetime.fromisoformat(d["created"].replace("Z", "+00:00"))
     assert created.tzinfo is not None and d["created"].endswith("Z")
     assert abs(created.timestamp() - time.time()) < 60

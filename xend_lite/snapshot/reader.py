@@ -14,7 +14,8 @@
 5. each section: version within [MIN_VERSION, VERSION] of its class (SectionVersionError),
    decoded into its class, upgraded and ``post_load``-checked (StateDecodeError naming the
    field);
-6. optionally (``verify_memory``) every memory chunk against its CRC (MemoryChecksumMismatch).
+6. optionally (``verify_memory``) every memory chunk against its chunk sum
+   (MemoryChecksumMismatch).
 
 Guest memory is not read (except to verify): the caller maps each region of the returned
 read-only fd with MAP_PRIVATE at its ``file_offset``, so a restored guest never writes to the
@@ -266,7 +267,7 @@ def _verify_memory(fd: int, p: _Parsed, path: str) -> None:
             off = i * chunk
             length = min(chunk, r.size - off)
             if _is_hole(fd, start + off, length):
-                got = _zero_crc(length)
+                got = ff.zero_chunk_sum(length)
             else:
                 try:
                     n = os.preadv(fd, [view[:length]], start + off)
@@ -276,21 +277,11 @@ def _verify_memory(fd: int, p: _Parsed, path: str) -> None:
                 if n != length:
                     raise Truncated(f"memory region {r.name!r} ends early", start + off + length,
                                     start + off + n)
-                got = zlib.crc32(view[:length])
+                got = ff.chunk_sum(view[:length])
             if got != want:
                 raise MemoryChecksumMismatch(
                     f"memory region {r.name!r} is corrupt at offset {off:#x} (chunk {i} "
                     "checksum mismatch)", r.name, off)
-
-
-_ZERO: dict[int, int] = {}
-
-
-def _zero_crc(n: int) -> int:
-    c = _ZERO.get(n)
-    if c is None:
-        c = _ZERO[n] = zlib.crc32(bytes(n))
-    return c
 
 
 def _is_hole(fd: int, off: int, length: int) -> bool:
