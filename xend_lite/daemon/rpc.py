@@ -168,10 +168,14 @@ def error_for(exc: BaseException) -> JsonRpcError:
 
 
 def _adapter(m: RpcMethod) -> Callable[..., Awaitable[Any]]:
+    fn, params = m.fn, m.params
+
     async def call(context: RpcContext, *args: Any, **kwargs: Any) -> Any:
         try:
-            bound = bind_params(m.params, args, kwargs)
-            result = await m.fn(context, **bound)
+            if args or kwargs or params:
+                result = await fn(context, **bind_params(params, args, kwargs))
+            else:  # nothing to bind (query-status and the other parameterless calls)
+                result = await fn(context)
         except Exception as exc:  # noqa: BLE001 - mapped, never leaked
             raise error_for(exc) from None
         return Success({} if result is None else result)
