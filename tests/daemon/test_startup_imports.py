@@ -1,6 +1,6 @@
-"""What the daemon's start imports, and what it leaves for later: aiohttp is imported without
-loading the CA store into its unused client contexts (and the environment comes back as it
-was), and the snapshot reader and writer wait for the first save or load."""
+"""What the daemon's start imports, and what it leaves for later: asyncio and aiohttp come
+without TLS (the daemon never uses it; ssl is given back for any other code), and the
+snapshot reader and writer wait for the first save or load."""
 
 from __future__ import annotations
 
@@ -11,47 +11,59 @@ import sys
 
 PROBE = """
 import json, os, sys
+{first}
 import xend_lite.daemon.main
+import xend_lite.daemon.rpc, xend_lite.daemon.server, xend_lite.daemon.service
 import xend_lite.xen.domain
-import aiohttp.connector as c
-import ssl
-out = {
-    "env": {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR")},
-    "aiohttp_cas": c._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"],
-    "later_cas": ssl.create_default_context().cert_store_stats()["x509_ca"],
+import asyncio.base_events, aiohttp.connector
+out = {{
+    "ssl_loaded": "ssl" in sys.modules,
+    "asyncio_ssl": asyncio.base_events.ssl is not None,
+    "aiohttp_ssl": aiohttp.connector.ssl is not None,
+    "aiohttp_cas": (aiohttp.connector._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"]
+                    if aiohttp.connector._SSL_CONTEXT_VERIFIED is not None else None),
+    "env": {{k: os.environ.get(k) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR")}},
     "snapshot": sorted(m for m in sys.modules if m.startswith("xend_lite.snapshot")),
     "persist": "xend_lite.xen.persist" in sys.modules,
-}
+}}
+import ssl
+out["later_cas"] = ssl.create_default_context().cert_store_stats()["x509_ca"]
 from xend_lite.snapshot import load_snapshot, save_snapshot, State
 out["lazy"] = [f.__module__ for f in (load_snapshot, save_snapshot, State)]
 print(json.dumps(out))
 """
 
 
-def _probe(env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    return json.loads(out)
+def _run(code: str, env: dict[str, str]) -> str:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _probe(env: dict[str, str], first: str = "") -> dict:
+    return json.loads(_run(PROBE.format(first=first), env))
 
 
 def _system_cas(env: dict[str, str]) -> int:
-    code = "import ssl; print(ssl.create_default_context().cert_store_stats()['x509_ca'])"
-    return int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                              check=True).stdout)
+    return int(_run("import ssl; print(ssl.create_default_context().cert_store_stats()['x509_ca'])", env))
 
 
-def test_aiohttp_skips_the_ca_store_and_the_environment_is_restored():
-    env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+def test_the_daemon_imports_its_web_stack_without_tls_and_gives_ssl_back():
+    env = dict(os.environ)
     got = _probe(env)
-    assert got["env"] == {"SSL_CERT_FILE": None, "SSL_CERT_DIR": None}
-    assert got["aiohttp_cas"] == 0
-    assert got["later_cas"] == _system_cas(env)   # TLS set up later in the process sees the CAs
+    assert not got["ssl_loaded"]          # nothing the daemon starts with imports ssl
+    assert not got["asyncio_ssl"] and not got["aiohttp_ssl"]
+    assert got["env"] == {k: env.get(k) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+    assert got["later_cas"] == _system_cas(env)   # other code still gets a working ssl
 
 
-def test_a_given_ca_location_is_kept(tmp_path):
-    env = dict(os.environ, SSL_CERT_FILE=str(tmp_path / "ca.pem"), SSL_CERT_DIR=str(tmp_path))
-    got = _probe(env)
-    assert got["env"] == {"SSL_CERT_FILE": str(tmp_path / "ca.pem"), "SSL_CERT_DIR": str(tmp_path)}
+def test_with_asyncio_already_imported_aiohttp_skips_the_ca_store_and_the_environment_is_restored(tmp_path):
+    for given in ({}, {"SSL_CERT_FILE": str(tmp_path / "ca.pem"), "SSL_CERT_DIR": str(tmp_path)}):
+        env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+        env.update(given)
+        got = _probe(env, first="import asyncio")
+        assert got["aiohttp_ssl"] and got["aiohttp_cas"] == 0
+        assert got["env"] == {k: given.get(k) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+        assert got["later_cas"] == _system_cas(env)
 
 
 def test_booting_imports_no_snapshot_reader_or_writer():
