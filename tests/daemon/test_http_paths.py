@@ -122,6 +122,40 @@ async def test_empty_body_with_a_length_of_zero(daemon):
         writer.close()
 
 
+async def test_expect_100_continue_gets_its_interim_answer(daemon):
+    """curl sends Expect: 100-continue for bodies over 1 KiB and waits for the 100 first."""
+    reader, writer = await open_raw(daemon)
+    try:
+        b = json.dumps({"jsonrpc": "2.0", "method": "query-status", "id": 3, "params": {}}).encode()
+        writer.write(request_head(len(b), "Expect: 100-continue\r\n"))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100")
+        writer.write(b)
+        status, _h, data = await read_response(reader)
+        assert status == 200 and json.loads(data) == {"jsonrpc": "2.0", "result": STATUS, "id": 3}
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("POST", "/rpc?x=1", 200), ("POST", "/rpc/", 404), ("POST", "/RPC", 404), ("POST", "/rpc2", 404),
+    ("GET", "/rpc", 405), ("PUT", "/rpc", 405), ("HEAD", "/rpc", 405), ("POST", "/events", 405),
+    ("POST", "//rpc", 404),
+])
+async def test_every_other_method_and_path_answers_as_the_router_does(daemon, method, path, status):
+    reader, writer = await open_raw(daemon)
+    try:
+        b = body(5)
+        writer.write(request_head(len(b)).replace(b"POST /rpc ", f"{method} {path} ".encode()) + b)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert int(head.split()[1]) == status, head
+        if status == 200:
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            assert json.loads(await reader.readexactly(length))["result"] == STATUS
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be",
                                       "utf-32", "utf-32-le", "utf-32-be"])
 async def test_bodies_in_every_json_encoding(daemon, encoding):
