@@ -25,7 +25,8 @@ CRC-32C taken over four lanes of the chunk at once, combined by one more CRC-32C
 keeps up with the disk.
 
 Format history: version 1 summed chunks with plain CRC-32 (zlib), about four times slower;
-version 2 (this one) with the lanes of CRC-32C. A program reads its own version only.
+version 2 (this one) with the lanes of CRC-32C. Everything else is the same, so both are read
+(``chunk_summer`` picks the sum); only version 2 is written.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from xend_lite.snapshot.state import INSTANCE_RE, NAME_RE, SEPARATOR
 
 MAGIC = b"XLSNAP\r\n"
 FORMAT_VERSION = 2
+#: versions this program reads (and the chunk sum each uses, see chunk_summer)
+READ_VERSIONS = (1, 2)
 PAGE_SIZE = 4096
 CHUNK_SIZE = 1 << 20
 HEADER = struct.Struct("<8sIIQQQQIIII")
@@ -65,14 +68,19 @@ def align_up(n: int, a: int = PAGE_SIZE) -> int:
     return (n + a - 1) // a * a
 
 
-_ZERO_SUMS: dict[int, int] = {}
+_ZERO_SUMS: dict[tuple[int, int], int] = {}
 
 
-def zero_chunk_sum(n: int) -> int:
+def chunk_summer(version: int = FORMAT_VERSION):
+    """The chunk sum of format ``version``: a function of a bytes-like chunk."""
+    return zlib.crc32 if version == 1 else chunk_sum
+
+
+def zero_chunk_sum(n: int, version: int = FORMAT_VERSION) -> int:
     """The chunk sum of ``n`` zero bytes (cached; n is a chunk length)."""
-    c = _ZERO_SUMS.get(n)
+    c = _ZERO_SUMS.get((n, version))
     if c is None:
-        c = _ZERO_SUMS[n] = chunk_sum(bytes(n))
+        c = _ZERO_SUMS[n, version] = chunk_summer(version)(bytes(n))
     return c
 
 
@@ -144,13 +152,11 @@ def parse_header(raw: bytes, file_size: int) -> Header:
         raise Truncated(f"file ends inside the header ({len(raw)} of {HEADER_SIZE} bytes)",
                         HEADER_SIZE, len(raw))
     h = Header(*HEADER.unpack(raw[:HEADER_SIZE])[1:])
-    if h.format_version != FORMAT_VERSION:
+    if h.format_version not in READ_VERSIONS:
         v = h.format_version
-        what = ("newer than this program" if v > FORMAT_VERSION else
-                "older than this program" if v >= 1 else "unknown to this program")
-        raise UnsupportedFormat(f"snapshot format version {v} is {what} (it reads version "
-                                f"{FORMAT_VERSION} only); the program that saved it can load it",
-                                v, FORMAT_VERSION)
+        what = "newer than this program" if v > FORMAT_VERSION else "unknown to this program"
+        raise UnsupportedFormat(f"snapshot format version {v} is {what} (it reads versions "
+                                f"{', '.join(map(str, READ_VERSIONS))})", v, FORMAT_VERSION)
     if h.meta_len > MAX_METADATA:
         raise MalformedSnapshot(f"metadata length {h.meta_len} exceeds {MAX_METADATA}")
     meta_end = HEADER_SIZE + h.meta_len

@@ -259,6 +259,7 @@ def _accepted(name: str, names: set[str]) -> bool:
 def _verify_memory(fd: int, p: _Parsed, path: str) -> None:
     h = p.header
     chunk = h.chunk_size
+    summer = ff.chunk_summer(h.format_version)
     buf = bytearray(chunk)
     view = memoryview(buf)
     for r, (_, crcs) in zip(p.regions, p.sums):
@@ -267,7 +268,7 @@ def _verify_memory(fd: int, p: _Parsed, path: str) -> None:
             off = i * chunk
             length = min(chunk, r.size - off)
             if _is_hole(fd, start + off, length):
-                got = ff.zero_chunk_sum(length)
+                got = ff.zero_chunk_sum(length, h.format_version)
             else:
                 try:
                     n = os.preadv(fd, [view[:length]], start + off)
@@ -277,7 +278,7 @@ def _verify_memory(fd: int, p: _Parsed, path: str) -> None:
                 if n != length:
                     raise Truncated(f"memory region {r.name!r} ends early", start + off + length,
                                     start + off + n)
-                got = ff.chunk_sum(view[:length])
+                got = summer(view[:length])
             if got != want:
                 raise MemoryChecksumMismatch(
                     f"memory region {r.name!r} is corrupt at offset {off:#x} (chunk {i} "
