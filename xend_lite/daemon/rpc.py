@@ -312,7 +312,13 @@ _encode = json.JSONEncoder(allow_nan=False).encode
 def _decode(body: bytes) -> Any:
     """json.loads(body, parse_constant=..., parse_float=...) with the one decoder: the same
     encoding detection (UTF-8, -16, -32, a UTF-8 BOM skipped) and the same errors."""
-    return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+    # a body opening with "{" or "[" and then no NUL byte is UTF-8 to detect_encoding too
+    first = body[:1]
+    if (first == b"{" or first == b"[") and body[1:2] != b"\0":
+        encoding = "utf-8"
+    else:
+        encoding = json.detect_encoding(body)
+    return _DECODER.decode(body.decode(encoding, "surrogatepass"))
 
 
 def _dump(doc: dict) -> bytes:
