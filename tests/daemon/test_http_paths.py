@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from xend_lite.daemon import rpc
+from xend_lite.daemon import rpc, server
 from xend_lite.daemon.events import EventBus
 from xend_lite.daemon.runstate import RunState
 from xend_lite.daemon.server import make_app
@@ -108,6 +108,28 @@ async def test_many_requests_on_one_connection_and_pipelined(daemon):
         assert status == 204 and data == b""
         status, _h, data = await read_response(reader)
         assert status == 200 and json.loads(data)["id"] == 1
+    finally:
+        writer.close()
+
+
+async def test_a_connection_reads_in_buffers_below_the_malloc_map_threshold(daemon):
+    """asyncio reads 256 KiB at a time; buffers that large are mapped and unmapped by malloc
+    on every request. After its first request a connection reads at most READ_SIZE."""
+    reader, writer = await open_raw(daemon)
+    try:
+        for i in range(2):
+            b = body(i)
+            writer.write(request_head(len(b)) + b)
+            assert (await read_response(reader))[0] == 200
+        conns = [c for c in daemon.daemon.runner.server.connections if c.transport is not None]
+        assert conns
+        assert all(c.transport.max_size <= server.READ_SIZE < 128 * 1024 for c in conns)
+        # a body of the largest size allowed still arrives whole, in several reads
+        pad = "x" * ((1 << 20) - 200)
+        big = json.dumps({"jsonrpc": "2.0", "method": "query-status", "id": 1, "params": {"pad": pad}}).encode()
+        writer.write(request_head(len(big)) + big)
+        status, _h, data = await read_response(reader)
+        assert status == 200 and json.loads(data)["error"]["code"] == rpc.INVALID_PARAMS
     finally:
         writer.close()
 
