@@ -136,17 +136,25 @@ class VcpuRunner:
 
     def _main(self) -> None:
         mark_vcpu_thread()
+        report: Callable[[], None] | None = None
         try:
-            self._loop()
+            report = self._loop()
         except BaseException as exc:  # noqa: BLE001 - the thread must report, never die silently
             log.exception("vcpu%d failed", self.index)
-            self.error = f"{type(exc).__name__}: {exc}"
-            self.machine.vcpu_failed(self, self.error)
+            error = self.error = f"{type(exc).__name__}: {exc}"
+            report = lambda: self.machine.vcpu_failed(self, error)  # noqa: E731
         finally:
             with self._cond:
                 self.state = STOPPED
                 self._paused = False
                 self._cond.notify_all()
+        # a failure is reported once this vCPU shows as stopped, so whoever hears of it
+        # (the SHUTDOWN event, query-vcpus) sees the state that goes with it
+        if report is not None:
+            try:
+                report()
+            except Exception:  # noqa: BLE001
+                log.exception("vcpu%d: reporting its failure failed", self.index)
 
     def _park(self) -> bool:
         """Paused: wait for release or stop. Returns False when the runner must stop."""
@@ -166,7 +174,9 @@ class VcpuRunner:
             self.state = RUNNING
             return True
 
-    def _loop(self) -> None:
+    def _loop(self) -> Callable[[], None] | None:
+        """Run until stopped or the guest's run ends; a handler failure comes back as the
+        call that reports it (made once the runner is marked stopped)."""
         vcpu = self.vcpu
         run = vcpu.run_struct
         machine = self.machine
@@ -200,8 +210,8 @@ class VcpuRunner:
                     try:
                         result = h(self)
                     except Exception as exc:  # noqa: BLE001 - a handler bug stops this VM, not the daemon
-                        machine.handler_failed(self, run.io.port, exc)
-                        return
+                        port = run.io.port
+                        return lambda e=exc: machine.handler_failed(self, port, e)
                     continue
             if reason < 0:
                 counts["intr"] += 1
@@ -211,7 +221,6 @@ class VcpuRunner:
             try:
                 go_on = machine.handle_exit(self, ex)
             except Exception as exc:  # noqa: BLE001
-                machine.handler_failed(self, ex, exc)
-                return
+                return lambda e=exc: machine.handler_failed(self, ex, e)
             if not go_on:
                 return
