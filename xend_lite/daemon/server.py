@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from xend_lite.daemon.config import TcpAddress
 from xend_lite.daemon.events import EventBus
@@ -307,32 +307,7 @@ def make_app(controller: Any, events: EventBus, daemon: Any = None, token: str |
     app[DAEMON] = daemon
     app[TOKEN] = token
     app[WEBSOCKETS] = set()
-    rpc_handler = rpc_handler_for(dispatcher, controller, daemon, token)
-    app.router.add_post("/rpc", rpc_handler)
+    app.router.add_post("/rpc", rpc_handler_for(dispatcher, controller, daemon, token))
     app.router.add_get("/events", events_handler)
-    if token is None:
-        _route_rpc_first(app, rpc_handler)
     return app
 
-
-def _route_rpc_first(app: web.Application, rpc_handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
-    """Send POST /rpc straight to its handler, ahead of the app's router.
-
-    The router's walk (loop and debug lookups, resolving the path, freezing a match for the
-    request) is about a tenth of a control request's time. Only the plain case goes ahead: a
-    POST to exactly /rpc with no Expect header, in an app without middlewares (no token).
-    Everything else (another path or method, a query string, 100-continue, the events
-    WebSocket) goes through the router as before, so its answers (404, 405, the upgrade) stay
-    as they were. The runner serves the app through its request entry point (``_handle``);
-    where that is missing nothing changes."""
-    full = getattr(app, "_handle", None)
-    if full is None or app.middlewares:
-        return
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        if (request.method == "POST" and request.raw_path == "/rpc"
-                and hdrs.EXPECT not in request.headers):
-            return await rpc_handler(request)
-        return await full(request)
-
-    app._handle = handle  # type: ignore[method-assign]
