@@ -406,3 +406,36 @@ def test_default_classes_come_from_the_registry(tmp_path):
     save_snapshot(tmp_path / "s", [RegisteredForTest(4)], [])
     with load_snapshot(tmp_path / "s") as snap:
         assert snap.states == {"ttest_registered": RegisteredForTest(4)}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_data_chunks_walk_finds_exactly_the_chunks_with_data(tmp_path, seed):
+    """Memory verification reads only the chunks the data-extent walk finds."""
+    import random
+
+    from xend_lite.snapshot.reader import _data_chunks
+
+    rng = random.Random(seed)
+    chunk, chunks, start = 16 * PAGE, 64, 3 * PAGE       # a region that starts mid-file
+    pages = sorted(rng.sample(range(chunks * chunk // PAGE), rng.randint(0, 40)))
+    if seed == 0:
+        pages = [0, chunks * chunk // PAGE - 1]             # first and last page of the region
+    path = tmp_path / "m"
+    with open(path, "wb") as f:
+        f.truncate(start + chunks * chunk + 5 * PAGE)
+        f.seek(start - PAGE)
+        f.write(b"\x01" * PAGE)                            # data just before the region...
+        f.seek(start + chunks * chunk)
+        f.write(b"\x02" * PAGE)                            # ...and just after it
+        for p in pages:
+            f.seek(start + p * PAGE)
+            f.write(b"\x03" * PAGE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = _data_chunks(fd, start, chunks * chunk, chunk)
+        if os.lseek(fd, 0, os.SEEK_HOLE) < os.fstat(fd).st_size:   # the file system has holes
+            assert got == {p * PAGE // chunk for p in pages}
+        else:
+            assert got >= {p * PAGE // chunk for p in pages}
+    finally:
+        os.close(fd)
