@@ -5,6 +5,7 @@ in the encodings JSON allows; and an app built without a token refusing TCP clie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -42,25 +43,27 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict, bytes]
     return status, headers, data
 
 
-async def open_raw(daemon):
-    return await asyncio.open_unix_connection(daemon.cfg.socket)
+@contextlib.asynccontextmanager
+async def raw_connection(daemon):
+    """A plain socket connection to the daemon's Unix socket: (reader, writer)."""
+    reader, writer = await asyncio.open_unix_connection(daemon.cfg.socket)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
 
 
 async def test_body_sent_with_the_headers(daemon):
-    reader, writer = await open_raw(daemon)
-    try:
+    async with raw_connection(daemon) as (reader, writer):
         b = body(7)
         writer.write(request_head(len(b)) + b)
         status, headers, data = await read_response(reader)
         assert status == 200 and headers["content-type"].startswith("application/json")
         assert json.loads(data) == {"jsonrpc": "2.0", "result": STATUS, "id": 7}
-    finally:
-        writer.close()
 
 
 async def test_body_sent_after_the_headers_and_in_pieces(daemon):
-    reader, writer = await open_raw(daemon)
-    try:
+    async with raw_connection(daemon) as (reader, writer):
         b = body("late")
         writer.write(request_head(len(b)))
         await writer.drain()
@@ -72,25 +75,19 @@ async def test_body_sent_after_the_headers_and_in_pieces(daemon):
         status, _h, data = await read_response(reader)
         assert status == 200 and json.loads(data)["id"] == "late"
         assert json.loads(data)["result"] == STATUS
-    finally:
-        writer.close()
 
 
 async def test_chunked_body(daemon):
-    reader, writer = await open_raw(daemon)
-    try:
+    async with raw_connection(daemon) as (reader, writer):
         b = body(9)
         chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (b[:5], b[5:])) + b"0\r\n\r\n"
         writer.write(request_head(None, "Transfer-Encoding: chunked\r\n") + chunks)
         status, _h, data = await read_response(reader)
         assert status == 200 and json.loads(data) == {"jsonrpc": "2.0", "result": STATUS, "id": 9}
-    finally:
-        writer.close()
 
 
 async def test_many_requests_on_one_connection_and_pipelined(daemon):
-    reader, writer = await open_raw(daemon)
-    try:
+    async with raw_connection(daemon) as (reader, writer):
         for i in range(200):
             b = body(i)
             writer.write(request_head(len(b)) + b)
@@ -108,15 +105,12 @@ async def test_many_requests_on_one_connection_and_pipelined(daemon):
         assert status == 204 and data == b""
         status, _h, data = await read_response(reader)
         assert status == 200 and json.loads(data)["id"] == 1
-    finally:
-        writer.close()
 
 
 async def test_a_connection_reads_in_buffers_below_the_malloc_map_threshold(daemon):
     """asyncio reads 256 KiB at a time; buffers that large are mapped and unmapped by malloc
     on every request. After its first request a connection reads at most READ_SIZE."""
-    reader, writer = await open_raw(daemon)
-    try:
+    async with raw_connection(daemon) as (reader, writer):
         for i in range(2):
             b = body(i)
             writer.write(request_head(len(b)) + b)
@@ -130,24 +124,18 @@ async def test_a_connection_reads_in_buffers_below_the_malloc_map_threshold(daem
         writer.write(request_head(len(big)) + big)
         status, _h, data = await read_response(reader)
         assert status == 200 and json.loads(data)["error"]["code"] == rpc.INVALID_PARAMS
-    finally:
-        writer.close()
 
 
 async def test_empty_body_with_a_length_of_zero(daemon):
-    reader, writer = await open_raw(daemon)
-    try:
+    async with raw_connection(daemon) as (reader, writer):
         writer.write(request_head(0))
         status, _h, data = await read_response(reader)
         assert status == 200 and json.loads(data)["error"]["code"] == rpc.PARSE_ERROR
-    finally:
-        writer.close()
 
 
 async def test_expect_100_continue_gets_its_interim_answer(daemon):
     """curl sends Expect: 100-continue for bodies over 1 KiB and waits for the 100 first."""
-    reader, writer = await open_raw(daemon)
-    try:
+    async with raw_connection(daemon) as (reader, writer):
         b = json.dumps({"jsonrpc": "2.0", "method": "query-status", "id": 3, "params": {}}).encode()
         writer.write(request_head(len(b), "Expect: 100-continue\r\n"))
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -155,8 +143,6 @@ async def test_expect_100_continue_gets_its_interim_answer(daemon):
         writer.write(b)
         status, _h, data = await read_response(reader)
         assert status == 200 and json.loads(data) == {"jsonrpc": "2.0", "result": STATUS, "id": 3}
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize(("method", "path", "status"), [
@@ -165,8 +151,7 @@ async def test_expect_100_continue_gets_its_interim_answer(daemon):
     ("POST", "//rpc", 404),
 ])
 async def test_every_other_method_and_path_answers_as_the_router_does(daemon, method, path, status):
-    reader, writer = await open_raw(daemon)
-    try:
+    async with raw_connection(daemon) as (reader, writer):
         b = body(5)
         writer.write(request_head(len(b)).replace(b"POST /rpc ", f"{method} {path} ".encode()) + b)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -174,22 +159,17 @@ async def test_every_other_method_and_path_answers_as_the_router_does(daemon, me
         if status == 200:
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
             assert json.loads(await reader.readexactly(length))["result"] == STATUS
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be",
                                       "utf-32", "utf-32-le", "utf-32-be"])
 async def test_bodies_in_every_json_encoding(daemon, encoding):
     text = json.dumps({"jsonrpc": "2.0", "method": "query-status", "id": "é"})
-    reader, writer = await open_raw(daemon)
-    try:
+    async with raw_connection(daemon) as (reader, writer):
         b = text.encode(encoding)
         writer.write(request_head(len(b)) + b)
         status, _h, data = await read_response(reader)
         assert status == 200 and json.loads(data) == {"jsonrpc": "2.0", "result": STATUS, "id": "é"}
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize("raw", [b"\xff\xfe\xfd", b'{"a": NaN}', b'{"a": 1e999}', b"[" * 100000, b"",
