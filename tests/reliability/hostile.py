@@ -386,6 +386,9 @@ class TableMaker:
         elif cmd == X.VCPUOP_set_singleshot_timer:
             arg = self._ptr_or_struct(lambda: struct.pack(
                 "<QI", p.choice((0, 1, U64, p.int(0, 1 << 40))), p.choice((0, 1, U32))))
+        elif cmd == X.VCPUOP_set_periodic_timer:   # around both limits (1 ms, 2^62 - 1)
+            arg = self._ptr_or_struct(lambda: struct.pack("<Q", p.choice(
+                (0, 999_999, 1_000_000, 10**9, (1 << 62) - 1, 1 << 62, U64, p.int(0, 1 << 40)))))
         else:
             arg = self.pointer()
         return (cmd, vcpuid, arg, self.word(), self.word())

@@ -151,6 +151,9 @@ def test_vcpu_op(harness):
     m.write(SCRATCH + 0x20, struct.pack("<QII", 0x900, 4090, 0))        # does not fit
     m.write(SCRATCH + 0x40, struct.pack("<QI", 1, X.VCPU_SSHOTTMR_future))  # in the past
     m.write(SCRATCH + 0x60, struct.pack("<QI", now + 10**12, 0))
+    m.write(SCRATCH + 0x80, struct.pack("<Q", 999_999))                 # period under 1 ms
+    m.write(SCRATCH + 0x88, struct.pack("<Q", 1 << 62))                 # past STIME_DELTA_MAX
+    m.write(SCRATCH + 0x90, struct.pack("<Q", 10**12))                  # 1000 s
     res = h.run([
         (VCPU, X.VCPUOP_is_up, 0, 0),
         (VCPU, X.VCPUOP_is_up, 3, 0),
@@ -160,16 +163,57 @@ def test_vcpu_op(harness):
         (VCPU, X.VCPUOP_set_singleshot_timer, 0, p(SCRATCH + 0x40)),
         (VCPU, X.VCPUOP_set_singleshot_timer, 0, p(SCRATCH + 0x60)),
         (VCPU, X.VCPUOP_stop_singleshot_timer, 0, 0),
+        (VCPU, X.VCPUOP_set_periodic_timer, 0, p(SCRATCH + 0x80)),
+        (VCPU, X.VCPUOP_set_periodic_timer, 0, p(SCRATCH + 0x88)),
+        (VCPU, X.VCPUOP_set_periodic_timer, 0, 0xFFFF_F000),            # not mapped: EFAULT
+        (VCPU, X.VCPUOP_set_periodic_timer, 0, p(SCRATCH + 0x90)),
         (VCPU, X.VCPUOP_stop_periodic_timer, 0, 0),
         (VCPU, 77, 0, 0),
     ])
     assert [r for r, _ in res] == [1, errno("ENOENT"), errno("EINVAL"), 0, errno("EINVAL"),
-                                   errno("ETIME"), 0, 0, 0, errno("ENOSYS")]
+                                   errno("ETIME"), 0, 0, errno("EINVAL"), errno("EINVAL"),
+                                   errno("EFAULT"), 0, 0, errno("ENOSYS")]
+    assert h.xen.timers.periodics() == {}
     assert h.xen.vcpu_info_gpa[0] == 0x900040
     # the registered vcpu_info carries live time: version even and non-zero, system time set
     ver, _, tsc, systime = struct.unpack("<IIQQ", m.read(0x900040 + 32, 24))
     assert ver and ver % 2 == 0 and systime > 0
     assert h.xen.timers.deadline(0) is None
+
+
+def test_periodic_timer_raises_virq_timer_every_period(harness):
+    """VCPUOP_set_periodic_timer: VIRQ_TIMER again and again, a period apart, until stopped."""
+    import time
+
+    h, m, p = harness, harness.mem, harness.ptr
+    m.write(SCRATCH, struct.pack("<III", X.VIRQ_TIMER, 0, 0))
+    m.write(SCRATCH + 0x20, struct.pack("<Q", 20_000_000))             # 20 ms
+    fired = []
+    raise_virq = h.xen.evtchn.raise_virq
+
+    def counting(vcpu, virq):
+        fired.append((time.monotonic(), vcpu, virq))
+        raise_virq(vcpu, virq)
+    h.xen.evtchn.raise_virq = counting
+    res = h.run([(EV, X.EVTCHNOP_bind_virq, p(SCRATCH)),
+                 (VCPU, X.VCPUOP_set_periodic_timer, 0, p(SCRATCH + 0x20))])
+    assert [r for r, _ in res] == [0, 0]
+    port = struct.unpack("<I", m.read(SCRATCH + 8, 4))[0]
+    time.sleep(0.25)
+    ticks = list(fired)
+    # saved with the vCPU: its period and next expiry, about a period from now
+    (period, expiry), = h.xen.save().periodic.values()
+    assert period == 20_000_000 and abs(expiry - h.xen.clock.now()) <= 60_000_000
+    assert 5 <= len(ticks) <= 14, ticks                   # about 12 in 250 ms
+    assert {(v, q) for _, v, q in ticks} == {(0, X.VIRQ_TIMER)}
+    gaps = [b[0] - a[0] for a, b in zip(ticks, ticks[1:])]
+    assert min(gaps) >= 0.015, gaps                       # never faster than the period
+    assert h.xen.evtchn.is_pending(port)
+    h.xen.timers.stop_periodic(0)
+    time.sleep(0.05)
+    n = len(fired)
+    time.sleep(0.1)
+    assert len(fired) == n                                 # stopped: no more
 
 
 def test_block_yield_and_upcall_vector(harness):

@@ -148,6 +148,34 @@ def test_states_round_trip_through_the_codec(domains, counter_image):
     assert a.overlay.save().gpas == {"shared_info": SHINFO}
 
 
+def test_periodic_timers_are_saved_and_version_1_xen_state_still_loads(domains, counter_image):
+    from dataclasses import asdict
+
+    from xend_lite.errors import InvalidArgument
+    from xend_lite.snapshot.codec import encode
+    from xend_lite.snapshot.state import decode_state
+    from xend_lite.xen.emulation import XenState
+
+    a = domains(counter_image)
+    a.start()
+    assert wait_for(lambda: counters(a)[1] > 5)
+    a.pause()
+    a.xen.timers.set_periodic(0, 10**12)            # far enough not to fire meanwhile
+    st = a.xen.save()
+    b = domains(counter_image)
+    b.xen.load(st)
+    assert b.xen.timers.periodics() == a.xen.timers.periodics()
+    # a section saved before periodic timers existed: version 1, no such field
+    old = {k: v for k, v in asdict(st).items() if k != "periodic"}
+    v1 = decode_state(XenState, "xen", 1, encode(old))
+    assert v1.periodic == {}
+    b.xen.load(v1)
+    assert b.xen.timers.periodics() == {}
+    # a period Xen would not accept is refused before anything changes
+    with pytest.raises(InvalidArgument, match="periodic"):
+        b.xen.load(XenState(**(asdict(st) | {"periodic": {"0": [5, 0]}})))
+
+
 def test_newer_or_malformed_overlay_section_refused(domains, counter_image, tmp_path, monkeypatch):
     from dataclasses import dataclass
 

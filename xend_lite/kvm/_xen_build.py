@@ -132,6 +132,7 @@ struct grant_entry_v1 { uint16_t flags; domid_t domid; uint32_t frame; ...; };
 
 struct vcpu_register_vcpu_info { uint64_t mfn; uint32_t offset; uint32_t rsvd; ...; };
 struct vcpu_set_singleshot_timer { uint64_t timeout_abs_ns; uint32_t flags; ...; };
+struct vcpu_set_periodic_timer { uint64_t period_ns; ...; };
 
 struct xen_feature_info { unsigned int submap_idx; uint32_t submap; ...; };
 struct xen_platform_parameters { unsigned long virt_start; ...; };

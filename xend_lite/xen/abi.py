@@ -51,9 +51,14 @@ _COMPAT = {
     "gnttab_get_version": [("dom", "u16"), ("pad", "u16"), ("version", "u32")],
     "vcpu_register_vcpu_info": [("mfn", "u64"), ("offset", "u32"), ("rsvd", "u32")],
     "vcpu_set_singleshot_timer": [("timeout_abs_ns", "u64"), ("flags", "u32")],
+    "vcpu_set_periodic_timer": [("period_ns", "u64")],
     "xen_feature_info": [("submap_idx", "u32"), ("submap", "u32")],
     "xen_platform_parameters": [("virt_start", "ulong")],
 }
+
+# The periods Xen accepts for a vCPU's periodic timer (VCPUOP_set_periodic_timer): from 1 ms
+# up to STIME_DELTA_MAX, the longest delta Xen adds to its system time.
+PERIODIC_MIN_NS, PERIODIC_MAX_NS = 1_000_000, (1 << 62) - 1
 
 # Structs our 64-bit builder does not declare but whose layout is fixed and simple.
 _EXTRA64 = {

@@ -28,7 +28,8 @@ from xend_lite.machine.machine import MemoryBusy
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SIZE
 from xend_lite.snapshot.state import State
 from xend_lite.xen import cpuid as xcpuid
-from xend_lite.xen.abi import SHINFO32, SHINFO64, TIME_FLAGS, TIME_TSC, TIME_VERSION, SharedInfoLayout, guest_layout
+from xend_lite.xen.abi import (PERIODIC_MAX_NS, PERIODIC_MIN_NS, SHINFO32, SHINFO64, TIME_FLAGS, TIME_TSC,
+                               TIME_VERSION, SharedInfoLayout, guest_layout)
 from xend_lite.xen.errors import Restart, XenError
 from xend_lite.xen.evtchn import EventChannels
 from xend_lite.xen.guestview import GuestView
@@ -128,7 +129,7 @@ class XenState(State):
     """Saved state of the Xen emulation (everything but the overlay pages)."""
 
     NAME = "xen"
-    VERSION = 1
+    VERSION = 2
     MIN_VERSION = 1
     hypercall_page: int = -1
     params: dict[str, int] = field(default_factory=dict)
@@ -140,6 +141,14 @@ class XenState(State):
     shutdown_code: int = -1
     counters: dict[str, list[int]] = field(default_factory=dict)
     console: bytes = b""
+    # per vCPU: [period, next expiry] of its periodic timer, in ns of Xen system time
+    periodic: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
+        if version < 2:              # saved before periodic timers existed
+            fields = fields | {"periodic": {}}
+        return fields
 
 
 class XenEmulation:
@@ -535,15 +544,20 @@ class XenEmulation:
             shutdown_code=-1 if self.shutdown_code is None else self.shutdown_code,
             counters={"calls": list(self.calls), "errors": list(self.errors)},
             console=self.machine.console.tail(64 * 1024),
+            periodic={str(k): list(v) for k, v in self.timers.periodics().items()},
         )
 
     def check_state(self, st: XenState) -> None:
-        for k in list(st.params) + list(st.upcall_vectors) + list(st.vcpu_info) + list(st.timers):
+        per_vcpu = list(st.upcall_vectors) + list(st.vcpu_info) + list(st.timers) + list(st.periodic)
+        for k in list(st.params) + per_vcpu:
             if not k.isdigit():
                 raise InvalidArgument(f"xen state: bad key {k!r}")
-        for k in list(st.upcall_vectors) + list(st.vcpu_info) + list(st.timers):
+        for k in per_vcpu:
             if int(k) >= self.nr_vcpus:
                 raise InvalidArgument(f"xen state names vcpu {k}, this domain has {self.nr_vcpus}")
+        for v in st.periodic.values():
+            if len(v) != 2 or not PERIODIC_MIN_NS <= v[0] <= PERIODIC_MAX_NS:
+                raise InvalidArgument("xen state: periodic timer malformed")
         for key in ("ports", "daemon_ports"):
             if not isinstance(st.evtchn.get(key), dict):
                 raise InvalidArgument("xen state: event channel table malformed")
@@ -565,14 +579,18 @@ class XenEmulation:
             self.calls, self.errors = list(calls), list(errors)
         for k, v in st.timers.items():
             self.timers.set(int(k), v)
+        for k, (period, expiry) in st.periodic.items():
+            self.timers.set_periodic(int(k), period, expiry)
 
 
 class Timers:
-    """Per-vCPU one-shot timers in Xen system time; firing raises VIRQ_TIMER."""
+    """Per-vCPU timers in Xen system time, a one-shot and a periodic one each, as Xen has;
+    either raises VIRQ_TIMER when it expires."""
 
     def __init__(self, xen: XenEmulation):
         self.xen = xen
         self._deadline: dict[int, int] = {}
+        self._periodic: dict[int, list[int]] = {}     # vcpu -> [period, next expiry]
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -600,6 +618,23 @@ class Timers:
     def stop_all(self) -> None:
         with self._cond:
             self._deadline.clear()
+            self._periodic.clear()
+
+    def set_periodic(self, vcpu: int, period_ns: int, expiry: int | None = None) -> None:
+        """Expire every period_ns from now (or first at ``expiry``), until stopped."""
+        with self._cond:
+            first = self.xen.clock.now() + period_ns if expiry is None else expiry
+            self._periodic[vcpu] = [period_ns, first]
+            self._ensure()
+            self._cond.notify()
+
+    def stop_periodic(self, vcpu: int) -> None:
+        with self._cond:
+            self._periodic.pop(vcpu, None)
+
+    def periodics(self) -> dict[int, tuple[int, int]]:
+        with self._cond:
+            return {v: (p, e) for v, (p, e) in self._periodic.items()}
 
     def deadline(self, vcpu: int) -> int | None:
         return self._deadline.get(vcpu)
@@ -631,8 +666,13 @@ class Timers:
                     if d <= now:
                         fire.append(v)
                         del self._deadline[v]
+                for v, pe in self._periodic.items():
+                    if pe[1] <= now:        # as Xen: one event, the next a period from now
+                        fire.append(v)
+                        pe[1] = now + pe[0]
                 if not fire:
-                    nxt = min(self._deadline.values(), default=None)
+                    nxt = min([*self._deadline.values(), *(e for _, e in self._periodic.values())],
+                              default=None)
                     wait = 1.0 if nxt is None else max(0.0, (nxt - now) / 1e9)
                     self._cond.wait(min(wait, 1.0))
                     continue

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from xend_lite.errors import XendLiteError
 from xend_lite.kvm.xenabi import X
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SHIFT, PAGE_SIZE
+from xend_lite.xen.abi import PERIODIC_MAX_NS, PERIODIC_MIN_NS
 from xend_lite.xen.errors import Restart, XenError, inval
 from xend_lite.xen.evtchn import PER_VCPU_VIRQS
 
@@ -611,8 +612,15 @@ class Handlers:
                 raise inval("only the calling vcpu's timer")
             xen.timers.stop(vcpuid)
             return 0
+        if cmd == X.VCPUOP_set_periodic_timer:     # any vCPU of the domain, as in Xen
+            period = c.read("vcpu_set_periodic_timer", arg)["period_ns"]
+            if not PERIODIC_MIN_NS <= period <= PERIODIC_MAX_NS:
+                raise inval("periodic timer period must be 1 ms or more")
+            xen.timers.set_periodic(vcpuid, period)
+            return 0
         if cmd == X.VCPUOP_stop_periodic_timer:
-            return 0                # none runs: stopping one always succeeds
+            xen.timers.stop_periodic(vcpuid)
+            return 0
         raise XenError(X.XEN_ENOSYS, "vcpu_op not offered")
 
     # -- set_timer_op --------------------------------------------------------------------
