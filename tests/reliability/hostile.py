@@ -312,8 +312,10 @@ class TableMaker:
         if cmd in (X.SCHEDOP_block,) and not p.chance(0.05):
             cmd = X.SCHEDOP_yield      # a block costs up to a 10 ms slice: keep it rare
         if cmd == X.SCHEDOP_shutdown:
-            arg = self.struct_or_fault(lambda: struct.pack(
-                "<I", X.SHUTDOWN_soft_reset if p.chance(0.1) else p.choice((6, 7, 255, 1 << 31, U32))))
+            # as in Xen every reason but soft_reset (also as 0x100 | 5: a u8) ends the guest,
+            # so the struct is a soft reset now and then, else out of reach (-EFAULT)
+            arg = (self.place(struct.pack("<I", p.choice((X.SHUTDOWN_soft_reset, 0x100 | X.SHUTDOWN_soft_reset))))
+                   if p.chance(0.1) else self.faulting())
         elif cmd == X.SCHEDOP_poll:
             arg = self.struct_or_fault(self.poll)
         elif cmd == X.SCHEDOP_shutdown_code:
@@ -336,8 +338,11 @@ class TableMaker:
         if cmd == X.SCHEDOP_block and not p.chance(0.05):
             cmd = X.SCHEDOP_yield
         arg = self.pointer()
-        if cmd == X.SCHEDOP_shutdown:   # the reason itself is the argument
-            arg = X.SHUTDOWN_soft_reset if p.chance(0.1) else p.choice((6, 7, 1000, U32))
+        if cmd == X.SCHEDOP_shutdown:   # the reason itself is the argument: see _sched_op
+            if p.chance(0.1):
+                arg = p.choice((X.SHUTDOWN_soft_reset, 0xFF00 | X.SHUTDOWN_soft_reset))
+            else:
+                cmd = X.SCHEDOP_yield
         return (cmd, arg, self.word(), self.word(), self.word())
 
     def _event_channel_op(self, cmd):

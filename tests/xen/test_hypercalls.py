@@ -155,12 +155,24 @@ def test_shutdown_reasons_reach_the_host(harness_factory, bits):
                 (e, {k: v for k, v in d.items() if k != "detail"}) for e, d in h.events]
 
 
-def test_bad_shutdown_reason_and_cpl3_refused(harness):
-    harness.mem.write(SCRATCH, struct.pack("<I", 77))
-    res = harness.run([(HC["sched_op"], X.SCHEDOP_shutdown, harness.ptr(SCRATCH)),
-                       (HC["sched_op"], 99, 0), (HC["sched_op"], X.SCHEDOP_yield, 0)])
-    assert [r for r, _ in res] == [errno("EINVAL"), errno("ENOSYS"), 0]
+def test_unknown_sched_op_refused(harness):
+    res = harness.run([(HC["sched_op"], 99, 0), (HC["sched_op"], X.SCHEDOP_yield, 0)])
+    assert [r for r, _ in res] == [errno("ENOSYS"), 0]
     assert harness.machine.status is None
+
+
+@pytest.mark.parametrize(("reason", "name", "detail"), [
+    (77, "unknown", "reason 77"),                       # not a SHUTDOWN_* value
+    (0x100 | X.SHUTDOWN_reboot, "reboot", "reboot"),     # Xen reads the reason as a u8
+    (0xFFFF_FF00, "poweroff", "poweroff"),
+])
+def test_any_shutdown_reason_shuts_down_as_in_xen(harness_factory, reason, name, detail):
+    h = harness_factory(64)
+    h.mem.write(SCRATCH, struct.pack("<I", reason))
+    h.plant([(HC["sched_op"], X.SCHEDOP_shutdown, h.ptr(SCRATCH))])
+    h.domain.start()
+    st = h.machine.wait(10)
+    assert st is not None and st.reason == name and detail in st.detail, st
 
 
 def test_bad_hypercall_msr_gets_gp(harness_factory):
