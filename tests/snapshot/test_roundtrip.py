@@ -280,6 +280,32 @@ def test_verify_memory_finds_corrupt_memory(tmp_path):
         assert ei.value.region == region
 
 
+def test_verify_memory_reports_the_first_bad_chunk_whichever_thread_finds_it(tmp_path):
+    """Chunks with data are checked on several threads: with two bad chunks, the one first
+    in the file is reported, every time."""
+    from xend_lite.snapshot import reader
+
+    n = 4 * reader.VERIFY_THREADS                    # enough chunks to be shared out
+    size = n * MiB
+    fd = memfd(size)
+    try:
+        os.pwrite(fd, os.urandom(size), 0)
+        save_snapshot(tmp_path / "s", [ClockState(1)], [MemoryRegion("ram", 0, size, fd)])
+    finally:
+        os.close(fd)
+    with load_snapshot(tmp_path / "s", CLASSES, verify_memory=True) as snap:
+        start = snap.region("ram").file_offset
+    raw = bytearray((tmp_path / "s").read_bytes())
+    first, last = 1, n - 1                           # on different threads
+    for k in (first, last):
+        raw[start + k * MiB + 123] ^= 1
+    (tmp_path / "bad").write_bytes(raw)
+    for _ in range(5):
+        with pytest.raises(MemoryChecksumMismatch) as ei:
+            load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
+        assert ei.value.offset == first * MiB and f"chunk {first}" in str(ei.value)
+
+
 def test_verify_memory_checks_every_lane_of_a_chunk(tmp_path):
     """A flipped byte anywhere in a chunk (each of its four checksum lanes, both ends) is
     found; the file is otherwise left whole."""

@@ -256,34 +256,66 @@ def _accepted(name: str, names: set[str]) -> bool:
     return name in names or split_section_name(name)[0] in names
 
 
+VERIFY_THREADS = 2     # chunks with data are read and summed on this many threads at once
+
+
 def _verify_memory(fd: int, p: _Parsed, path: str) -> None:
+    """Every chunk against its sum: holes without reading them, chunks with data read and
+    summed on VERIFY_THREADS threads (pread and the sum both run without the GIL). The
+    first bad chunk in file order is the one reported."""
     h = p.header
     chunk = h.chunk_size
     summer = ff.chunk_summer(h.format_version)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    for r, (_, crcs) in zip(p.regions, p.sums):
-        start = h.mem_offset + r.offset
-        data = _data_chunks(fd, start, r.size, chunk)
+    jobs: list[tuple[int, int, int, int, int]] = []   # region, chunk, file offset, length, sum
+    bad: list[tuple[int, int, SnapshotError]] = []    # region, chunk, what is wrong
+    for ri, (r, (_, crcs)) in enumerate(zip(p.regions, p.sums)):
+        data = _data_chunks(fd, h.mem_offset + r.offset, r.size, chunk)
         for i, want in enumerate(crcs):
-            off = i * chunk
-            length = min(chunk, r.size - off)
-            if i not in data:        # a hole: reads as zeros, no need to read it
-                got = ff.zero_chunk_sum(length, h.format_version)
-            else:
-                try:
-                    n = os.preadv(fd, [view[:length]], start + off)
-                except OSError as err:
-                    raise SnapshotReadError(f"reading snapshot {path} failed: "
-                                            f"{os.strerror(err.errno)}", err.errno) from err
-                if n != length:
-                    raise Truncated(f"memory region {r.name!r} ends early", start + off + length,
-                                    start + off + n)
-                got = summer(view[:length])
-            if got != want:
-                raise MemoryChecksumMismatch(
-                    f"memory region {r.name!r} is corrupt at offset {off:#x} (chunk {i} "
-                    "checksum mismatch)", r.name, off)
+            length = min(chunk, r.size - i * chunk)
+            if i in data:
+                jobs.append((ri, i, h.mem_offset + r.offset + i * chunk, length, want))
+            elif ff.zero_chunk_sum(length, h.format_version) != want:   # a hole: reads as zeros
+                bad.append((ri, i, _mismatch(r, i, chunk)))
+                break
+
+    def check(part: list[tuple[int, int, int, int, int]]) -> None:
+        view = memoryview(bytearray(chunk))
+        for ri, i, at, length, want in part:
+            try:
+                n = os.preadv(fd, [view[:length]], at)
+            except OSError as err:
+                bad.append((ri, i, SnapshotReadError(
+                    f"reading snapshot {path} failed: {os.strerror(err.errno)}", err.errno)))
+                return
+            if n != length:
+                bad.append((ri, i, Truncated(f"memory region {p.regions[ri].name!r} ends early",
+                                             at + length, at + n)))
+                return
+            if summer(view[:length]) != want:
+                bad.append((ri, i, _mismatch(p.regions[ri], i, chunk)))
+                return
+
+    if len(jobs) < 2 * VERIFY_THREADS:
+        check(jobs)
+    else:
+        import threading
+
+        step = -(-len(jobs) // VERIFY_THREADS)
+        threads = [threading.Thread(target=check, args=(jobs[k:k + step],), name="snapshot-verify")
+                   for k in range(step, len(jobs), step)]
+        for t in threads:
+            t.start()
+        check(jobs[:step])
+        for t in threads:
+            t.join()
+    if bad:
+        raise min(bad, key=lambda b: (b[0], b[1]))[2]
+
+
+def _mismatch(r: ff.RegionEntry, i: int, chunk: int) -> MemoryChecksumMismatch:
+    off = i * chunk
+    return MemoryChecksumMismatch(f"memory region {r.name!r} is corrupt at offset {off:#x} "
+                                  f"(chunk {i} checksum mismatch)", r.name, off)
 
 
 def _data_chunks(fd: int, start: int, size: int, chunk: int) -> set[int]:
