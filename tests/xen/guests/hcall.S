@@ -67,24 +67,7 @@ done64:
     jmp 3b
 
 find_xen:
-    movl $0x40000000, %r12d
-1:  movl %r12d, %eax
-    cpuid
-    cmpl $0x566e6558, %ebx
-    jne 2f
-    movq $TABLE, %r15
-    movl %eax, 40(%r15)
-    leal 1(%r12d), %eax
-    cpuid
-    movl %eax, 32(%r15)
-    leal 2(%r12d), %eax
-    cpuid
-    movl %ebx, 24(%r15)
-    ret
-2:  addl $0x100, %r12d
-    cmpl $0x40010000, %r12d
-    jb 1b
-    ret
+    FIND_XEN64(TABLE)
 #else
     .section .text.entry, "ax"
     .globl _start
@@ -146,23 +129,7 @@ done32:
     jmp 3b
 
 find_xen32:
-    movl $0x40000000, %esi
-1:  movl %esi, %eax
-    cpuid
-    cmpl $0x566e6558, %ebx
-    jne 2f
-    movl %eax, TABLE + 40
-    leal 1(%esi), %eax
-    cpuid
-    movl %eax, TABLE + 32
-    leal 2(%esi), %eax
-    cpuid
-    movl %ebx, TABLE + 24
-    ret
-2:  addl $0x100, %esi
-    cmpl $0x40010000, %esi
-    jb 1b
-    ret
+    FIND_XEN32(TABLE)
 #endif
 
     .data

@@ -102,6 +102,27 @@ stack_top: ; \
     movq $xatp, %rsi; movw $0x7ff0, 0(%rsi); movw $0, 2(%rsi); movl $0, 4(%rsi); \
     movq $0, 8(%rsi); movq $((gpa) >> 12), 16(%rsi); movl $7, %edi; call hcpage + 12 * 32
 
+/* Hypercall harness guests: routine bodies (ending in ret) that scan the hypervisor CPUID
+ * leaves (0x40000000 up, 0x100 apart) for "XenVMMXenVMM" and record, in the table at `table`,
+ * its highest leaf (+40), the version leaf's EAX (+32) and the hypercall MSR (+24); nothing
+ * when no Xen is found. 64-bit: clobbers r12 and, when found, sets r15 = table. 32-bit:
+ * clobbers esi. */
+#define FIND_XEN64(table) \
+    movl $0x40000000, %r12d; \
+9010: movl %r12d, %eax; cpuid; cmpl $0x566e6558, %ebx; jne 9011f; \
+    movq $table, %r15; movl %eax, 40(%r15); \
+    leal 1(%r12d), %eax; cpuid; movl %eax, 32(%r15); \
+    leal 2(%r12d), %eax; cpuid; movl %ebx, 24(%r15); ret; \
+9011: addl $0x100, %r12d; cmpl $0x40010000, %r12d; jb 9010b; ret
+
+#define FIND_XEN32(table) \
+    movl $0x40000000, %esi; \
+9012: movl %esi, %eax; cpuid; cmpl $0x566e6558, %ebx; jne 9013f; \
+    movl %eax, table + 40; \
+    leal 1(%esi), %eax; cpuid; movl %eax, table + 32; \
+    leal 2(%esi), %eax; cpuid; movl %ebx, table + 24; ret; \
+9013: addl $0x100, %esi; cmpl $0x40010000, %esi; jb 9012b; ret
+
 /* Hypercall harness guests (64-bit): fill every register a hypercall must keep with a
  * known pattern before the call ... */
 #define FILL_PATTERNS64 \
