@@ -94,6 +94,24 @@ def samples_note(samples: dict[str, list[float]], unit: str) -> str:
         f"{k} " + "/".join(f"{x:.0f}" for x in s) for k, s in samples.items())
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM a VMM under test, then SIGKILL it if it has not exited within ``grace``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def file_tail(f, limit: int = 800) -> str:
+    """The last ``limit`` characters written to the binary file ``f`` (a child's stderr)."""
+    f.flush()
+    f.seek(0)
+    return f.read().decode(errors="replace").strip()[-limit:]
+
+
 def discover() -> list[ModuleType]:
     """Every benchmark module in this package, in name order."""
     mods = []

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from bench._harness import Skip
+from bench._harness import Skip, file_tail, stop_process
 
 _INSTALL_TRIED = False
 
@@ -166,9 +165,7 @@ class Qemu:
         return self.proc.pid
 
     def stderr_text(self) -> str:
-        self.stderr.flush()
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace").strip()[-800:]
+        return file_tail(self.stderr)
 
     def wait_qmp(self, timeout: float = 60.0, handshake: bool = True, monitor: int = 0) -> Qmp:
         """Poll until QMP socket number ``monitor`` greets; ``t_greeting`` is when it did."""
@@ -190,13 +187,7 @@ class Qemu:
             time.sleep(0.0005)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.stderr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench._harness import HERE, ROOT, Context, Skip
+from bench._harness import HERE, ROOT, Context, Skip, file_tail, stop_process
 
 
 def require_kvm() -> None:
@@ -184,32 +184,16 @@ class Daemon:
         return self.t_ready - self.t_spawn
 
     def stderr_text(self) -> str:
-        self.stderr.flush()
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace").strip()[-800:]
+        return file_tail(self.stderr)
 
     def rpc(self) -> Rpc:
         return Rpc(self.socket)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.notify.close()
         self.stderr.close()
-        for name in os.listdir(self.dir):
-            try:
-                os.unlink(os.path.join(self.dir, name))
-            except OSError:
-                pass
-        try:
-            os.rmdir(self.dir)
-        except OSError:
-            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Daemon:
         return self
