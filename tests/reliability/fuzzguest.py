@@ -17,23 +17,14 @@ all lie below ARENA), and so anything written where no pointer ever points shows
 from __future__ import annotations
 
 import struct
-import threading
 import time
 
+from tests.xen.conftest import ALIAS, ENTRY, HCPAGE, TABLE, U64, Harness
 from xend_lite.kvm.xenabi import X
-from xend_lite.xen.domain import Domain, DomainSpec
 
-TABLE = 0x300000
-HCPAGE = 0x200000
-ALIAS = 0x80_0000_0000
 DONE_PORT = 0xF1
-ENTRY = 256
 MAX_ENTRIES = 2000
-U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
-PATTERN64 = [0x1111111111111111, 0x2222222222222222, 0x3333333333333333, 0x4444444444444444,
-             0x5555555555555555, 0x6666666666666666, 0x7777777777777777, 0x8888888888888888,
-             0x9999999999999999]
 
 MEMORY_MIB = 64
 RAM_END = MEMORY_MIB << 20
@@ -59,23 +50,17 @@ def result_ok(res: int) -> bool:
     return res >= 0 or (-res in XEN_ERRNOS and 1 <= -res <= 133)
 
 
-class FuzzGuest:
+class FuzzGuest(Harness):
+    """The harness's table layout and result reading, with a guest that runs table after
+    table in one boot (see guests/fuzz.S)."""
+
+    DONE_PORT = DONE_PORT
+
     def __init__(self, image_path: str, bits: int, memory_mib: int = MEMORY_MIB, vcpus: int = 1):
-        self.bits = bits
-        self.events: list[tuple[str, dict]] = []
-        self.domain = Domain(DomainSpec(image=image_path, memory_mib=memory_mib, vcpus=vcpus),
-                             emit=lambda e, d: self.events.append((e, d)))
-        self.machine = self.domain.machine
-        self.mem = self.machine.mem
-        self.xen = self.domain.xen
-        self._done = threading.Event()
-        self.machine.register_io_out(DONE_PORT, lambda _r, _ex: self._done.set())
+        super().__init__(image_path, bits, memory_mib=memory_mib, vcpus=vcpus)
         self.generation = 0
         self.calls_run = 0
         self.calls: list[list[int]] = []
-
-    def ptr(self, gpa: int) -> int:
-        return ALIAS + gpa if self.bits == 64 else gpa
 
     def boot(self, timeout: float = 20.0) -> None:
         hdr = struct.pack("<QQQQQQQQ", 0, HCPAGE, 0, 0, 0, 0, 0, 0)
@@ -115,26 +100,3 @@ class FuzzGuest:
                                      f"calls; next: {self.calls[done] if done < len(calls) else None}")
         self.calls_run += len(calls)
         return self.results(len(calls))
-
-    def results(self, n: int) -> list[tuple[int, int]]:
-        out = []
-        for i in range(n):
-            base = TABLE + 64 + i * ENTRY
-            res = self.mem.read_u64(base + 56)
-            args = self.calls[i][1:6]
-            if self.bits == 64:
-                regs = list(struct.unpack("<14Q", self.mem.read(base + 64, 112)))
-                want = PATTERN64 + args
-            else:
-                regs = list(struct.unpack("<6Q", self.mem.read(base + 64, 48)))
-                want = [a & U32 for a in args] + [0x33333333]
-            if self.bits == 32:
-                res &= U32
-                res = res - (1 << 32) if res >> 31 else res
-            else:
-                res = res - (1 << 64) if res >> 63 else res
-            out.append((res, int(regs != want)))
-        return out
-
-    def close(self) -> None:
-        self.domain.close()

@@ -27,6 +27,11 @@ def errno(name: str) -> int:
 
 
 class Harness:
+    """A domain running a table-driven hypercall guest; the guest signals DONE_PORT when
+    its table is done."""
+
+    DONE_PORT = DONE_PORT
+
     def __init__(self, image_path: str, bits: int, **spec):
         self.bits = bits
         self.events: list[tuple[str, dict]] = []
@@ -37,7 +42,7 @@ class Harness:
         self.mem = self.machine.mem
         self.xen = self.domain.xen
         self._done = threading.Event()
-        self.machine.register_io_out(DONE_PORT, lambda _r, _ex: self._done.set())
+        self.machine.register_io_out(self.DONE_PORT, lambda _r, _ex: self._done.set())
 
     # guest pointers: through the alias in 64-bit mode so translation is exercised
     def ptr(self, gpa: int) -> int:
