@@ -40,30 +40,26 @@ class MemoryAudit:
         orig_read, orig_write = memory_mod.GuestMemory.read, memory_mod.GuestMemory.write
         audit = self
 
-        def read(mem, gpa, length):
+        def audited(what, mem, gpa, length, access):
             covered = audit.covered(mem.map, gpa, length)
             try:
-                out = orig_read(mem, gpa, length)
+                out = access()
             except GuestMemoryError:
                 audit.refused += 1
                 raise
             audit.accesses += 1
             if not covered:
-                audit.violations.append(f"read {gpa:#x}+{length:#x} succeeded outside backed memory")
+                audit.violations.append(f"{what} {gpa:#x}+{length:#x} succeeded outside backed memory")
+            return out
+
+        def read(mem, gpa, length):
+            out = audited("read", mem, gpa, length, lambda: orig_read(mem, gpa, length))
             if len(out) != length:
                 audit.violations.append(f"read {gpa:#x}+{length:#x} returned {len(out)} bytes")
             return out
 
         def write(mem, gpa, data):
-            covered = audit.covered(mem.map, gpa, len(data))
-            try:
-                orig_write(mem, gpa, data)
-            except GuestMemoryError:
-                audit.refused += 1
-                raise
-            audit.accesses += 1
-            if not covered:
-                audit.violations.append(f"write {gpa:#x}+{len(data):#x} succeeded outside backed memory")
+            audited("write", mem, gpa, len(data), lambda: orig_write(mem, gpa, data))
 
         monkeypatch.setattr(memory_mod.GuestMemory, "read", read)
         monkeypatch.setattr(memory_mod.GuestMemory, "write", write)
