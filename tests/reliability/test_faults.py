@@ -17,6 +17,8 @@ from xend_lite.cli.ctl import RpcError
 from xend_lite.daemon.service import real_domain_factory
 from xend_lite.kvm.xenabi import X
 
+from tests.tmpfs import small_tmpfs
+
 from .conftest import EventLog, scaled, wait_for
 from .hostile import HC
 
@@ -187,14 +189,8 @@ async def test_unreadable_snapshot_paths(start_daemon, short_tmp):
 def small_fs(short_tmp):
     path = os.path.join(short_tmp, "mnt")
     os.mkdir(path)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "none", path],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip() or r.returncode}")
-    try:
+    with small_tmpfs(path, "4m"):
         yield path
-    finally:
-        subprocess.run(["umount", "-l", path], check=False)
 
 
 async def test_disk_full_during_save_keeps_the_earlier_snapshot(start_daemon, small_fs):

@@ -18,6 +18,8 @@ import pytest
 from xend_lite.snapshot import (MemoryRegion, SnapshotWriteError, load_snapshot, save_snapshot,
                                 wait_reclaimed)
 
+from tests.tmpfs import small_tmpfs
+
 from .helpers import (
     CLASSES,
     CRASH_SIZE,
@@ -182,14 +184,8 @@ def test_temp_file_of_another_target_is_left_alone(tmp_path):
 def small_fs(tmp_path):
     d = tmp_path / "mnt"
     d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "none", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip() or r.returncode}")
-    try:
+    with small_tmpfs(d, "2m"):
         yield d
-    finally:
-        subprocess.run(["umount", str(d)], check=False)
 
 
 def test_disk_full(small_fs):
