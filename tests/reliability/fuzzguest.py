@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 import time
 
-from tests.xen.conftest import ALIAS, ENTRY, HCPAGE, TABLE, U64, Harness
+from tests.xen.conftest import ALIAS, ENTRY, HCPAGE, TABLE, U64, Harness  # noqa: F401 - the layout hostile.py reads
 from xend_lite.kvm.xenabi import X
 
 DONE_PORT = 0xF1
