@@ -94,6 +94,22 @@ def samples_note(samples: dict[str, list[float]], unit: str) -> str:
         f"{k} " + "/".join(f"{x:.0f}" for x in s) for k, s in samples.items())
 
 
+def bench_guest(ctx: Context, name: str, flat: bool = False) -> Path:
+    """bench/guests/NAME.S built as a 32-bit ELF in the work directory, or with ``flat`` as
+    a flat binary of it (for hosts that load raw images); Skip without a toolchain."""
+    from xend_lite.guests.build import build, toolchain_missing
+
+    missing = toolchain_missing()
+    if missing:
+        raise Skip(missing)
+    elf = build(HERE / "guests" / f"{name}.S", ctx.workdir / f"{name}.elf", bits=32)
+    if not flat:
+        return elf
+    out = ctx.workdir / f"{name}.bin"
+    subprocess.run(["objcopy", "-O", "binary", str(elf), str(out)], check=True, capture_output=True)
+    return out
+
+
 def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM a VMM under test, then SIGKILL it if it has not exited within ``grace``."""
     if proc.poll() is None:

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench._harness import HERE, ROOT, Context, Skip, file_tail, stop_process
+from bench._harness import ROOT, Context, Skip, bench_guest, file_tail, stop_process
 
 
 def require_kvm() -> None:
@@ -33,12 +33,7 @@ def daemon_argv() -> list[str]:
 
 def spin_image(ctx: Context) -> Path:
     """bench/guests/spin.S as a plain 32-bit ELF (the loader takes it as it is)."""
-    from xend_lite.guests.build import build, toolchain_missing
-
-    missing = toolchain_missing()
-    if missing:
-        raise Skip(missing)
-    return build(HERE / "guests" / "spin.S", ctx.workdir / "spin.elf", bits=32)
+    return bench_guest(ctx, "spin")
 
 
 class RpcError(RuntimeError):

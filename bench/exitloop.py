@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench._harness import HERE, Context, Figure, Section, Skip, interleaved, samples_note
+from bench._harness import HERE, Context, Figure, Section, Skip, bench_guest, interleaved, samples_note
 
 TITLE = "exitloop: one I/O exit round trip (guest -> host -> guest)"
 SUMMARY = (
@@ -29,15 +29,7 @@ TSS_ADDR = 0xFFFB_D000
 
 
 def build_guest(ctx: Context) -> Path:
-    from xend_lite.guests.build import build, toolchain_missing
-
-    missing = toolchain_missing()
-    if missing:
-        raise Skip(missing)
-    elf = build(HERE / "guests" / "outloop.S", ctx.workdir / "outloop.elf", bits=32)
-    flat = ctx.workdir / "outloop.bin"
-    subprocess.run(["objcopy", "-O", "binary", str(elf), str(flat)], check=True, capture_output=True)
-    return flat
+    return bench_guest(ctx, "outloop", flat=True)
 
 
 def c_exitloop(exe: Path, image: Path, mode: str, n: int, warmup: int, port: int = PORT,

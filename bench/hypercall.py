@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import time
 from pathlib import Path
 
-from bench._harness import HERE, Context, Figure, Section, Skip, interleaved, samples_note
+from bench._harness import HERE, Context, Figure, Section, Skip, bench_guest, interleaved, samples_note
 from bench.exitloop import c_exitloop
 
 TITLE = "hypercall: xen_version round trip through the hypercall page"
@@ -28,15 +27,7 @@ WARM, TOTAL, BAD = 0x180000, 0x180004, 0x180008
 
 
 def build_guest(ctx: Context) -> Path:
-    from xend_lite.guests.build import build, toolchain_missing
-
-    missing = toolchain_missing()
-    if missing:
-        raise Skip(missing)
-    elf = build(HERE / "guests" / "hcloop.S", ctx.workdir / "hcloop.elf", bits=32)
-    flat = ctx.workdir / "hcloop.bin"
-    subprocess.run(["objcopy", "-O", "binary", str(elf), str(flat)], check=True, capture_output=True)
-    return flat
+    return bench_guest(ctx, "hcloop", flat=True)
 
 
 def c_host(exe: Path, image: Path, mode: str, n: int, warmup: int) -> float:

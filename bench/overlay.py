@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import time
 
-from bench._harness import HERE, Context, Figure, Section, Skip
+from bench._harness import Context, Figure, Section, Skip, bench_guest
 
 TITLE = "overlay: map / move / unmap latency with two busy vCPUs"
 SUMMARY = (
@@ -77,14 +76,7 @@ def measure(image: bytes, n: int, in_place: bool = True) -> dict[str, list[float
 def run(ctx: Context) -> Section:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise Skip("/dev/kvm is missing or not accessible")
-    from xend_lite.guests.build import build, toolchain_missing
-
-    missing = toolchain_missing()
-    if missing:
-        raise Skip(missing)
-    elf = build(HERE / "guests" / "spin.S", ctx.workdir / "spin.elf", bits=32)
-    flat = ctx.workdir / "spin.bin"
-    subprocess.run(["objcopy", "-O", "binary", str(elf), str(flat)], check=True, capture_output=True)
+    flat = bench_guest(ctx, "spin", flat=True)
     n = ctx.count(2000, 50)
     r = measure(flat.read_bytes(), n)
     s = measure(flat.read_bytes(), n, in_place=False)

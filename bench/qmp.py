@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from bench._harness import HERE, Context, Figure, Section, median
+from bench._harness import Context, Figure, Section, bench_guest, median
 from bench._qemu import Qemu, qemu_binary
 from bench._xl import Daemon, percentile, proc_status, require_kvm, spin_image
 
@@ -148,9 +148,7 @@ def run_hammer(hcloop, n_rpc: int, idle_s: float, memory_mib: int = 128, vcpus: 
 
 
 def hcloop_image(ctx: Context):
-    from xend_lite.guests.build import build
-
-    return build(HERE / "guests" / "hcloop.S", ctx.workdir / "hcloop-daemon.elf", bits=32)
+    return bench_guest(ctx, "hcloop")
 
 
 def run(ctx: Context) -> Section:
