@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import signal
+import sys
 import time
 from enum import IntEnum
 from typing import Any, Callable
@@ -329,10 +330,10 @@ class Daemon:
             await self.runner.cleanup()
         self.listeners.close()
         # files replaced by this run's saves are freed in the background: finish that here,
-        # so no temporary file is left behind in the snapshot directory
-        from xend_lite.snapshot import wait_reclaimed
-
-        if not await asyncio.to_thread(wait_reclaimed, RECLAIM_WAIT):
+        # so no temporary file is left behind in the snapshot directory (a run that never
+        # saved never loaded the writer, and has nothing to wait for)
+        writer = sys.modules.get("xend_lite.snapshot.writer")
+        if writer is not None and not await asyncio.to_thread(writer.wait_reclaimed, RECLAIM_WAIT):
             log.warning("old snapshot files are still being freed; the next save removes them")
         self.notifier.close()
         log.info("stopped in %.2f s", time.monotonic() - t0)
