@@ -234,7 +234,6 @@ uint64_t xl_fetch_and64(uintptr_t addr, uint64_t mask);
 uint8_t xl_xchg8(uintptr_t addr, uint8_t value);
 uint64_t xl_rdtsc(void);
 int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t offset);
-void xl_call_regs(struct kvm_run *run, uint64_t *out);
 int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, int set_rax, uint64_t rax);
 void xl_set_call_result(struct kvm_run *run, const uint64_t *out, uint64_t rax);
 #define XL_CALL_LONG ...
@@ -313,17 +312,6 @@ static int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t of
     void *p = mmap((void *)addr, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd,
                    (off_t)offset);
     return p == MAP_FAILED ? -errno : 0;
-}
-/* The synced registers a call convention needs, in one C call (each field read through
- * cffi costs as much as this whole copy): rax rbx rcx rdx rsi rdi r8 r10 rflags cs.l
- * cs.selector efer cr0. */
-static void xl_call_regs(struct kvm_run *run, uint64_t *out) {
-    struct kvm_regs *r = &run->s.regs.regs;
-    struct kvm_sregs *s = &run->s.regs.sregs;
-    out[0] = r->rax; out[1] = r->rbx; out[2] = r->rcx; out[3] = r->rdx;
-    out[4] = r->rsi; out[5] = r->rdi; out[6] = r->r8; out[7] = r->r10;
-    out[8] = r->rflags; out[9] = s->cs.l; out[10] = s->cs.selector; out[11] = s->efer;
-    out[12] = s->cr0;
 }
 /* A call made by a port write, in the convention of the caller's mode: out[0] the call
  * number (EAX), out[1] XL_CALL_* flags, out[2..6] the five arguments (64-bit mode: RDI RSI

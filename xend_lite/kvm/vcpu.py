@@ -26,7 +26,6 @@ SYNC_EVENTS = lib.KVM_SYNC_X86_EVENTS
 PORT_SHIFT = 32
 _xl_run = lib.xl_run
 _xl_set_rax = lib.xl_set_rax
-_xl_call_regs = lib.xl_call_regs
 _xl_run_call = lib.xl_run_call
 #: exit_call() flags: the caller was in 64-bit mode / was not the guest kernel
 CALL_LONG = lib.XL_CALL_LONG
@@ -171,7 +170,6 @@ class Vcpu:
         self.run_struct = ffi.cast("struct kvm_run *", self._run_buf)
         self._valid_regs = 0
         self._run_req = lib.KVM_RUN
-        self._call_buf = ffi.new("uint64_t[13]")
         self._args_buf = ffi.new("uint64_t[7]")
         # Registers as KVM_CAP_SYNC_REGS delivers them (valid after run() when enabled).
         self.sync_regs = self.run_struct.s.regs.regs
@@ -235,12 +233,6 @@ class Vcpu:
     def set_call_result(self, rax: int) -> None:
         """What run_result(rax) does before it runs: RAX for the call exit_call() describes."""
         lib.xl_set_call_result(self.run_struct, self._args_buf, rax & 0xFFFFFFFFFFFFFFFF)
-
-    def call_regs(self) -> list[int]:
-        """The synced rax rbx rcx rdx rsi rdi r8 r10 rflags cs.l cs.selector efer cr0 (after
-        an exit, with SYNC_REGS and SYNC_SREGS enabled), read in one call."""
-        _xl_call_regs(self.run_struct, self._call_buf)
-        return _unpack(self._call_buf, 13)
 
     def set_rax(self, value: int) -> None:
         """Set the guest's RAX through the synced registers (applied on the next run)."""
