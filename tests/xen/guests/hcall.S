@@ -100,27 +100,7 @@ _start:                             /* the loader's flat 32-bit segments stay as
     movl $0x33333333, %ebp
     movl $0xabcdef, %eax
     call *hc_target
-    movl %eax, hc_result
-    movl %ebx, regs_save + 0
-    movl %ecx, regs_save + 8
-    movl %edx, regs_save + 16
-    movl %esi, regs_save + 24
-    movl %edi, regs_save + 32
-    movl %ebp, regs_save + 40
-    movl entry_ptr, %ebx
-    movl $0, %ecx
-4:  movl regs_save(,%ecx,8), %eax
-    movl %eax, 64(%ebx,%ecx,8)
-    movl $0, 68(%ebx,%ecx,8)
-    incl %ecx
-    cmpl $6, %ecx
-    jb 4b
-    movl hc_result, %eax
-    movl %eax, 56(%ebx)
-    movl $0, 60(%ebx)
-    incl entry_index
-    movl entry_index, %eax
-    movl %eax, TABLE + 16
+    RECORD_CALL32(TABLE)
     jmp 2b
 done32:
     movb $1, %al

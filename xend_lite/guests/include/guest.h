@@ -147,4 +147,17 @@ stack_top: ; \
     leaq regs_save(%rip), %rsi; leaq 64(%r13), %rdi; movl $14, %ecx; cld; rep movsq; \
     movq hc_result(%rip), %rax; movq %rax, 56(%r13)
 
+/* The same for 32-bit harness guests: RAX and the six registers a 32-bit call keeps into the
+ * table entry at entry_ptr (each zero-extended to a quadword), then entry_index is advanced
+ * and stored as the done count at table + 16. */
+#define RECORD_CALL32(table) \
+    movl %eax, hc_result; \
+    movl %ebx, regs_save + 0; movl %ecx, regs_save + 8; movl %edx, regs_save + 16; \
+    movl %esi, regs_save + 24; movl %edi, regs_save + 32; movl %ebp, regs_save + 40; \
+    movl entry_ptr, %ebx; movl $0, %ecx; \
+9014: movl regs_save(,%ecx,8), %eax; movl %eax, 64(%ebx,%ecx,8); movl $0, 68(%ebx,%ecx,8); \
+    incl %ecx; cmpl $6, %ecx; jb 9014b; \
+    movl hc_result, %eax; movl %eax, 56(%ebx); movl $0, 60(%ebx); \
+    incl entry_index; movl entry_index, %eax; movl %eax, table + 16
+
 #endif
