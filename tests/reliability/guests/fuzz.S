@@ -170,13 +170,9 @@ find_xen32:
 #endif
 
     .data
+    HARNESS_DATA
     .balign 8
-hc_target: .quad 0
-hc_result: .quad 0
 gen_seen: .quad 0
-regs_save: .fill 16, 8, 0
-entry_index: .long 0
-entry_ptr: .long 0
 #ifdef __x86_64__
     GUEST_GDT
     GUEST_PAGE_TABLES

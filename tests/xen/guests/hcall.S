@@ -113,12 +113,7 @@ find_xen32:
 #endif
 
     .data
-    .balign 8
-hc_target: .quad 0
-hc_result: .quad 0
-regs_save: .fill 16, 8, 0
-entry_index: .long 0
-entry_ptr: .long 0
+    HARNESS_DATA
 #ifdef __x86_64__
     GUEST_GDT
     GUEST_PAGE_TABLES

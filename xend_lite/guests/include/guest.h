@@ -147,6 +147,11 @@ stack_top: ; \
     leaq regs_save(%rip), %rsi; leaq 64(%r13), %rdi; movl $14, %ecx; cld; rep movsq; \
     movq hc_result(%rip), %rax; movq %rax, 56(%r13)
 
+/* The variables RECORD_CALL64 / RECORD_CALL32 use (put in .data of a harness guest). */
+#define HARNESS_DATA \
+    .balign 8; hc_target: .quad 0; hc_result: .quad 0; regs_save: .fill 16, 8, 0; \
+    entry_index: .long 0; entry_ptr: .long 0
+
 /* The same for 32-bit harness guests: RAX and the six registers a 32-bit call keeps into the
  * table entry at entry_ptr (each zero-extended to a quadword), then entry_index is advanced
  * and stored as the done count at table + 16. */
