@@ -7,7 +7,9 @@ ARGS ?=
 
 .PHONY: run test test-slow bench venv clean
 
-$(STAMP): pyproject.toml setup.py xend_lite/kvm/_build.py xend_lite/kvm/_xen_build.py xend_lite/kvm/_csum_build.py scripts/host-deps
+NATIVE := $(wildcard xend_lite/*/_build.py)
+
+$(STAMP): pyproject.toml setup.py $(NATIVE) scripts/host-deps
 	sh scripts/host-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
@@ -29,4 +31,4 @@ bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info xend_lite/kvm/_kvm*.so xend_lite/kvm/_xen*.so xend_lite/kvm/_csum*.so
+	rm -rf $(VENV) build *.egg-info xend_lite/*/_*.so

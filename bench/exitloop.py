@@ -48,7 +48,8 @@ def c_exitloop(exe: Path, image: Path, mode: str, n: int, warmup: int, port: int
 
 def py_bare(image: bytes, mode: str, n: int, warmup: int) -> float:
     """ns per exit for a bare Vcpu.run() loop (no machine layer)."""
-    from xend_lite.kvm import SYNC_REGS, Kvm, Regs, buffer_address, exits
+    from xend_lite.kvm import SYNC_REGS, Kvm, Regs, exits
+    from xend_lite.machine.native import buffer_address
     from xend_lite.machine.loader import flat32_sregs
 
     mem = mmap.mmap(-1, MEM_BYTES, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
@@ -68,12 +69,12 @@ def py_bare(image: bytes, mode: str, n: int, warmup: int) -> float:
                             run()
                 elif mode == "io-sync":
                     v.enable_sync_regs(SYNC_REGS)
-                    regs, set_rax = v.sync_regs, v.set_rax
+                    rax, set_rax = v.synced_rax, v.set_rax
 
                     def loop(k: int) -> None:
                         for _ in range(k):
                             run()
-                            set_rax(regs.rax + 1)
+                            set_rax(rax() + 1)
                 elif mode == "io-regs":
                     get, put = v.get_regs, v.set_regs
 
@@ -115,7 +116,7 @@ def py_machine(image: bytes, kind: str, n: int, warmup: int) -> float:
         try:
             def tick(r) -> None:
                 v = r.vcpu
-                v.set_rax(v.sync_regs.rax + 1)
+                v.set_rax(v.synced_rax() + 1)
                 c = state["count"] = state["count"] + 1
                 if c == warmup:
                     state["t0"] = time.perf_counter_ns()

@@ -138,7 +138,7 @@ async def test_guest_poweroff_with_a_code_ends_the_daemon(start_daemon, guest_im
     """A guest that calls SCHEDOP_shutdown_code then SCHEDOP_shutdown(poweroff): the daemon
     sends SHUTDOWN with the code and exits with it."""
     from tests.xen.conftest import ALIAS, ENTRY, HCPAGE, SCRATCH, TABLE
-    from xend_lite.kvm.xenabi import X
+    from xend_lite.xen.xenabi import X
     from xend_lite.xen.domain import Domain
 
     sched_op = getattr(X, "__HYPERVISOR_sched_op")

@@ -94,7 +94,7 @@ class RawVm:
 
 
 def make_raw_vm(kvm: Kvm, irqchip: bool = False) -> RawVm:
-    from xend_lite.kvm import buffer_address
+    from xend_lite.machine.native import buffer_address
 
     vm = kvm.create_vm()
     vm.set_tss_addr(0xFFFBD000)

@@ -7,7 +7,8 @@ import mmap
 
 import pytest
 
-from xend_lite.kvm import CAPABILITIES, SYNC_REGS, Kvm, KvmError, Regs, buffer_address, exits
+from xend_lite.kvm import CAPABILITIES, SYNC_REGS, Kvm, KvmError, Regs, exits
+from xend_lite.machine.native import buffer_address
 from xend_lite.kvm import const as K
 
 pytestmark = pytest.mark.kvm
@@ -92,9 +93,10 @@ def test_sync_regs_round_trip(kvm):
     vcpu.enable_sync_regs(SYNC_REGS)
     for i in range(5):
         assert type(vcpu.run()) is exits.IoOut
-        assert vcpu.sync_regs.rbx == i
-        vcpu.sync_regs.rbx = i + 1
-        vcpu.mark_regs_dirty()
+        regs = vcpu.synced_regs()
+        assert regs.rbx == i
+        regs.rbx = i + 1
+        vcpu.set_synced_regs(regs)
     vcpu.flush_dirty_regs()
     assert vcpu.get_regs().rbx == 5
     vcpu.close(); vm.close()

@@ -1,5 +1,6 @@
-"""run_fns() and exit_call() decode a port-write call for the caller's mode and give its
-result back (64-bit callers and callers outside the kernel: tests/xen's harness guests)."""
+"""run_fns() with a port hook: the Xen layer's C decoder reads a port-write call for the
+caller's mode in the same C call as KVM_RUN, and run_result() gives the result back (64-bit
+callers and callers outside the kernel: tests/xen's harness guests)."""
 
 from __future__ import annotations
 
@@ -23,23 +24,25 @@ CALL32 = """
 
 def test_run_fns_decode_a_32_bit_call_and_return_its_result(raw_vm, asm):
     from xend_lite.kvm import SYNC_REGS, SYNC_SREGS
-    from xend_lite.kvm.vcpu import CALL_LONG, CALL_USER, PORT_SHIFT
+    from xend_lite.kvm import PORT_SHIFT
+    from xend_lite.xen.native import CALL_LONG, CALL_USER, DECODE_CALL
 
     v = raw_vm.vcpu
     raw_vm.load(asm(CALL32, bits=32))
     raw_vm.protected_mode()
     v.enable_sync_regs(SYNC_REGS | SYNC_SREGS)
-    run, run_result = v.run_fns()
+    run, run_result = v.run_fns(DECODE_CALL, 0xE4)
     # high halves of the 64-bit registers are not part of a 32-bit call
-    v.sync_regs.rbx = 0xDEAD_0000_0000_0000
-    v.mark_regs_dirty()
+    regs = v.get_regs()
+    regs.rbx |= 0xDEAD_0000_0000_0000
+    v.set_regs(regs)
     reason = run()
     assert reason >> PORT_SHIFT == 0xE4 + 1
-    nr, flags, *args = v.exit_call()
+    nr, flags, *args = v.hook_values(7)
     assert nr == 0x11 and flags & CALL_LONG == 0 and flags & CALL_USER == 0
     assert args == [0xA1, 0xA2, 0xA3, 0xA4, 0xA5]
-    # a negative result is truncated to the caller's 32 bits
-    reason = run_result((-22) & 0xFFFF_FFFF_FFFF_FFFF)
+    # the result goes back in RAX with the next KVM_RUN
+    reason = run_result(0xFFFF_FFEA)
     assert reason >> PORT_SHIFT == 0x81 + 1
-    assert v.sync_regs.rbx == 0xFFFF_FFEA
+    assert v.synced_regs().rbx == 0xFFFF_FFEA
 

@@ -25,12 +25,11 @@ def test_exit_delivers_registers_in_kvm_run(synced):
     v = synced.vcpu
     assert v.run() == exits.IoOut(0x81, 4, 1, bytes.fromhex("44332211"))
     got = v.get_regs()
-    assert v.sync_regs.rax == got.rax == 0x11223344
-    assert v.sync_regs.rbx == got.rbx == 0x55667788
-    assert v.sync_regs.rip == got.rip
-    sregs = v.get_sregs()
-    assert v.sync_sregs.cr0 == sregs.cr0
-    assert v.sync_sregs.cs.selector == sregs.cs.selector
+    assert v.synced_regs() == got
+    assert got.rax == 0x11223344 and got.rbx == 0x55667788
+    assert v.synced_rip() == got.rip
+    assert v.synced_sregs() == v.get_sregs()
+    assert v.synced_cr0() == v.get_sregs().cr0
 
 
 def test_set_rax_reaches_the_guest(synced):
@@ -38,24 +37,24 @@ def test_set_rax_reaches_the_guest(synced):
     v.run()
     v.set_rax(0xAABBCCDD)
     assert v.run() == exits.IoOut(0x82, 4, 1, bytes.fromhex("ddccbbaa"))
-    assert v.run_struct.kvm_dirty_regs == 0  # KVM consumed the dirty mark
 
 
 def test_dirty_registers_are_loaded_and_flushable(synced):
     v = synced.vcpu
     v.run()
-    v.sync_regs.rbx = 0xCAFEF00D
-    v.mark_regs_dirty()
+    regs = v.synced_regs()
+    regs.rbx = 0xCAFEF00D
+    v.set_synced_regs(regs)
     v.flush_dirty_regs()  # applied now, so KVM_GET_REGS sees it before any run
     assert v.get_regs().rbx == 0xCAFEF00D
     v.run()
     assert v.run() == exits.IoOut(0x83, 4, 1, bytes.fromhex("0df0feca"))
 
 
-def test_unmarked_changes_are_not_loaded(synced):
+def test_a_copy_of_the_registers_changes_nothing(synced):
     v = synced.vcpu
     v.run()
-    v.sync_regs.rax = 0x99999999  # no dirty mark: KVM keeps its own copy
+    v.synced_regs().rax = 0x99999999  # a copy: not set_synced_regs, so KVM keeps its own
     assert v.run().data == bytes.fromhex("44332211")
 
 

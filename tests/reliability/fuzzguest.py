@@ -20,7 +20,7 @@ import struct
 import time
 
 from tests.xen.conftest import ALIAS, ENTRY, HCPAGE, TABLE, U64, Harness  # noqa: F401 - the layout hostile.py reads
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 
 DONE_PORT = 0xF1
 MAX_ENTRIES = 2000

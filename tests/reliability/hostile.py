@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from typing import Sequence
 
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 from xend_lite.xen.abi import guest_layout
 
 from .fuzzguest import (ALIAS, BALLOON, END_SCRATCH, OVERLAY_ARENA, RAM_END, SCRATCH, STRUCTS, U32,

@@ -15,7 +15,7 @@ import pytest
 
 from xend_lite.cli.ctl import RpcError
 from xend_lite.daemon.service import real_domain_factory
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 
 from tests.tmpfs import small_tmpfs
 

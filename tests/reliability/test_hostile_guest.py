@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 
 from .conftest import scaled
 from .fuzzguest import GUARD, result_ok

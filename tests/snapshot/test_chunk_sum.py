@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from xend_lite.kvm import csum
-from xend_lite.kvm._csum import lib
+from xend_lite.snapshot import checksum as csum
+from xend_lite.snapshot._snapshot import lib
 from xend_lite.snapshot import fileformat as ff
 
 _TABLE = []

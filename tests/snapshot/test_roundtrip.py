@@ -24,7 +24,7 @@ from xend_lite.snapshot import (
     save_snapshot,
     wait_reclaimed,
 )
-from xend_lite.kvm import csum
+from xend_lite.snapshot import checksum as csum
 from xend_lite.snapshot import fileformat as ff
 from xend_lite.snapshot import writer
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 from xend_lite.xen.domain import Domain, DomainSpec
 
 TABLE = 0x300000

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from xend_lite.kvm import CpuidEntry
-from xend_lite.kvm.xenabi import layout
+from xend_lite.xen.xenabi import layout
 from xend_lite.xen import abi, cpuid
 from xend_lite.xen.emulation import HYPERCALL_PAGE, HYPERCALL_PORT, stub
 from xend_lite.xen.timekeeping import scale_delta, tsc_scale

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from tests.xen.conftest import SCRATCH, errno
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 from xend_lite.xen.abi import SHINFO32, SHINFO64
 
 pytestmark = pytest.mark.kvm

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from tests.xen.conftest import HCPAGE, SCRATCH, errno
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 from xend_lite.xen.emulation import HYPERCALL_PAGE
 
 pytestmark = pytest.mark.kvm

@@ -9,7 +9,7 @@ import pytest
 
 from tests.xen.conftest import SCRATCH, errno
 from xend_lite.errors import InvalidArgument, NotFound
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 from xend_lite.machine.memory import INVALID_GPA
 
 pytestmark = pytest.mark.kvm

@@ -229,16 +229,8 @@ int xl_sigrtmin(void);
 uint64_t xl_system_event_data0(struct kvm_run *run);
 int64_t xl_run(int fd, struct kvm_run *run);
 void xl_set_rax(struct kvm_run *run, uint64_t value);
-uint64_t xl_fetch_or64(uintptr_t addr, uint64_t mask);
-uint64_t xl_fetch_and64(uintptr_t addr, uint64_t mask);
-uint8_t xl_xchg8(uintptr_t addr, uint8_t value);
-uint64_t xl_rdtsc(void);
-int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t offset);
-int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, int set_rax, uint64_t rax);
-void xl_set_call_result(struct kvm_run *run, const uint64_t *out, uint64_t rax);
-#define XL_CALL_LONG ...
-#define XL_CALL_USER ...
-int64_t xl_written_runs(uintptr_t addr, uint64_t pages, uint64_t *runs, uint64_t max_runs);
+int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, uintptr_t hook, int hook_port,
+                    int set_rax, uint64_t rax);
 """
 
 SOURCE = r"""
@@ -247,8 +239,6 @@ SOURCE = r"""
 #include <string.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <fcntl.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 
@@ -295,110 +285,20 @@ static void xl_set_rax(struct kvm_run *run, uint64_t value) {
     run->s.regs.regs.rax = value;
     run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
 }
-/* Atomic read-modify-write on guest memory (event-channel bitmaps the guest updates with
- * locked instructions at the same time). addr is a host address inside a guest mapping. */
-static uint64_t xl_fetch_or64(uintptr_t addr, uint64_t mask) {
-    return __atomic_fetch_or((uint64_t *)addr, mask, __ATOMIC_SEQ_CST);
-}
-static uint64_t xl_fetch_and64(uintptr_t addr, uint64_t mask) {
-    return __atomic_fetch_and((uint64_t *)addr, mask, __ATOMIC_SEQ_CST);
-}
-static uint8_t xl_xchg8(uintptr_t addr, uint8_t value) {
-    return __atomic_exchange_n((uint8_t *)addr, value, __ATOMIC_SEQ_CST);
-}
-/* Replace host pages in place with a shared mapping of fd at offset (MAP_FIXED): KVM's
- * MMU notifier makes the guest see the new pages on its next access, with no slot change. */
-static int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t offset) {
-    void *p = mmap((void *)addr, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd,
-                   (off_t)offset);
-    return p == MAP_FAILED ? -errno : 0;
-}
-/* A call made by a port write, in the convention of the caller's mode: out[0] the call
- * number (EAX), out[1] XL_CALL_* flags, out[2..6] the five arguments (64-bit mode: RDI RSI
- * RDX R10 R8; otherwise EBX ECX EDX ESI EDI, zero-extended). XL_CALL_USER: the caller is
- * not the guest kernel (CPL > 0 in protected mode, or virtual-8086 mode). */
-#define XL_CALL_LONG 1u
-#define XL_CALL_USER 2u
-static void xl_call_args(struct kvm_run *run, uint64_t *out) {
-    const struct kvm_regs *r = &run->s.regs.regs;
-    const struct kvm_sregs *s = &run->s.regs.sregs;
-    uint64_t lng = s->cs.l && (s->efer & (1u << 10)) ? XL_CALL_LONG : 0;   /* EFER.LMA */
-    uint64_t user = (s->cr0 & 1u) && ((s->cs.selector & 3u)
-                                      || (!lng && (r->rflags & (1u << 17))))   /* RFLAGS.VM */
-                    ? XL_CALL_USER : 0;
-    out[0] = (uint32_t)r->rax;
-    out[1] = lng | user;
-    if (lng) {
-        out[2] = r->rdi; out[3] = r->rsi; out[4] = r->rdx; out[5] = r->r10; out[6] = r->r8;
-    } else {
-        out[2] = (uint32_t)r->rbx; out[3] = (uint32_t)r->rcx; out[4] = (uint32_t)r->rdx;
-        out[5] = (uint32_t)r->rsi; out[6] = (uint32_t)r->rdi;
-    }
-}
-/* Give the guest rax as the result of the call out describes (truncated to 32 bits for a
- * caller not in 64-bit mode), through the synced registers. */
-static void xl_set_call_result(struct kvm_run *run, const uint64_t *out, uint64_t rax) {
-    run->s.regs.regs.rax = out[1] & XL_CALL_LONG ? rax : (uint32_t)rax;
-    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
-}
-/* The vCPU loop's KVM_RUN. With set_rax, first xl_set_call_result. On a port write, out is
- * filled by xl_call_args, so a doorbell handler needs no further C call. */
-static int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, int set_rax, uint64_t rax) {
+/* A C function another layer's native code supplies to read a port write's meaning from
+ * the synced registers into out, right after the exit (e.g. Xen's hypercall convention). */
+typedef void (*xl_port_hook)(void *run, uint64_t *out);
+/* The vCPU loop's KVM_RUN. With set_rax, the guest's RAX becomes rax first (through the
+ * synced registers, loaded by this KVM_RUN). After a write to hook_port, hook (when not 0)
+ * fills out, so the caller needs no further C call to handle it. Returns what xl_run does. */
+static int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, uintptr_t hook, int hook_port,
+                           int set_rax, uint64_t rax) {
     if (set_rax)
-        xl_set_call_result(run, out, rax);
+        xl_set_rax(run, rax);
     int64_t ret = xl_run(fd, run);
-    if (ret > 0xffffffffLL)
-        xl_call_args(run, out);
+    if (ret > 0xffffffffLL && hook && (ret >> 32) - 1 == hook_port)
+        ((xl_port_hook)hook)(run, out);
     return ret;
-}
-/* Pages of a private file mapping that now hold their own copy (written since mapped, by
- * the guest through KVM or by the host), from /proc/self/pagemap: present or swapped, and
- * not a file page. Fills runs with (first page, count) pairs; returns the number of runs,
- * or -errno. A run list that would overflow max_runs returns -E2BIG. */
-static int64_t xl_written_runs(uintptr_t addr, uint64_t pages, uint64_t *runs, uint64_t max_runs) {
-    enum { CHUNK = 4096 };
-    uint64_t buf[CHUNK];
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    int64_t n = 0;
-    int in_run = 0;
-    for (uint64_t done = 0; done < pages;) {
-        uint64_t want = pages - done < CHUNK ? pages - done : CHUNK;
-        ssize_t got = pread(fd, buf, want * 8, (off_t)((addr / 4096 + done) * 8));
-        if (got <= 0) {
-            int err = got < 0 ? errno : EIO;
-            close(fd);
-            return -err;
-        }
-        uint64_t k = (uint64_t)got / 8;
-        for (uint64_t i = 0; i < k; i++) {
-            uint64_t e = buf[i];
-            int own = (e & (3ULL << 62)) && !(e & (1ULL << 61));
-            if (own && !in_run) {
-                if ((uint64_t)n >= max_runs) {
-                    close(fd);
-                    return -E2BIG;
-                }
-                runs[2 * n] = done + i;
-                runs[2 * n + 1] = 0;
-                n++;
-                in_run = 1;
-            } else if (!own) {
-                in_run = 0;
-            }
-            if (own)
-                runs[2 * n - 1]++;
-        }
-        done += k;
-    }
-    close(fd);
-    return n;
-}
-static uint64_t xl_rdtsc(void) {
-    uint32_t lo, hi;
-    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((uint64_t)hi << 32) | lo;
 }
 static uint64_t xl_system_event_data0(struct kvm_run *run) {
     return run->system_event.ndata ? run->system_event.data[0] : 0;

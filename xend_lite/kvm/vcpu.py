@@ -6,15 +6,17 @@ ioctls to come from one thread at a time; register access happens while it is no
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import signal
-from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Callable
 
 from xend_lite.kvm import exits
 from xend_lite.kvm._ffi import ffi, lib
 from xend_lite.kvm.errors import KvmError, check
+from xend_lite.kvm.regs import (Regs, Sregs, Translation, regs_from_c, regs_to_c, sregs_from_c,
+                                sregs_to_c)
 
 if TYPE_CHECKING:
     from xend_lite.kvm.vm import Vm
@@ -27,10 +29,10 @@ PORT_SHIFT = 32
 _xl_run = lib.xl_run
 _xl_set_rax = lib.xl_set_rax
 _xl_run_call = lib.xl_run_call
-#: exit_call() flags: the caller was in 64-bit mode / was not the guest kernel
-CALL_LONG = lib.XL_CALL_LONG
-CALL_USER = lib.XL_CALL_USER
 _unpack = ffi.unpack
+#: how many words a port hook (see run_fns) may fill
+HOOK_WORDS = 8
+EFER_LMA = 1 << 10
 _EINTR = 4
 _EAGAIN = 11
 
@@ -47,114 +49,6 @@ def kick_signal() -> int:
     return _KICK_SIGNAL
 
 
-@dataclass(slots=True)
-class Regs:
-    rax: int = 0
-    rbx: int = 0
-    rcx: int = 0
-    rdx: int = 0
-    rsi: int = 0
-    rdi: int = 0
-    rsp: int = 0
-    rbp: int = 0
-    r8: int = 0
-    r9: int = 0
-    r10: int = 0
-    r11: int = 0
-    r12: int = 0
-    r13: int = 0
-    r14: int = 0
-    r15: int = 0
-    rip: int = 0
-    rflags: int = 2
-
-
-REG_NAMES = tuple(f.name for f in fields(Regs))
-
-
-@dataclass(slots=True)
-class Segment:
-    base: int = 0
-    limit: int = 0xFFFF
-    selector: int = 0
-    type: int = 0
-    present: int = 1
-    dpl: int = 0
-    db: int = 0
-    s: int = 1
-    l: int = 0  # noqa: E741 - the kernel's name
-    g: int = 0
-    avl: int = 0
-    unusable: int = 0
-
-
-SEG_FIELDS = tuple(f.name for f in fields(Segment))
-SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-
-
-@dataclass(slots=True)
-class Dtable:
-    base: int = 0
-    limit: int = 0
-
-
-@dataclass(slots=True)
-class Sregs:
-    cs: Segment = field(default_factory=Segment)
-    ds: Segment = field(default_factory=Segment)
-    es: Segment = field(default_factory=Segment)
-    fs: Segment = field(default_factory=Segment)
-    gs: Segment = field(default_factory=Segment)
-    ss: Segment = field(default_factory=Segment)
-    tr: Segment = field(default_factory=Segment)
-    ldt: Segment = field(default_factory=Segment)
-    gdt: Dtable = field(default_factory=Dtable)
-    idt: Dtable = field(default_factory=Dtable)
-    cr0: int = 0
-    cr2: int = 0
-    cr3: int = 0
-    cr4: int = 0
-    cr8: int = 0
-    efer: int = 0
-    apic_base: int = 0
-    interrupt_bitmap: tuple[int, ...] = (0, 0, 0, 0)
-
-
-def sregs_from_c(c) -> Sregs:
-    s = Sregs()
-    for name in SEG_NAMES:
-        cs = getattr(c, name)
-        setattr(s, name, Segment(*(getattr(cs, f) for f in SEG_FIELDS)))
-    s.gdt = Dtable(c.gdt.base, c.gdt.limit)
-    s.idt = Dtable(c.idt.base, c.idt.limit)
-    s.cr0, s.cr2, s.cr3, s.cr4, s.cr8 = c.cr0, c.cr2, c.cr3, c.cr4, c.cr8
-    s.efer, s.apic_base = c.efer, c.apic_base
-    s.interrupt_bitmap = tuple(c.interrupt_bitmap)
-    return s
-
-
-def sregs_to_c(s: Sregs, c) -> None:
-    for name in SEG_NAMES:
-        seg = getattr(s, name)
-        cs = getattr(c, name)
-        for f in SEG_FIELDS:
-            setattr(cs, f, getattr(seg, f))
-    c.gdt.base, c.gdt.limit = s.gdt.base, s.gdt.limit
-    c.idt.base, c.idt.limit = s.idt.base, s.idt.limit
-    c.cr0, c.cr2, c.cr3, c.cr4, c.cr8 = s.cr0, s.cr2, s.cr3, s.cr4, s.cr8
-    c.efer, c.apic_base = s.efer, s.apic_base
-    for i, v in enumerate(s.interrupt_bitmap):
-        c.interrupt_bitmap[i] = v
-
-
-@dataclass(frozen=True, slots=True)
-class Translation:
-    physical_address: int
-    valid: bool
-    writeable: bool
-    usermode: bool
-
-
 class Vcpu:
     def __init__(self, vm: Vm, vcpu_id: int, fd: int):
         self.vm = vm
@@ -167,18 +61,15 @@ class Vcpu:
             os.close(fd)
             raise KvmError("mmap kvm_run", exc.errno or 0) from exc
         self._run_buf = ffi.from_buffer(self._map)
-        self.run_struct = ffi.cast("struct kvm_run *", self._run_buf)
-        self._valid_regs = 0
-        self._run_req = lib.KVM_RUN
-        self._args_buf = ffi.new("uint64_t[7]")
-        # Registers as KVM_CAP_SYNC_REGS delivers them (valid after run() when enabled).
-        self.sync_regs = self.run_struct.s.regs.regs
-        self.sync_sregs = self.run_struct.s.regs.sregs
+        self._run = ffi.cast("struct kvm_run *", self._run_buf)
+        self._hook_buf = ffi.new("uint64_t[]", HOOK_WORDS)
+        # the registers KVM_CAP_SYNC_REGS copies into kvm_run on every exit (when enabled)
+        self._sregs = self._run.s.regs.regs
+        self._ssregs = self._run.s.regs.sregs
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.run_struct = None
-            self.sync_regs = self.sync_sregs = None
+            self._run = self._sregs = self._ssregs = None
             self._run_buf = None
             try:
                 self._map.close()
@@ -191,65 +82,56 @@ class Vcpu:
 
     def enable_sync_regs(self, mask: int) -> None:
         """Ask KVM to copy these register sets into kvm_run on every exit."""
-        self._valid_regs = mask
-        self.run_struct.kvm_valid_regs = mask  # KVM never clears it
-
-    def mark_regs_dirty(self, mask: int = SYNC_REGS) -> None:
-        """Have KVM load the synced registers back on the next run()."""
-        self.run_struct.kvm_dirty_regs |= mask
+        self._run.kvm_valid_regs = mask  # KVM never clears it
 
     def run_raw(self) -> int:
-        """KVM_RUN once (the GIL is released meanwhile), for the vCPU loop's hot path.
+        """KVM_RUN once (the GIL is released meanwhile).
 
         Returns -1 when KVM_RUN was interrupted (a kick or immediate_exit); otherwise the
         exit reason, with (port + 1) << 32 added for a port write (see PORT_SHIFT)."""
-        ret = _xl_run(self.fd, self.run_struct)
+        ret = _xl_run(self.fd, self._run)
         if ret < 0:
             if ret == -_EINTR or ret == -_EAGAIN:
                 return -1
             raise KvmError("KVM_RUN", -ret)
         return ret
 
-    def run_fns(self) -> tuple[Callable[[], int], Callable[[int], int]]:
+    def run_fns(self, hook: int = 0, hook_port: int = -1) -> tuple[Callable[[], int], Callable[[int], int]]:
         """Two KVM_RUNs for a hot loop, bound to this vCPU with no Python frame per call:
-        ``run()`` and ``run_result(rax)``, which first gives the guest ``rax`` (an unsigned
-        64-bit value) as the result of the call exit_call() described, truncated to 32 bits
-        for a caller that was not in 64-bit mode. Both return what run_raw() does, except
-        that an error comes back as -errno (-EINTR / -EAGAIN for an interruption) instead
-        of raising. On a port write they also keep the call exit_call() returns. Needs
-        SYNC_REGS and SYNC_SREGS."""
-        import functools
+        ``run()`` and ``run_result(rax)``, which first sets the guest's RAX to ``rax`` (an
+        unsigned 64-bit value). Both return what run_raw() does, except that an error comes
+        back as -errno (-EINTR / -EAGAIN for an interruption) instead of raising.
 
-        return (functools.partial(_xl_run_call, self.fd, self.run_struct, self._args_buf, 0, 0),
-                functools.partial(_xl_run_call, self.fd, self.run_struct, self._args_buf, 1))
+        ``hook`` is the address of a C function ``void hook(void *kvm_run, uint64_t *out)``
+        (another layer's native code, e.g. the Xen calling convention); after a write to
+        ``hook_port`` it fills the words hook_values() returns, in the same C call."""
+        return (functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_port, 0, 0),
+                functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_port, 1))
 
-    def exit_call(self) -> list[int]:
-        """The call made by the port write a run_fns() KVM_RUN exited on, with no further C
-        call (valid only in a handler for that exit): [number (EAX), CALL_* flags, five
-        arguments in the caller's convention (64-bit: RDI RSI RDX R10 R8; 32-bit: EBX ECX
-        EDX ESI EDI)]."""
-        return _unpack(self._args_buf, 7)
+    def hook_values(self, n: int = HOOK_WORDS) -> list[int]:
+        """The first ``n`` words the port hook filled at the last exit (see run_fns)."""
+        return _unpack(self._hook_buf, n)
 
-    def set_call_result(self, rax: int) -> None:
-        """What run_result(rax) does before it runs: RAX for the call exit_call() describes."""
-        lib.xl_set_call_result(self.run_struct, self._args_buf, rax & 0xFFFFFFFFFFFFFFFF)
+    def exit_port(self) -> int:
+        """The port of the last port-I/O exit."""
+        return self._run.io.port
 
     def set_rax(self, value: int) -> None:
         """Set the guest's RAX through the synced registers (applied on the next run)."""
-        _xl_set_rax(self.run_struct, value & 0xFFFFFFFFFFFFFFFF)
+        _xl_set_rax(self._run, value & 0xFFFFFFFFFFFFFFFF)
 
     def decode_exit(self) -> exits.Exit:
         """The last exit as a typed value."""
-        return exits.decode(self.run_struct, self._map)
+        return exits.decode(self._run, self._map)
 
     def run(self) -> exits.Exit:
         """KVM_RUN once and decode the exit."""
         if self.run_raw() == -1:
             return exits.INTERRUPTED
-        return exits.decode(self.run_struct, self._map)
+        return exits.decode(self._run, self._map)
 
     def set_immediate_exit(self, on: bool) -> None:
-        self.run_struct.immediate_exit = 1 if on else 0
+        self._run.immediate_exit = 1 if on else 0
 
     @staticmethod
     def kick(thread_ident: int) -> None:
@@ -257,41 +139,83 @@ class Vcpu:
         signal.pthread_kill(thread_ident, kick_signal())
 
     def complete_io_in(self, data: bytes) -> None:
-        io = self.run_struct.io
+        io = self._run.io
         n = io.size * io.count
         off = io.data_offset
         self._map[off:off + n] = data[:n].ljust(n, b"\xff")
 
     def complete_mmio_read(self, data: bytes) -> None:
-        m = self.run_struct.mmio
+        m = self._run.mmio
         n = m.len
         ffi.memmove(m.data, data[:n].ljust(n, b"\xff"), n)
 
     def complete_msr(self, value: int = 0, fault: bool = False) -> None:
-        m = self.run_struct.msr
+        m = self._run.msr
         m.error = 1 if fault else 0
         m.data = value & 0xFFFFFFFFFFFFFFFF
 
+    # -- the synced copy of the registers (valid after an exit with sync regs enabled) ----
+
+    def synced_regs(self) -> Regs:
+        return regs_from_c(self._sregs)
+
+    def set_synced_regs(self, regs: Regs) -> None:
+        """Replace the synced general registers; KVM loads them on the next run."""
+        regs_to_c(regs, self._sregs)
+        self._run.kvm_dirty_regs |= SYNC_REGS
+
+    def synced_sregs(self) -> Sregs:
+        return sregs_from_c(self._ssregs)
+
+    def synced_rax(self) -> int:
+        return self._sregs.rax
+
+    def synced_rip(self) -> int:
+        return self._sregs.rip
+
+    def synced_rflags(self) -> int:
+        return self._sregs.rflags
+
+    def synced_cr0(self) -> int:
+        return self._ssregs.cr0
+
+    def synced_efer(self) -> int:
+        return self._ssregs.efer
+
+    def in_long_mode(self) -> bool:
+        """EFER.LMA in the synced copy: the vCPU runs in long mode."""
+        return bool(self._ssregs.efer & EFER_LMA)
+
     def flush_dirty_regs(self) -> None:
         """Apply synced registers marked dirty now, so ioctls like KVM_GET_REGS see them."""
-        run = self.run_struct
+        run = self._run
         if run.kvm_dirty_regs & SYNC_REGS:
             check("KVM_SET_REGS", lib.xl_ioctl(self.fd, lib.KVM_SET_REGS, ffi.addressof(run.s.regs.regs)))
         if run.kvm_dirty_regs & SYNC_SREGS:
             check("KVM_SET_SREGS", lib.xl_ioctl(self.fd, lib.KVM_SET_SREGS, ffi.addressof(run.s.regs.sregs)))
         run.kvm_dirty_regs = 0
 
+    def discard_dirty_regs(self) -> None:
+        """Forget synced registers marked dirty (the state is about to be replaced)."""
+        self._run.kvm_dirty_regs = 0
+
+    def reload_synced(self) -> None:
+        """Copy the kernel's registers into the synced copy (after KVM_SET_REGS/SREGS from
+        outside the run loop), so readers of the copy see them at once."""
+        self.discard_dirty_regs()
+        check("KVM_GET_REGS", lib.xl_ioctl(self.fd, lib.KVM_GET_REGS, ffi.addressof(self._run.s.regs.regs)))
+        check("KVM_GET_SREGS", lib.xl_ioctl(self.fd, lib.KVM_GET_SREGS, ffi.addressof(self._run.s.regs.sregs)))
+
     # -- registers -----------------------------------------------------------------------
 
     def get_regs(self) -> Regs:
         c = ffi.new("struct kvm_regs *")
         check("KVM_GET_REGS", lib.xl_ioctl(self.fd, lib.KVM_GET_REGS, c))
-        return Regs(*(getattr(c, n) for n in REG_NAMES))
+        return regs_from_c(c)
 
     def set_regs(self, regs: Regs) -> None:
         c = ffi.new("struct kvm_regs *")
-        for n in REG_NAMES:
-            setattr(c, n, getattr(regs, n) & 0xFFFFFFFFFFFFFFFF)
+        regs_to_c(regs, c)
         check("KVM_SET_REGS", lib.xl_ioctl(self.fd, lib.KVM_SET_REGS, c))
 
     def get_sregs(self) -> Sregs:

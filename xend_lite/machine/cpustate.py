@@ -62,8 +62,7 @@ def capture_vcpu(vcpu: Vcpu, msr_indices: list[int], irqchip: bool = True) -> di
 def apply_vcpu(vcpu: Vcpu, st: dict[str, Any], irqchip: bool = True) -> None:
     """Load a captured vCPU state (QEMU's order: registers, FPU, control state, MSRs, then
     the interrupt state that depends on them)."""
-    run = vcpu.run_struct
-    run.kvm_dirty_regs = 0
+    vcpu.discard_dirty_regs()
     vcpu.set_regs(Regs(**st["regs"]))
     vcpu.set_xsave(st["xsave"])
     vcpu.set_xcrs(st["xcrs"])
@@ -83,14 +82,7 @@ def apply_vcpu(vcpu: Vcpu, st: dict[str, Any], irqchip: bool = True) -> None:
     vcpu.set_vcpu_events(st["events"])
     vcpu.set_debugregs(st["debugregs"])
     # Refresh the synced copies so handlers and queries see the loaded registers at once.
-    regs = vcpu.get_regs()
-    for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
-                 "r11", "r12", "r13", "r14", "r15", "rip", "rflags"):
-        setattr(vcpu.sync_regs, name, getattr(regs, name))
-    s = vcpu.sync_sregs
-    sd = st["sregs"]
-    s.efer, s.cr0, s.cr3, s.cr4 = sd["efer"], sd["cr0"], sd["cr3"], sd["cr4"]
-    s.cs.l, s.cs.db, s.cs.dpl, s.ss.dpl = sd["cs"]["l"], sd["cs"]["db"], sd["cs"]["dpl"], sd["ss"]["dpl"]
+    vcpu.reload_synced()
 
 
 def capture_vm(vm: Vm, irqchip: bool = True) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from xend_lite.errors import InvalidArgument, StateError
-from xend_lite.kvm import CpuidEntry, Kvm, MsrFilterRange, Regs, Sregs, exits, written_runs
+from xend_lite.kvm import CpuidEntry, Kvm, MsrFilterRange, Regs, Sregs, exits
+from xend_lite.machine.native import written_runs
 from xend_lite.kvm import const as K
 from xend_lite.machine.console import DEBUG_PORTS, LSR_THR_EMPTY, UART_BASE, UART_LSR, ConsoleSink
 from xend_lite.machine.memory import (HIGH_RAM_BASE, LOW_RAM_TOP, PAGE_SIZE, Backing, GuestMemory,
@@ -100,6 +101,7 @@ class Machine:
             raise
         self._io_out: dict[int, IoOutHandler] = {}
         self._doorbells: dict[int, DoorbellHandler] = {}
+        self.doorbell_hook: tuple[int, int] = (0, -1)   # (C decoder address, its port)
         self._io_in: dict[int, IoInHandler] = {}
         self._msr_read: dict[int, MsrReadHandler] = {}
         self._msr_write: dict[int, MsrWriteHandler] = {}
@@ -128,12 +130,15 @@ class Machine:
     def register_io_out(self, port: int, fn: IoOutHandler) -> None:
         self._io_out[port] = fn
 
-    def register_doorbell(self, port: int, fn: DoorbellHandler) -> None:
+    def register_doorbell(self, port: int, fn: DoorbellHandler, hook: int = 0) -> None:
         """A port whose writes carry no data of interest (the value is in the registers):
-        handled on the vCPU loop's hot path without decoding the exit. The handler reads
-        the call from ``runner.vcpu.exit_call()``; an int it returns (unsigned 64-bit) is
-        the guest's RAX, given with the next KVM_RUN (Vcpu.run_fns); None leaves RAX be."""
+        handled on the vCPU loop's hot path without decoding the exit. ``hook`` is a C
+        function that reads the registers into ``runner.vcpu.hook_values()`` in the same
+        call as KVM_RUN (one port may have one). An int the handler returns (unsigned
+        64-bit) is the guest's RAX, given with the next KVM_RUN; None leaves RAX be."""
         self._doorbells[port] = fn
+        if hook:
+            self.doorbell_hook = (hook, port)
 
     def register_io_in(self, port: int, fn: IoInHandler) -> None:
         self._io_in[port] = fn
@@ -204,7 +209,7 @@ class Machine:
         with self._lock:
             for r, st in zip(self.runners, self._power_on):
                 v = r.vcpu
-                v.run_struct.kvm_dirty_regs = 0
+                v.discard_dirty_regs()
                 v.set_sregs(st["sregs"])
                 v.set_regs(st["regs"])
                 v.set_fpu(st["fpu"])
@@ -472,7 +477,7 @@ class Machine:
         if isinstance(ex, (exits.MmioWrite, exits.IrqWindowOpen)):
             return True
         if isinstance(ex, exits.Hlt):
-            if not v.sync_regs.rflags & RFLAGS_IF:
+            if not v.synced_rflags() & RFLAGS_IF:
                 self.request_shutdown("halted", 0, f"vcpu{runner.index} halted with interrupts disabled")
                 return False
             time.sleep(0.001)
@@ -484,7 +489,7 @@ class Machine:
             reason = {1: "poweroff", 2: "reboot", 3: "crash"}.get(ex.type, "internal-error")
             self.request_shutdown(reason, 0, f"system event {ex.type}")
             return False
-        detail = f"vcpu{runner.index}: {ex!r} at rip {v.sync_regs.rip:#x}"
+        detail = f"vcpu{runner.index}: {ex!r} at rip {v.synced_rip():#x}"
         self.request_shutdown("internal-error", 0, detail)
         return False
 
@@ -530,10 +535,10 @@ class Machine:
     # -- introspection -------------------------------------------------------------------
 
     def guest_long_mode(self, index: int = 0) -> bool:
-        return bool(self.runners[index].vcpu.sync_sregs.efer & EFER_LMA)
+        return self.runners[index].vcpu.in_long_mode()
 
     def vcpu_info(self) -> list[dict]:
-        return [{"cpu": r.index, "state": r.state, "rip": r.vcpu.sync_regs.rip if r.vcpu.fd >= 0 else 0,
+        return [{"cpu": r.index, "state": r.state, "rip": r.vcpu.synced_rip() if r.vcpu.fd >= 0 else 0,
                  "exits": dict(r.exit_counts), "thread_id": r.thread.native_id if r.thread else None}
                 for r in self.runners]
 

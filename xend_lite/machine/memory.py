@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument, NotFound
-from xend_lite.kvm import buffer_address, map_shared_fixed
+from xend_lite.machine.native import buffer_address, map_shared_fixed, punch_hole
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -98,22 +98,9 @@ class Backing:
                 os.close(self.fd)
 
 
-_fallocate = None
-
-
 def fallocate_punch(fd: int, offset: int, length: int) -> None:
-    """Punch a hole (release pages, reads give zeros) with fallocate(2)."""
-    global _fallocate
-    import ctypes
-
-    if _fallocate is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        _fallocate = libc.fallocate
-        _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-    if _fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    """Punch a hole (release pages, reads give zeros)."""
+    punch_hole(fd, offset, length)
 
 
 @dataclass(frozen=True, slots=True)

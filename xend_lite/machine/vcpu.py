@@ -178,17 +178,16 @@ class VcpuRunner:
         """Run until stopped or the guest's run ends; a handler failure comes back as the
         call that reports it (made once the runner is marked stopped)."""
         vcpu = self.vcpu
-        run = vcpu.run_struct
         machine = self.machine
         doorbells = machine._doorbells
         counts = self.exit_counts
-        run_plain, run_result = vcpu.run_fns()
+        run_plain, run_result = vcpu.run_fns(*machine.doorbell_hook)
         result = None      # a doorbell handler's value for RAX, given with the next KVM_RUN
         self.state = RUNNING
         while True:
             if self._pause_req or self._stop_req:
                 if result is not None:     # paused or saved meanwhile: the result is state
-                    vcpu.set_call_result(result)
+                    vcpu.set_rax(result)
                     result = None
                 if self._stop_req or not self._park():
                     return
@@ -210,7 +209,7 @@ class VcpuRunner:
                     try:
                         result = h(self)
                     except Exception as exc:  # noqa: BLE001 - a handler bug stops this VM, not the daemon
-                        port = run.io.port
+                        port = vcpu.exit_port()
                         return lambda e=exc: machine.handler_failed(self, port, e)
                     continue
             if reason < 0:

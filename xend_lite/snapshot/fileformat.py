@@ -21,7 +21,7 @@ zeroed, metadata and padding). Each section also carries its own CRC-32, so corr
 reported by section. Chunk sums cover the region's memory in chunk-size pieces (the last one
 may be shorter); the reader only reads them back when asked to verify memory. A chunk sum is
 CRC-32C taken over four lanes of the chunk at once, combined by one more CRC-32C (see
-``xend_lite/kvm/_csum_build.py``): several gigabytes a second on one core, so checksumming
+``xend_lite/snapshot/_build.py``): several gigabytes a second on one core, so checksumming
 keeps up with the disk.
 
 Format history: version 1 summed chunks with plain CRC-32 (zlib), about four times slower;
@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from xend_lite.kvm.csum import chunk_sum
+from xend_lite.snapshot.checksum import chunk_sum
 from xend_lite.snapshot import codec
 from xend_lite.snapshot.errors import (
     BadMagic,

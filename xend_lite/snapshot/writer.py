@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from xend_lite.kvm import csum
+from xend_lite.snapshot import checksum as csum
 from xend_lite.snapshot import fileformat as ff
 from xend_lite.snapshot.errors import SnapshotWriteError, StateClassError, StateEncodeError
 from xend_lite.snapshot.state import State, encode_state, split_section_name

@@ -1,6 +1,6 @@
 """Struct layouts in the guest's own mode.
 
-The 64-bit layouts come from Xen's public headers through ``xend_lite.kvm.xenabi``. A guest in
+The 64-bit layouts come from Xen's public headers through ``xend_lite.xen.xenabi``. A guest in
 32-bit protected mode uses the i386 layouts: ``unsigned long``, ``xen_ulong_t`` on x86_32 and
 guest handles are 4 bytes, and a ``uint64_t`` inside a struct is aligned to 4. Those are
 computed here from field lists; tests/xen/test_abi_layouts.py compares every one against the
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from xend_lite.kvm.xenabi import Field, Layout, X, layout
+from xend_lite.xen.xenabi import Field, Layout, X, layout
 
 __all__ = ["Layout", "X", "guest_layout", "SharedInfoLayout", "SHINFO64", "SHINFO32"]
 

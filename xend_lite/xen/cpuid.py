@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xend_lite.kvm import CpuidEntry
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 
 BASE = 0x40000000
 HYPERCALL_MSR = 0x40000000

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument
-from xend_lite.kvm import KvmError, host_tsc
-from xend_lite.kvm.vcpu import CALL_LONG, CALL_USER
-from xend_lite.kvm.xenabi import X
+from xend_lite.kvm import KvmError
+from xend_lite.xen.native import CALL_LONG, CALL_USER, DECODE_CALL, host_tsc
+from xend_lite.xen.xenabi import X
 from xend_lite.machine.machine import MemoryBusy
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SIZE
 from xend_lite.snapshot.state import State
@@ -57,7 +57,7 @@ SHUTDOWN_REASONS: dict[int, str] = {}
 
 
 def _names() -> None:
-    from xend_lite.kvm._xen import lib
+    from xend_lite.xen._xen import lib
 
     for n in dir(lib):
         if n.startswith("__HYPERVISOR_"):
@@ -202,7 +202,7 @@ class XenEmulation:
         for r in m.runners:
             r.vcpu.set_cpuid2(xcpuid.build_cpuid(m.cpuid, cfg, r.index))
         m.register_msr(xcpuid.HYPERCALL_MSR, write=self._write_hypercall_msr)
-        m.register_doorbell(HYPERCALL_PORT, self._on_hypercall)
+        m.register_doorbell(HYPERCALL_PORT, self._on_hypercall, hook=DECODE_CALL)
         self._reserve_special_pages()
         self._default_params()
 
@@ -429,7 +429,7 @@ class XenEmulation:
             return False
         self.hypercall_page = gpa
         if self.overlay is not None:
-            self.overlay.long_mode = bool(runner.vcpu.sync_sregs.efer & EFER_LMA)
+            self.overlay.long_mode = runner.vcpu.in_long_mode()
         return True
 
     # -- dispatch ------------------------------------------------------------------------
@@ -438,7 +438,7 @@ class XenEmulation:
         # The hot path of every hypercall: the call arrives decoded for the caller's mode
         # (Vcpu.exit_call), one Call object per vCPU is reused, and the result goes back to
         # the vCPU loop, which gives it to the guest with the next KVM_RUN.
-        nr, flags, a1, a2, a3, a4, a5 = runner.vcpu.exit_call()
+        nr, flags, a1, a2, a3, a4, a5 = runner.vcpu.hook_values(7)
         if flags & CALL_USER:
             ret = _EPERM             # not from the guest kernel: Xen refuses
         else:
@@ -461,17 +461,18 @@ class XenEmulation:
                     ret = -exc.errno
                 except (Restart, MemoryBusy):
                     vcpu = runner.vcpu
-                    regs = vcpu.sync_regs
+                    regs = vcpu.synced_regs()
                     regs.rip = (regs.rip - 2) & U64   # back to the stub's `out`
-                    vcpu.mark_regs_dirty()
+                    vcpu.set_synced_regs(regs)
                     return None
                 except Exception:  # noqa: BLE001 - a handler bug must not reach the vCPU loop
-                    return self._handler_failed(nr)
+                    ret = self._handler_failed(nr)
+                    return ret & (U64 if flags & CALL_LONG else U32)
         slot = nr if nr < TABLE_SIZE else TABLE_SIZE
         self.calls[slot] += 1
         if ret < 0:
             self.errors[slot] += 1
-        return ret & U64
+        return ret & (U64 if flags & CALL_LONG else U32)
 
     def _handler_failed(self, nr: int) -> int:
         """A handler raised: the guest gets -EINVAL, and the call is counted (as a call and
@@ -482,7 +483,7 @@ class XenEmulation:
         self.internal_errors += 1
         if self.internal_errors <= 10:
             log.exception("hypercall %d failed inside the daemon", nr)
-        return _EINVAL & U64
+        return _EINVAL
 
     def counters(self) -> dict:
         out = {}

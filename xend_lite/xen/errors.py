@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 
 
 class XenError(Exception):

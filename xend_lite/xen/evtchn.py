@@ -17,8 +17,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from xend_lite.kvm import atomic_and64, atomic_or64, atomic_xchg8
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.native import atomic_and64, atomic_or64, atomic_xchg8
+from xend_lite.xen.xenabi import X
 from xend_lite.xen.errors import XenError
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from xend_lite.errors import GuestMemoryError
 from xend_lite.kvm import KvmError
-from xend_lite.kvm.xenabi import Layout
+from xend_lite.xen.xenabi import Layout
 from xend_lite.machine.memory import PAGE_SIZE, GuestMemory
 from xend_lite.xen.errors import fault
 
@@ -32,7 +32,7 @@ class GuestView:
 
     @classmethod
     def for_vcpu(cls, mem: GuestMemory, vcpu, long_mode: bool) -> GuestView:
-        return cls(mem, vcpu, long_mode, bool(vcpu.sync_sregs.cr0 & CR0_PG))
+        return cls(mem, vcpu, long_mode, bool(vcpu.synced_cr0() & CR0_PG))
 
     def _gpa_page(self, page: int) -> int:
         gpa = self._tlb.get(page)

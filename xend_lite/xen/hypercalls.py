@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from xend_lite.errors import XendLiteError
-from xend_lite.kvm.xenabi import X
+from xend_lite.xen.xenabi import X
 from xend_lite.machine.memory import INVALID_GPA, PAGE_SHIFT, PAGE_SIZE
 from xend_lite.xen.abi import PERIODIC_MAX_NS, PERIODIC_MIN_NS
 from xend_lite.xen.errors import Restart, XenError, inval
@@ -187,7 +187,7 @@ class Handlers:
             if holder is not None and holder != page:
                 raise inval(f"frame holds {holder}")
         if space == X.XENMAPSPACE_shared_info:
-            ov.long_mode = bool(c.vcpu.sync_sregs.efer & EFER_LMA)
+            ov.long_mode = c.vcpu.in_long_mode()
         try:
             ov.map_from_vcpu(c.runner, page, gpa)
         except XendLiteError as exc:
@@ -292,7 +292,7 @@ class Handlers:
                 if kind > X.HVM_PARAM_CALLBACK_TYPE_VECTOR:
                     raise inval("unknown callback type")
                 if xen.overlay is not None:
-                    xen.overlay.long_mode = bool(c.vcpu.sync_sregs.efer & EFER_LMA)
+                    xen.overlay.long_mode = c.vcpu.in_long_mode()
             xen.params[index] = value
             return 0
         if op == X.HVMOP_set_evtchn_upcall_vector:
@@ -341,13 +341,14 @@ class Handlers:
 
     @staticmethod
     def _advance(c: Call, done: int) -> None:
-        regs = c.vcpu.sync_regs
+        regs = c.vcpu.synced_regs()
         if c.long_mode:
             regs.rsi -= done
             regs.rdx += done
         else:
             regs.rcx = (regs.rcx - done) & U32
             regs.rdx = (regs.rdx + done) & U32
+        c.vcpu.set_synced_regs(regs)
 
     # -- sched_op ------------------------------------------------------------------------
 

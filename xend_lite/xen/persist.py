@@ -63,7 +63,7 @@ def _hold_lease(fd: int) -> bool:
     Not every file system or owner allows leases; then there is no such protection."""
     import fcntl
 
-    from xend_lite.kvm.vcpu import kick_signal
+    from xend_lite.kvm import kick_signal
 
     try:
         fcntl.fcntl(fd, F_SETSIG, kick_signal())

@@ -1,7 +1,7 @@
 """Xen's public ABI as plain Python values: numbers and 64-bit struct layouts, compiled from
-libxen-dev's headers (xend_lite.kvm._xen). No cffi object leaves this module.
+libxen-dev's headers (xend_lite.xen._xen). No cffi object leaves this module.
 
-    from xend_lite.kvm.xenabi import X, layout
+    from xend_lite.xen.xenabi import X, layout
     X.XEN_EINVAL, X.__HYPERVISOR_memory_op
     xatp = layout("xen_add_to_physmap"); xatp.size; xatp.offset("gpfn"); xatp.unpack(buf)
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from xend_lite.kvm._xen import ffi as _ffi
-from xend_lite.kvm._xen import lib as _lib
+from xend_lite.xen._xen import ffi as _ffi
+from xend_lite.xen._xen import lib as _lib
 
 
 class _Constants:

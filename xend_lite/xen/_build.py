@@ -1,8 +1,11 @@
-"""cffi API-mode builder for Xen's public ABI (64-bit layouts), from libxen-dev's headers.
+"""cffi API-mode builder for the Xen layer's native code: Xen's public ABI (64-bit layouts)
+from libxen-dev's headers, Xen's hypercall calling convention read from the registers KVM
+syncs into kvm_run, and the atomic bit operations event channels need on guest memory.
 
 Structs are declared with ``...;`` so the compiler supplies sizes and offsets; numbers are
 ``#define X ...`` so their values come from the headers. Built at install time into
-``xend_lite.kvm._xen``; ``xend_lite.kvm.xenabi`` is the only reader.
+``xend_lite.xen._xen``; ``xend_lite.xen.xenabi`` and ``xend_lite.xen.native`` are its only
+readers.
 """
 
 from cffi import FFI
@@ -136,6 +139,17 @@ struct vcpu_set_periodic_timer { uint64_t period_ns; ...; };
 
 struct xen_feature_info { unsigned int submap_idx; uint32_t submap; ...; };
 struct xen_platform_parameters { unsigned long virt_start; ...; };
+
+/* the hypercall calling convention, on the registers KVM synced into kvm_run */
+#define XEN_CALL_LONG ...
+#define XEN_CALL_USER ...
+uintptr_t xen_decode_call_address(void);
+void xen_decode_call(void *run, uint64_t *out);
+/* atomic read-modify-write on guest memory (host addresses) */
+uint64_t xen_fetch_or64(uintptr_t addr, uint64_t mask);
+uint64_t xen_fetch_and64(uintptr_t addr, uint64_t mask);
+uint8_t xen_xchg8(uintptr_t addr, uint8_t value);
+uint64_t xen_rdtsc(void);
 """
 
 SOURCE = r"""
@@ -154,11 +168,54 @@ SOURCE = r"""
 #include <xen/hvm/hvm_op.h>
 #include <xen/arch-x86/cpuid.h>
 #include <xen/elfnote.h>
+#include <linux/kvm.h>
+
+/* A hypercall made by a port write (the stub page) or a rewritten vmcall, in the convention
+ * of the caller's mode: out[0] the call number (EAX), out[1] XEN_CALL_* flags, out[2..6] the
+ * five arguments (64-bit mode: RDI RSI RDX R10 R8; otherwise EBX ECX EDX ESI EDI,
+ * zero-extended). XEN_CALL_USER: the caller is not the guest kernel (CPL > 0 in protected
+ * mode, or virtual-8086 mode). Called by the KVM layer's run loop right after the exit, with
+ * the kvm_run it exited on. */
+#define XEN_CALL_LONG 1u
+#define XEN_CALL_USER 2u
+static void xen_decode_call(void *run_ptr, uint64_t *out) {
+    const struct kvm_run *run = run_ptr;
+    const struct kvm_regs *r = &run->s.regs.regs;
+    const struct kvm_sregs *s = &run->s.regs.sregs;
+    uint64_t lng = s->cs.l && (s->efer & (1u << 10)) ? XEN_CALL_LONG : 0;   /* EFER.LMA */
+    uint64_t user = (s->cr0 & 1u) && ((s->cs.selector & 3u)
+                                      || (!lng && (r->rflags & (1u << 17))))   /* RFLAGS.VM */
+                    ? XEN_CALL_USER : 0;
+    out[0] = (uint32_t)r->rax;
+    out[1] = lng | user;
+    if (lng) {
+        out[2] = r->rdi; out[3] = r->rsi; out[4] = r->rdx; out[5] = r->r10; out[6] = r->r8;
+    } else {
+        out[2] = (uint32_t)r->rbx; out[3] = (uint32_t)r->rcx; out[4] = (uint32_t)r->rdx;
+        out[5] = (uint32_t)r->rsi; out[6] = (uint32_t)r->rdi;
+    }
+}
+static uintptr_t xen_decode_call_address(void) { return (uintptr_t)&xen_decode_call; }
+/* Event-channel bitmaps the guest updates with locked instructions at the same time. */
+static uint64_t xen_fetch_or64(uintptr_t addr, uint64_t mask) {
+    return __atomic_fetch_or((uint64_t *)addr, mask, __ATOMIC_SEQ_CST);
+}
+static uint64_t xen_fetch_and64(uintptr_t addr, uint64_t mask) {
+    return __atomic_fetch_and((uint64_t *)addr, mask, __ATOMIC_SEQ_CST);
+}
+static uint8_t xen_xchg8(uintptr_t addr, uint8_t value) {
+    return __atomic_exchange_n((uint8_t *)addr, value, __ATOMIC_SEQ_CST);
+}
+static uint64_t xen_rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
 """
 
 ffi = FFI()
 ffi.cdef("\n".join(f"#define {name} ..." for name in CONSTANTS) + STRUCTS)
-ffi.set_source("xend_lite.kvm._xen", SOURCE)
+ffi.set_source("xend_lite.xen._xen", SOURCE, extra_compile_args=["-O2"])
 
 if __name__ == "__main__":
     ffi.compile(verbose=True)

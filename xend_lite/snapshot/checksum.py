@@ -1,14 +1,12 @@
-"""The snapshot file's guest memory checksum and file writeback, in C (``_csum_build.py``).
-
-Here because this package is the only one that may use cffi; nothing in it touches KVM.
-"""
+"""The snapshot file's guest memory checksum and file writeback, in C (``_build.py``, compiled
+into ``xend_lite.snapshot._snapshot``). The snapshot package's only user of cffi."""
 
 from __future__ import annotations
 
 import os
 
-from xend_lite.kvm._csum import ffi as _ffi
-from xend_lite.kvm._csum import lib as _lib
+from xend_lite.snapshot._snapshot import ffi as _ffi
+from xend_lite.snapshot._snapshot import lib as _lib
 
 __all__ = ["chunk_sum", "crc32c", "hardware_crc", "start_writeback"]
 

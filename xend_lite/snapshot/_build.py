@@ -1,7 +1,7 @@
 """cffi API-mode builder for the snapshot writer's and reader's helpers: the guest memory
 chunk checksum and starting writeback of a file range.
 
-Built at install time into ``xend_lite.kvm._csum``; ``xend_lite.kvm.csum`` is the only reader.
+Built at install time into ``xend_lite.snapshot._snapshot``; ``xend_lite.snapshot.checksum`` is the only reader.
 
 The chunk checksum (snapshot format 2) is CRC-32C (Castagnoli, as in iSCSI and ext4) taken
 over four lanes of the chunk at once, so the CPU's CRC instruction is kept busy on four
@@ -174,7 +174,7 @@ int xl_writeback(int fd, int64_t offset, int64_t nbytes)
 
 ffi = FFI()
 ffi.cdef(CDEF)
-ffi.set_source("xend_lite.kvm._csum", SOURCE, extra_compile_args=["-O2"])
+ffi.set_source("xend_lite.snapshot._snapshot", SOURCE, extra_compile_args=["-O2"])
 
 if __name__ == "__main__":
     ffi.compile(verbose=True)
