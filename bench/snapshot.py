@@ -92,7 +92,7 @@ def save_floor_pairs(c, path: str, floor_path: str, pairs: int) -> list[tuple[fl
             _settle(floor_path, path)
             if step == "save":
                 t = time.perf_counter()
-                c.call("snapshot-save", {"path": path})
+                c.call("snapshot-save", {"path": os.path.basename(path)})
                 times[step] = time.perf_counter() - t
                 nbytes = allocated(path)
             else:
@@ -100,7 +100,7 @@ def save_floor_pairs(c, path: str, floor_path: str, pairs: int) -> list[tuple[fl
         out.append((times["save"], times["floor"], nbytes))
     if pairs % 2:   # the last step was the floor: leave a snapshot for the restores
         _settle(floor_path, path)
-        c.call("snapshot-save", {"path": path})
+        c.call("snapshot-save", {"path": os.path.basename(path)})
     return out
 
 
@@ -108,7 +108,9 @@ def xend_lite_round(spin: Path, size_mib: int, dense: bool, path: str, loads: in
                     floor_path: str = "", pairs: int = 0) -> tuple[dict[str, float], list]:
     """One daemon: save (dense: ``pairs`` saves, each paired with the floor), restore in it
     ``loads`` times with and without verify, then restore in a fresh process."""
-    args = ("--image", str(spin), "--memory", str(size_mib))
+    # snapshots are names in the daemon's snapshot directory: the one ``path`` lies in
+    args = ("--image", str(spin), "--memory", str(size_mib), "--snapshot-dir", os.path.dirname(path))
+    name = os.path.basename(path)
     res: dict[str, float] = {}
     paired: list[tuple[float, float, int]] = []
     with Daemon(*args) as d:
@@ -123,12 +125,12 @@ def xend_lite_round(spin: Path, size_mib: int, dense: bool, path: str, loads: in
                 res["save"] = median([p[0] for p in paired])
             else:
                 t = time.perf_counter()
-                c.call("snapshot-save", {"path": path})
+                c.call("snapshot-save", {"path": name})
                 res["save"] = time.perf_counter() - t
             res["bytes"] = allocated(path)
             res["apparent"] = os.path.getsize(path)
-            for key, params in (("load_live", {"path": path}),
-                                ("load_live_noverify", {"path": path, "verify": False})):
+            for key, params in (("load_live", {"path": name}),
+                                ("load_live_noverify", {"path": name, "verify": False})):
                 times = []
                 for _ in range(loads):
                     t = time.perf_counter()

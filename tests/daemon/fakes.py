@@ -21,6 +21,7 @@ from xend_lite.errors import InvalidArgument, NotFound, SnapshotError, StateErro
 INVALID_GPA = (1 << 64) - 1
 PAGES = ("shared_info", "grant0", "grant1")
 MAGIC = "fake-xend-lite-snapshot"
+FILE_MAGIC = b"XLSNAP\r\n"
 
 
 @dataclass
@@ -209,8 +210,9 @@ class FakeDomain:
         doc = {"magic": MAGIC, "overlays": self.overlays, "console": self.console.decode()}
         tmp = f"{path}.tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(doc, f)
+            with open(tmp, "wb") as f:     # the real file magic first: the daemon replaces
+                f.write(FILE_MAGIC + json.dumps(doc).encode())   # only snapshots
+
             os.replace(tmp, path)
         except OSError as exc:
             raise SnapshotError(f"cannot write {path}: {exc.strerror}") from exc
@@ -226,8 +228,9 @@ class FakeDomain:
     @staticmethod
     def _read(path: str) -> dict:
         try:
-            with open(path) as f:
-                doc = json.load(f)
+            with open(path, "rb") as f:
+                raw = f.read()
+            doc = json.loads(raw[len(FILE_MAGIC):]) if raw.startswith(FILE_MAGIC) else None
         except FileNotFoundError:
             raise NotFound(f"snapshot {path} does not exist") from None
         except (OSError, ValueError) as exc:

@@ -97,6 +97,8 @@ def test_options_override_the_file(tmp_path):
     ("[control]\ntcp = \"127.0.0.1:70000\"\n", "control.tcp"),
     ("[control]\ntcp = \"127.0.0.1:8405\"\n", "token_file"),
     ("[daemon]\nlog_level = \"loud\"\n", "daemon.log_level"),
+    ("[daemon]\nsave_on_stop = \"/etc/shadow\"\n", "daemon.save_on_stop"),
+    ("[daemon]\nsave_on_stop = \"../vm.xls\"\n", "daemon.save_on_stop"),
     ("guest = 3\n", "guest must be a table"),
     ("[guest\n", "not valid TOML"),
 ])
@@ -105,6 +107,12 @@ def test_bad_files_name_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
         C.load_config(path)
     assert needle in str(e.value)
+
+
+def test_save_on_stop_is_a_name_in_the_snapshot_directory(tmp_path):
+    for name in ("vm.xls", "nightly/vm.xls"):
+        assert C.load_config(write(tmp_path, f'[daemon]\nsave_on_stop = "{name}"\n')).save_on_stop == name
+    assert C.load_config(write(tmp_path, '[daemon]\nsave_on_stop = ""\n')).save_on_stop is None
 
 
 def test_missing_file():
@@ -118,6 +126,8 @@ def test_missing_file():
     (["--backend", "qemu"], "--backend"),
     (["--tcp", "nowhere"], "--tcp"),
     (["--log-level", "verbose"], "--log-level"),
+    (["--save-on-stop", "/var/lib/other/vm.xls"], "--save-on-stop"),
+    (["--save-on-stop", "a/../../vm.xls"], "--save-on-stop"),
 ])
 def test_bad_options_name_the_option(argv, needle):
     ns = build_parser().parse_args(argv)

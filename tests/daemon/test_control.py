@@ -267,7 +267,10 @@ async def test_snapshot_save_load_and_describe(daemon):
         assert saved["seconds"] >= 0
         assert await status(daemon) == "running"
         await call(daemon, "xen-overlay-unmap", {"page": "shared_info"})
-        loaded = await call(daemon, "snapshot-load", {"path": path})  # absolute works too
+        with pytest.raises(RpcError) as e:               # a name, not a host path
+            await call(daemon, "snapshot-load", {"path": path})
+        assert e.value.error_class == "InvalidArgument" and "absolute" in e.value.message
+        loaded = await call(daemon, "snapshot-load", {"path": "one.snap"})
         await ev.until("SNAPSHOT_LOADED")
     assert loaded["path"] == path
     assert {"page": "shared_info", "gpa": 0x400000} in await call(daemon, "query-xen-overlay")
@@ -300,7 +303,7 @@ async def test_snapshot_errors(daemon):
     assert await status(daemon) == "running"  # a failed load resumes what was running
     with pytest.raises(RpcError) as e:
         await call(daemon, "snapshot-save", {"path": "no/such/dir/x.snap"})
-    assert e.value.error_class == "SnapshotError"
+    assert e.value.error_class == "NotFound"
     assert await status(daemon) == "running"
 
 

@@ -231,7 +231,11 @@ def test_restore_at_start(short_tmp, sock):
     assert ctl(sock, "xen-overlay-map", "page=shared_info", "gpa=0x400000").returncode == 0
     assert ctl(sock, "snapshot-save", "path=s.snap").returncode == 0
     assert stop(proc)[0] == 0
-    proc = spawn(base_args(short_tmp, sock) + ["--restore", os.path.join(short_tmp, "s.snap"), "-S"])
+    # --restore is the operator's own path: anywhere, not only in the snapshot directory
+    elsewhere = os.path.join(short_tmp, "elsewhere")
+    os.mkdir(elsewhere)
+    os.rename(os.path.join(short_tmp, "s.snap"), os.path.join(elsewhere, "s.snap"))
+    proc = spawn(base_args(short_tmp, sock) + ["--restore", os.path.join(elsewhere, "s.snap"), "-S"])
     wait_listening(proc, sock)
     overlay = json.loads(ctl(sock, "query-xen-overlay").stdout)
     assert {"page": "shared_info", "gpa": 0x400000} in overlay

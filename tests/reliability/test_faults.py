@@ -68,28 +68,34 @@ def corrupt(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return bytes(out), f"bits flipped at {flips}"
 
 
-async def saved(d, c, short_tmp) -> tuple[str, bytes, bytes]:
-    """A snapshot of the running default guest, and a mark in RAM that differs from it."""
-    good = os.path.join(short_tmp, "good.snap")
+def in_dir(d, name: str) -> str:
+    """Where the snapshot named ``name`` lies on the host."""
+    return os.path.join(d.cfg.snapshot_dir, name)
+
+
+async def saved(d, c) -> tuple[str, bytes, bytes]:
+    """A snapshot of the running default guest (its name, its bytes), and a mark in RAM that
+    differs from it."""
+    good = "good.snap"
     d.domain.machine.mem.write(MARK, os.urandom(256 * 1024))
     await c.call("snapshot-save", {"path": good})
     mark = os.urandom(4096)
     d.domain.machine.mem.write(MARK, mark)
-    return good, open(good, "rb").read(), mark
+    return good, open(in_dir(d, good), "rb").read(), mark
 
 
-async def test_corrupt_snapshots_are_refused_and_the_vm_goes_on(start_daemon, short_tmp, request):
+async def test_corrupt_snapshots_are_refused_and_the_vm_goes_on(start_daemon, request):
     cases = scaled(40, 400, request)
     d = await booted(start_daemon)
     m = d.domain.machine
     rng = random.Random(11)
     async with d.client() as c:
-        good, data, mark = await saved(d, c, short_tmp)
+        good, data, mark = await saved(d, c)
         classes: dict[str, int] = {}
         for i in range(cases):
             blob, how = corrupt(data, rng)
-            bad = os.path.join(short_tmp, f"bad{i}.snap")     # a new file each time
-            with open(bad, "wb") as f:
+            bad = f"bad{i}.snap"                          # a new file each time
+            with open(in_dir(d, bad), "wb") as f:
                 f.write(blob)
             with pytest.raises(RpcError) as err:
                 await c.call("snapshot-load", {"path": bad})
@@ -100,7 +106,7 @@ async def test_corrupt_snapshots_are_refused_and_the_vm_goes_on(start_daemon, sh
             # nothing of the bad file was applied: our mark in RAM is still there
             assert m.mem.read(MARK, 4096) == mark, f"a refused load changed RAM ({how})"
             assert (await c.call("query-status"))["status"] == "running", how
-            os.unlink(bad)
+            os.unlink(in_dir(d, bad))
         await still_running(d, c)
         await c.call("snapshot-load", {"path": good})    # the good one still loads
         assert m.mem.read(MARK, 4096) != mark
@@ -108,79 +114,75 @@ async def test_corrupt_snapshots_are_refused_and_the_vm_goes_on(start_daemon, sh
     print(f"\n{cases} corrupt snapshots refused: {classes}")
 
 
-async def test_flipped_bit_in_saved_ram_is_refused(start_daemon, short_tmp):
+async def test_flipped_bit_in_saved_ram_is_refused(start_daemon):
     d = await booted(start_daemon)
     async with d.client() as c:
-        good, data, _mark = await saved(d, c, short_tmp)
+        good, data, _mark = await saved(d, c)
         out = bytearray(data)
         out[memory_offset(data) + MARK + 100] ^= 0x10
-        bad = os.path.join(short_tmp, "bad.snap")
-        with open(bad, "wb") as f:
+        with open(in_dir(d, "bad.snap"), "wb") as f:
             f.write(out)
         with pytest.raises(RpcError):
-            await c.call("snapshot-load", {"path": bad})
+            await c.call("snapshot-load", {"path": "bad.snap"})
 
 
-async def test_rewriting_a_loaded_snapshot_in_place_leaves_the_guest_alone(start_daemon, short_tmp):
+async def test_rewriting_a_loaded_snapshot_in_place_leaves_the_guest_alone(start_daemon):
     """`cp b.snap a.snap` right after loading a.snap: the guest keeps a's memory. (Only the
     file changes here; a write to guest RAM by the host while RAM moves off the file is
     another matter, see RELIABILITY.md.)"""
     d = await booted(start_daemon)
     m = d.domain.machine
     async with d.client() as c:
-        a, data_a, _ = await saved(d, c, short_tmp)    # saved() then changes RAM at MARK
-        b = os.path.join(short_tmp, "b.snap")
+        a, data_a, _ = await saved(d, c)    # saved() then changes RAM at MARK
+        b = "b.snap"
         await c.call("snapshot-save", {"path": b})
-        data_b = open(b, "rb").read()
+        data_b = open(in_dir(d, b), "rb").read()
         await c.call("snapshot-load", {"path": a})
         mem_a = m.mem.read(MARK, 4096)
         assert data_b != data_a
         for _ in range(3):
             await c.call("snapshot-load", {"path": a})
             assert m.mem.read(MARK, 4096) == mem_a
-            with open(a, "r+b") as f:             # what `cp b.snap a.snap` does
+            with open(in_dir(d, a), "r+b") as f:   # what `cp b.snap a.snap` does
                 f.truncate(0)
                 f.write(data_b)
             assert m.mem.read(MARK, 4096) == mem_a, "rewriting the snapshot changed guest RAM"
             await still_running(d, c)
-            with open(a, "wb") as f:
+            with open(in_dir(d, a), "wb") as f:
                 f.write(data_a)
 
 
-async def test_unreadable_snapshot_paths(start_daemon, short_tmp):
+async def test_unreadable_snapshot_names(start_daemon):
+    """Names in the snapshot directory that are no snapshot. (Names that lead out of the
+    directory: test_snapshot_paths.py.)"""
     d = await booted(start_daemon)
-    fifo = os.path.join(short_tmp, "fifo.snap")
-    os.mkfifo(fifo)
-    empty = os.path.join(short_tmp, "empty.snap")
-    open(empty, "wb").close()
-    dangling = os.path.join(short_tmp, "dangling.snap")
-    os.symlink(os.path.join(short_tmp, "nowhere"), dangling)
-    paths = {
-        "missing": (os.path.join(short_tmp, "missing.snap"), "NotFound"),
-        "a directory": (short_tmp, None),
-        "a FIFO": (fifo, None),
-        "an empty file": (empty, None),
-        "a dangling symlink": (dangling, "NotFound"),
-        "/dev/zero": ("/dev/zero", None),
-        "/proc/self/mem": ("/proc/self/mem", None),
-        "in a missing directory": ("/nonexistent/dir/x.snap", "NotFound"),
-        "relative escape": ("../../../../../../etc/passwd", None),
+    os.mkfifo(in_dir(d, "fifo.snap"))
+    open(in_dir(d, "empty.snap"), "wb").close()
+    os.mkdir(in_dir(d, "dir.snap"))
+    os.symlink("nowhere", in_dir(d, "dangling.snap"))
+    names = {
+        "missing": ("missing.snap", "NotFound"),
+        "a directory": ("dir.snap", None),
+        "a FIFO": ("fifo.snap", None),
+        "an empty file": ("empty.snap", None),
+        "a dangling symlink": ("dangling.snap", "NotFound"),
+        "in a missing directory": ("no/dir/x.snap", "NotFound"),
     }
     async with d.client(timeout=20) as c:
-        for what, (path, cls) in paths.items():
+        for what, (name, cls) in names.items():
             with pytest.raises(RpcError) as err:
-                await asyncio.wait_for(c.call("snapshot-load", {"path": path}), 15)
+                await asyncio.wait_for(c.call("snapshot-load", {"path": name}), 15)
             assert err.value.code in range(1000, 1100), (what, err.value.message)
             if cls:
                 assert err.value.error_class == cls, (what, err.value.error_class)
             with pytest.raises(RpcError):
-                await asyncio.wait_for(c.call("query-snapshot", {"path": path}), 15)
+                await asyncio.wait_for(c.call("query-snapshot", {"path": name}), 15)
             assert (await c.call("query-status"))["status"] == "running", what
-        # a snapshot path we may not write: saving fails clearly, the VM resumes
-        for path in ("/proc/version", "/nonexistent/dir/x.snap", short_tmp):
+        # names a save may not write: it fails clearly before pausing, the VM goes on
+        for name in ("no/dir/x.snap", "dir.snap", "fifo.snap", "empty.snap"):
             with pytest.raises(RpcError) as err:
-                await c.call("snapshot-save", {"path": path})
-            assert err.value.code in range(1000, 1100), (path, err.value.message)
+                await c.call("snapshot-save", {"path": name})
+            assert err.value.code in range(1000, 1100), (name, err.value.message)
             assert (await c.call("query-status"))["status"] == "running"
         await still_running(d, c)
 
@@ -194,26 +196,26 @@ def small_fs(short_tmp):
 
 
 async def test_disk_full_during_save_keeps_the_earlier_snapshot(start_daemon, small_fs):
-    d = await booted(start_daemon)
+    d = await booted(start_daemon, snapshot_dir=small_fs)
     m = d.domain.machine
     snap = os.path.join(small_fs, "guest.snap")
     async with d.client() as c:
-        first = await c.call("snapshot-save", {"path": snap})
+        first = await c.call("snapshot-save", {"path": "guest.snap"})
         before = hashlib.sha256(open(snap, "rb").read()).hexdigest()
         assert first["size"] > 0
         m.mem.write(MARK, os.urandom(8 * MIB))           # 8 MiB of data cannot fit in 4 MiB
         with pytest.raises(RpcError) as err:
-            await c.call("snapshot-save", {"path": snap})
+            await c.call("snapshot-save", {"path": "guest.snap"})
         assert err.value.error_class and err.value.code in range(1000, 1100)
         assert "space" in err.value.message.lower() or "ENOSPC" in err.value.message, err.value.message
         assert os.listdir(small_fs) == ["guest.snap"], "a temporary file was left on the full disk"
         assert hashlib.sha256(open(snap, "rb").read()).hexdigest() == before
-        described = await c.call("query-snapshot", {"path": snap})
+        described = await c.call("query-snapshot", {"path": "guest.snap"})
         assert described
         await still_running(d, c)
         # another name on the full disk fails the same way and leaves nothing behind
         with pytest.raises(RpcError):
-            await c.call("snapshot-save", {"path": os.path.join(small_fs, "other.snap")})
+            await c.call("snapshot-save", {"path": "other.snap"})
         assert os.listdir(small_fs) == ["guest.snap"]
         await still_running(d, c)
 
@@ -331,8 +333,8 @@ async def test_vcpu_thread_dying_is_visible(start_daemon, where):
 
 
 @pytest.mark.slow
-async def test_corrupt_snapshots_are_refused_long(start_daemon, short_tmp, request):
-    await test_corrupt_snapshots_are_refused_and_the_vm_goes_on(start_daemon, short_tmp, request)
+async def test_corrupt_snapshots_are_refused_long(start_daemon, request):
+    await test_corrupt_snapshots_are_refused_and_the_vm_goes_on(start_daemon, request)
 
 
 def test_truncating_a_loaded_snapshot_does_not_kill_the_daemon():
@@ -346,12 +348,12 @@ def test_truncating_a_loaded_snapshot_does_not_kill_the_daemon():
     try:
         wait_until(lambda: d.result("query-hypercalls")["hypercall_page"] is not None, 15, "guest")
         snap = os.path.join(tmp, "a.snap")
-        d.result("snapshot-save", {"path": snap})
-        d.result("snapshot-load", {"path": snap})
+        d.result("snapshot-save", {"path": "a.snap"})
+        d.result("snapshot-load", {"path": "a.snap"})
         d.result("stop")
         os.truncate(snap, 0)
         try:
-            d.call("snapshot-save", {"path": os.path.join(tmp, "b.snap")})
+            d.call("snapshot-save", {"path": "b.snap"})
         except (OSError, AssertionError, ValueError):
             pass
         try:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, NamedTuple
 
+from xend_lite.daemon.snapdir import check_config_name
 from xend_lite.errors import ConfigError
 
 MiB = 1 << 20
@@ -144,6 +145,12 @@ def _optional_path(v: Any) -> str | None:
     return os.path.expanduser(v) if v else None
 
 
+def _optional_snapshot_name(v: Any) -> str | None:
+    """A name in the snapshot directory (see snapdir.py); empty means "not set"."""
+    v = _string(v)
+    return check_config_name(v) if v else None
+
+
 def _path(v: Any) -> str:
     v = _string(v)
     return os.path.expanduser(v) if v else ""
@@ -222,7 +229,7 @@ KEYS: tuple[Key, ...] = (
     Key("control", "token_file", "token_file", _optional_path, "--token-file"),
     Key("daemon", "snapshot_dir", "snapshot_dir", _path, "--snapshot-dir"),
     Key("daemon", "log_level", "log_level", _one_of(LOG_LEVELS), "--log-level"),
-    Key("daemon", "save_on_stop", "save_on_stop", _optional_path, "--save-on-stop"),
+    Key("daemon", "save_on_stop", "save_on_stop", _optional_snapshot_name, "--save-on-stop"),
 )
 KEYS_BY_FIELD = {k.field: k for k in KEYS}
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS))

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
-from xend_lite.errors import InvalidArgument, NotFound, XendLiteError
+from xend_lite.daemon.snapdir import SnapshotDir
+from xend_lite.errors import InvalidArgument, XendLiteError
 
 log = logging.getLogger("xend_lite.controller")
 
@@ -68,6 +69,7 @@ class Controller:
         self._factory = factory
         self._spec = spec
         self.snapshot_dir = snapshot_dir
+        self.snapshots = SnapshotDir(snapshot_dir)
         self._publish = publish or (lambda _n, _d, _t: None)
         self._on_guest_stop = on_guest_stop or (lambda _s: None)
         self._on_state = on_state or (lambda _s: None)
@@ -182,7 +184,9 @@ class Controller:
         await self._call(self._build)
 
     async def restore_at_start(self, path: str) -> dict:
-        return await self._call(self._restore_at_start, self.resolve_path(path, must_exist=True))
+        """Load ``path`` before boot: the operator's --restore path as it is, or a
+        ConfinedPath from ``snapshots``."""
+        return await self._call(self._restore_at_start, path)
 
     async def boot(self, paused: bool) -> RunState:
         return await self._call(self._boot, paused)
@@ -206,13 +210,13 @@ class Controller:
         return await self._call(self._overlay_unmap, page)
 
     async def snapshot_save(self, path: str, paused: bool = False) -> dict:
-        return await self._call(self._snapshot_save, self.resolve_path(path), paused)
+        return await self._call(self._snapshot_save, self.snapshots.for_save(path), paused)
 
     async def snapshot_load(self, path: str, verify: bool = True) -> dict:
-        return await self._call(self._snapshot_load, self.resolve_path(path, must_exist=True), verify)
+        return await self._call(self._snapshot_load, self.snapshots.for_load(path), verify)
 
     async def snapshot_describe(self, path: str) -> dict:
-        return await self._call(self._snapshot_describe, self.resolve_path(path, must_exist=True))
+        return await self._call(self._snapshot_describe, self.snapshots.for_load(path))
 
     async def close(self) -> None:
         """Stop the vCPUs and release the VM (console flushed); the owner thread ends."""
@@ -223,16 +227,6 @@ class Controller:
             except Exception:  # noqa: BLE001 - closing goes on whatever failed
                 log.exception("closing the VM failed")
         await self.stop_thread()
-
-    def resolve_path(self, path: str, must_exist: bool = False) -> str:
-        """A snapshot path: relative ones live in the snapshot directory."""
-        if not path or "\0" in path:
-            raise InvalidArgument("a snapshot path must be a non-empty string without NUL")
-        full = path if os.path.isabs(path) else os.path.join(self.snapshot_dir, path)
-        full = os.path.normpath(full)
-        if must_exist and not os.path.exists(full):
-            raise NotFound(f"snapshot {full} does not exist")
-        return full
 
     # -- bottom half: runs on the VM owner thread ----------------------------------------
 
@@ -365,15 +359,16 @@ class Controller:
 
 
 def _file_size(path: str, info: Any) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        pass
+    """The saved file's size as the save reported it (a stat by path is the fallback only:
+    it would follow whatever a path leads to by now)."""
     for attr in ("logical_size", "size"):
         v = info.get(attr) if isinstance(info, dict) else getattr(info, attr, None)
         if isinstance(v, int):
             return v
-    return 0
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 class _ProgressLog:

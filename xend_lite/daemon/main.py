@@ -101,19 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--on-reboot", dest="on_reboot", metavar="reset|exit", default=S,
                    help="when the guest reboots: reset it (default) or exit")
     g.add_argument("--kvm", dest="kvm_path", metavar="DEV", default=S, help="KVM device (/dev/kvm)")
-    g.add_argument("--restore", metavar="PATH", default=None, help="load this snapshot before starting")
+    g.add_argument("--restore", metavar="PATH", default=None, help="load this snapshot file (any "
+                   "path) before starting")
     c = p.add_argument_group("control plane")
     c.add_argument("--socket", dest="socket", metavar="PATH", default=S, help="Unix socket path")
     c.add_argument("--tcp", dest="tcp", metavar="HOST:PORT", default=S, help="also listen on TCP (needs --token-file)")
     c.add_argument("--token-file", dest="token_file", metavar="FILE", default=S, help="bearer token for TCP")
     d = p.add_argument_group("daemon")
     d.add_argument("--snapshot-dir", dest="snapshot_dir", metavar="DIR", default=S,
-                   help="where relative snapshot paths live")
+                   help="the directory snapshots live in (RPC paths are names inside it)")
     d.add_argument("--log-level", dest="log_level", metavar="LEVEL", default=S,
                    help="debug, info, warning or error (info)")
     d.add_argument("--save-on-stop", dest="save_on_stop", metavar="PATH", default=S,
-                   help="save the VM here when the daemon is stopped, and restore it at the next "
-                        "start (relative to the snapshot directory)")
+                   help="save the VM to this name in the snapshot directory when the daemon is "
+                        "stopped, and restore it at the next start")
     d.add_argument("--debug", action="store_true", help="debug logging and tracebacks of start errors")
     d.add_argument("--check", action="store_true", help="report what this host offers, then exit")
     d.add_argument("--version", action="store_true", help="print the version and exit")

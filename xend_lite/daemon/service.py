@@ -121,6 +121,7 @@ class Daemon:
         if self._exit is None:
             self._exit = loop.create_future()
         token = self._open_listeners()
+        self.controller.snapshots.prepare()
         self.controller.start_thread()
         try:
             await self.controller.build()
@@ -148,15 +149,15 @@ class Daemon:
             self._spawn(self._watchdog(interval))
 
     def _save_on_stop_path(self) -> str:
-        return self.controller.resolve_path(self.cfg.save_on_stop)
+        return self.controller.snapshots.name(self.cfg.save_on_stop)
 
     async def _restore_saved_on_stop(self) -> None:
         """Bring back what the last stop saved; a file that cannot be loaded is moved aside
         (PATH.unloadable) and the guest boots afresh rather than the service failing."""
         path = self._save_on_stop_path()
-        if not os.path.exists(path):
-            return
         try:
+            if not self.controller.snapshots.exists(path):
+                return
             await self.controller.restore_at_start(path)
             log.info("restored the VM saved at the last stop from %s", path)
         except (SnapshotError, XendLiteError, OSError) as exc:
@@ -164,9 +165,9 @@ class Daemon:
             log.error("the VM saved at the last stop (%s) cannot be loaded: %s; moved to %s, "
                       "booting afresh", path, exc, aside)
             try:
-                os.replace(path, aside)
-            except OSError as err:
-                log.error("cannot move %s aside: %s", path, err.strerror)
+                self.controller.snapshots.move_aside(path, ".unloadable")
+            except (OSError, XendLiteError) as err:
+                log.error("cannot move %s aside: %s", path, err)
             # a refused load changed nothing (it is validated first): boot the fresh VM
 
     async def _save_for_next_start(self) -> None:
@@ -180,12 +181,12 @@ class Daemon:
                 log.info("saved the VM for the next start: %s (%d bytes)", path, info.get("size", 0))
             except Exception as exc:  # noqa: BLE001 - the stop goes on; the error is reported
                 log.error("saving the VM to %s on stop failed: %s", path, exc)
-        elif os.path.exists(path):
+        elif self.controller.snapshots.exists(path):
             log.info("the guest is %s: removing %s so the next start boots afresh", state.value, path)
             try:
-                os.unlink(path)
-            except OSError as err:
-                log.error("cannot remove %s: %s", path, err.strerror)
+                self.controller.snapshots.remove(path)
+            except (OSError, XendLiteError) as err:
+                log.error("cannot remove %s: %s", path, err)
 
     def _open_listeners(self) -> str | None:
         passed = listen_fds(self._env if self._env is not None else None)

@@ -23,6 +23,7 @@ from xend_lite.snapshot.errors import (
     StateClassError,
     StateDecodeError,
     StateEncodeError,
+    TargetRefused,
     Truncated,
     UnexpectedSection,
     UnknownSection,
@@ -37,7 +38,8 @@ _LAZY = {
     "SnapshotHeader": "reader", "describe": "reader", "load_snapshot": "reader",
     "State": "state", "registered_states": "state", "section_name": "state",
     "MemoryRegion": "writer", "SnapshotInfo": "writer", "save_snapshot": "writer",
-    "wait_reclaimed": "writer",
+    "wait_reclaimed": "writer", "check_target": "writer", "remove_stale_temps": "writer",
+    "ConfinedPath": "confine",
 }
 
 
@@ -57,7 +59,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "State", "registered_states", "section_name",
-    "save_snapshot", "wait_reclaimed", "MemoryRegion", "SnapshotInfo",
+    "save_snapshot", "wait_reclaimed", "check_target", "remove_stale_temps", "MemoryRegion",
+    "SnapshotInfo", "ConfinedPath",
     "load_snapshot", "LoadedSnapshot", "LoadedRegion", "SectionInfo", "SnapshotHeader",
     "describe",
     "SnapshotError", "SnapshotIOError", "SnapshotReadError", "SnapshotWriteError",
@@ -65,5 +68,5 @@ __all__ = [
     "MemoryChecksumMismatch", "Truncated", "MalformedSnapshot", "DuplicateSection",
     "MemoryTableError", "UnknownSection", "MissingSection", "UnexpectedSection",
     "SectionVersionError", "StateEncodeError", "StateDecodeError", "StateClassError",
-    "CodecError",
+    "TargetRefused", "CodecError",
 ]

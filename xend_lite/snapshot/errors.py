@@ -29,6 +29,7 @@ __all__ = [
     "StateEncodeError",
     "StateDecodeError",
     "StateClassError",
+    "TargetRefused",
 ]
 
 
@@ -161,3 +162,8 @@ class StateDecodeError(SnapshotError):
 
 class StateClassError(SnapshotError):
     """A State class is declared wrongly (not a dataclass, bad NAME/VERSION, unsupported type)."""
+
+
+class TargetRefused(SnapshotWriteError):
+    """A save's target exists and is not a snapshot (another file, a directory, a symlink):
+    it is left alone and nothing is written."""

@@ -20,6 +20,9 @@
 Guest memory is not read (except to verify): the caller maps each region of the returned
 read-only fd with MAP_PRIVATE at its ``file_offset``, so a restored guest never writes to the
 snapshot file.
+
+A ``ConfinedPath`` is opened beneath its root (``confine.py``): a name that leads out of the
+snapshot directory is refused (InvalidArgument) before anything is read.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xend_lite.snapshot import fileformat as ff
+from xend_lite.snapshot.confine import open_snapshot_file
 from xend_lite.snapshot.errors import (
     ChecksumMismatch,
     MemoryChecksumMismatch,
@@ -158,8 +162,9 @@ class _Parsed:
 
 
 def _open(path: str) -> tuple[int, os.stat_result]:
+    """A read-only fd of the snapshot (a ConfinedPath resolved beneath its root)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block
+        fd = open_snapshot_file(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
     except OSError as err:
         raise SnapshotReadError(f"cannot open snapshot {path}: {os.strerror(err.errno)}",
                                 err.errno) from err

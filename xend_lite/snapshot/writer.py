@@ -4,7 +4,13 @@
 locked with flock while it is written), fsyncs it, renames it over the target and fsyncs the
 directory. Whatever happens before the rename (SIGKILL, disk full, an exception), an earlier
 snapshot at the target stays intact. Temporary files left by writers that died are removed by
-the next save into the same directory.
+the next save to the same name (and by ``remove_stale_temps``, which a daemon runs at start).
+
+Everything happens relative to one fd of the target's directory: for a ``ConfinedPath`` that
+directory is resolved beneath the snapshot root (``confine.py``), so no symlink swapped in
+during the save can move it elsewhere. A save only ever replaces a snapshot: an existing file
+at the target that is not one (no snapshot magic), a directory, a device or a symlink is
+refused (TargetRefused) and left as it was.
 
 Memory is copied chunk by chunk. Holes of the source (found with SEEK_DATA/SEEK_HOLE on its
 fd, so untouched memfd pages are never read) and all-zero pages within data are not written:
@@ -21,6 +27,7 @@ import fcntl
 import mmap
 import os
 import secrets
+import stat
 import threading
 import time
 import zlib
@@ -29,11 +36,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from xend_lite.snapshot import checksum as csum
+from xend_lite.errors import NotFound
 from xend_lite.snapshot import fileformat as ff
-from xend_lite.snapshot.errors import SnapshotWriteError, StateClassError, StateEncodeError
+from xend_lite.snapshot.confine import open_parent
+from xend_lite.snapshot.errors import (SnapshotWriteError, StateClassError, StateEncodeError,
+                                       TargetRefused)
 from xend_lite.snapshot.state import State, encode_state, split_section_name
 
-__all__ = ["MemoryRegion", "SnapshotInfo", "save_snapshot", "Progress"]
+__all__ = ["MemoryRegion", "SnapshotInfo", "save_snapshot", "check_target", "Progress"]
 
 Progress = Callable[[int, int], None]
 PROGRESS_STEP = 64 << 20
@@ -325,35 +335,46 @@ def _tmp_prefix(base: str) -> str:
     return f".{base}."
 
 
-def cleanup_stale_temps(path: str) -> list[str]:
-    """Remove temporary files of dead writers for ``path``; return the names removed.
-    A file is stale when its writer's pid is gone and nobody holds its lock."""
-    d, base = os.path.split(os.path.abspath(path))
-    prefix = _tmp_prefix(base)
-    removed = []
+def _tmp_name(base: str) -> str:
+    return f"{_tmp_prefix(base)}{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
+def _parse_tmp(name: str) -> tuple[str, int] | None:
+    """(the snapshot's name, the writer's pid) of a temporary file's name, else None."""
+    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+        return None
+    parts = name[1:-len(TMP_SUFFIX)].rsplit(".", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or len(parts[2]) != 8:
+        return None
+    return parts[0], int(parts[1])
+
+
+def remove_stale_temps(dir_fd: int, base: str | None = None) -> list[str]:
+    """Remove the temporary files of dead writers in the directory ``dir_fd`` (those for
+    ``base`` only, or every snapshot's); return the names removed. A file is stale when its
+    writer's pid is gone and nobody holds its lock."""
+    removed: list[str] = []
     try:
-        names = os.listdir(d)
+        names = os.listdir(dir_fd)
     except OSError:
         return removed
     for name in names:
-        if not (name.startswith(prefix) and name.endswith(TMP_SUFFIX)):
+        parsed = _parse_tmp(name)
+        if parsed is None or (base is not None and parsed[0] != base):
             continue
-        mid = name[len(prefix):-len(TMP_SUFFIX)].split(".")
-        if len(mid) != 2 or not mid[0].isdigit():
-            continue
-        pid = int(mid[0])
+        pid = parsed[1]
         if pid == os.getpid() or _pid_alive(pid):
             continue
-        full = os.path.join(d, name)
         try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
         except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            st, now = os.fstat(fd), os.lstat(full)
+            st, now = os.fstat(fd), os.lstat(name, dir_fd=dir_fd)
             if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
-                os.unlink(full)
+                os.unlink(name, dir_fd=dir_fd)
                 removed.append(name)
         except OSError:
             pass
@@ -362,36 +383,92 @@ def cleanup_stale_temps(path: str) -> list[str]:
     return removed
 
 
-def _keep_old(path: str, d: str, base: str) -> str | None:
-    old = os.path.join(d, f"{_tmp_prefix(base)}{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+def cleanup_stale_temps(path: str) -> list[str]:
+    """Remove temporary files of dead writers for ``path``; return the names removed."""
     try:
-        os.link(path, old)
+        dir_fd, base = open_parent(path)
+    except OSError:
+        return []
+    try:
+        return remove_stale_temps(dir_fd, base)
+    finally:
+        os.close(dir_fd)
+
+
+def _check_replaceable(dir_fd: int, base: str, shown: str) -> None:
+    """Refuse to replace anything but a snapshot (or nothing): a save is no way to overwrite
+    another file, a directory, a device or a symlink."""
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise TargetRefused(f"{shown} is a symbolic link: a save does not replace it "
+                                "(choose another name)", err.errno) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TargetRefused(f"{shown} exists and is not a regular file: a save does not "
+                                "replace it (choose another name)", errno.EEXIST)
+        if os.pread(fd, len(ff.MAGIC), 0) != ff.MAGIC:
+            raise TargetRefused(f"{shown} exists and is not a snapshot: a save does not "
+                                "replace it (remove it, or choose another name)", errno.EEXIST)
+    finally:
+        os.close(fd)
+
+
+def check_target(path: str | os.PathLike[str]) -> None:
+    """What a save to ``path`` would refuse before writing anything, checked now: a name
+    leading out of its directory (InvalidArgument), a missing directory (NotFound), a file
+    there that is not a snapshot (TargetRefused)."""
+    path = os.fspath(path)
+    try:
+        dir_fd, base = open_parent(path)
+    except FileNotFoundError:
+        raise NotFound(f"the directory of snapshot {path} does not exist") from None
+    except OSError as err:
+        raise SnapshotWriteError(f"cannot save to {path}: {os.strerror(err.errno)}",
+                                 err.errno) from None
+    try:
+        _check_replaceable(dir_fd, base, path)
+    except TargetRefused:
+        raise
+    except OSError as err:
+        raise SnapshotWriteError(f"cannot save to {path}: {os.strerror(err.errno)}",
+                                 err.errno) from None
+    finally:
+        os.close(dir_fd)
+
+
+def _keep_old(dir_fd: int, base: str) -> str | None:
+    old = _tmp_name(base)
+    try:
+        os.link(base, old, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     except OSError:
         return None          # nothing there yet, or links are not possible: rename frees it
     return old
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 _reclaims: set[threading.Thread] = set()
 _reclaims_lock = threading.Lock()
 
 
-def _reclaim(path: str) -> None:
+def _reclaim(dir_fd: int, name: str) -> None:
     try:
-        _unlink_quietly(path)
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
     finally:
+        os.close(dir_fd)
         with _reclaims_lock:
             _reclaims.discard(threading.current_thread())
 
 
-def _start_reclaim(path: str) -> None:
-    t = threading.Thread(target=_reclaim, args=(path,), name="snapshot-reclaim", daemon=True)
+def _start_reclaim(dir_fd: int, name: str) -> None:
+    t = threading.Thread(target=_reclaim, args=(os.dup(dir_fd), name), name="snapshot-reclaim",
+                         daemon=True)
     with _reclaims_lock:
         _reclaims.add(t)
     t.start()
@@ -412,14 +489,6 @@ def wait_reclaimed(timeout: float | None = None) -> bool:
             t.join(left)
             if t.is_alive():
                 return False
-
-
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_snapshot(path: str | os.PathLike[str],
@@ -467,14 +536,20 @@ def save_snapshot(path: str | os.PathLike[str],
     mem_offset = ff.align_up(ff.HEADER_SIZE + meta_len)
     file_end = mem_offset + sum(r.size for r in mem)
 
-    d, base = os.path.split(os.path.abspath(path))
-    cleanup_stale_temps(path)
-    tmp = os.path.join(d, f"{_tmp_prefix(base)}{os.getpid()}.{secrets.token_hex(4)}"
-                          f"{TMP_SUFFIX}")
-    fd = -1
-    published = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        dir_fd, base = open_parent(path)
+    except OSError as err:
+        raise SnapshotWriteError(f"writing snapshot {path} failed: {os.strerror(err.errno)}",
+                                 err.errno) from err
+    tmp = _tmp_name(base)
+    fd = -1
+    published = created = False
+    try:
+        _check_replaceable(dir_fd, base, path)
+        remove_stale_temps(dir_fd, base)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dir_fd)
+        created = True
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, file_end)
         tracker = _Tracker(sum(r.size for r in mem), progress)
@@ -508,12 +583,12 @@ def save_snapshot(path: str | os.PathLike[str],
         # The file this replaces is freed after the rename, in the background: freeing a
         # large file's blocks can take longer than writing the directory entry. It is kept
         # meanwhile under a temporary name, which the next save removes if this process dies.
-        old = _keep_old(path, d, base)
-        os.rename(tmp, path)
+        old = _keep_old(dir_fd, base)
+        os.rename(tmp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         published = True
-        _fsync_dir(d)
+        os.fsync(dir_fd)
         if old is not None:
-            _start_reclaim(old)
+            _start_reclaim(dir_fd, old)
     except OSError as err:
         where = "publishing" if published else "writing"
         raise SnapshotWriteError(f"{where} snapshot {path} failed: "
@@ -522,11 +597,12 @@ def save_snapshot(path: str | os.PathLike[str],
     finally:
         if fd >= 0:
             os.close(fd)
-        if not published:
+        if created and not published:
             try:
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=dir_fd)
             except OSError:
                 pass
+        os.close(dir_fd)
     return SnapshotInfo(
         path=path, logical_size=file_end, size_on_disk=st.st_blocks * 512,
         bytes_written=len(pre) + copier.written, memory_size=tracker.total,
