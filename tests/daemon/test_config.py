@@ -156,6 +156,7 @@ def test_loopback():
 def test_read_token(tmp_path):
     p = tmp_path / "t"
     p.write_text("  abcdefghijklmnopqrstuvwxyz \n")
+    p.chmod(0o600)
     assert C.read_token(str(p)) == "abcdefghijklmnopqrstuvwxyz"
     p.write_text("abc def ghi jkl mno pqr\n")
     with pytest.raises(ConfigError, match="white space"):

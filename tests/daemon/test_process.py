@@ -444,6 +444,11 @@ def test_ctl_over_tcp_with_token(short_tmp, sock):
     token = os.path.join(short_tmp, "token")
     with open(token, "w") as f:
         f.write("tcp-token-0123456789abcdef\n")
+    os.chmod(token, 0o666)        # anyone could read or change it: the daemon will not start
+    r = run(base_args(short_tmp, sock) + ["--tcp", "127.0.0.1:1", "--token-file", token])
+    assert r.returncode == 78 and "chmod 600" in one_line_error(r)
+    assert not os.path.exists(sock)
+    os.chmod(token, 0o600)
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]

@@ -139,8 +139,26 @@ async def test_tcp_without_token_file_does_not_start(start_daemon, short_tmp):
     short = os.path.join(short_tmp, "short")
     with open(short, "w") as f:
         f.write("abc")
+    os.chmod(short, 0o600)
     with pytest.raises(StartError, match="shorter"):
         await start_daemon(tcp="127.0.0.1:0", token_file=short)
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o644, 0o640, 0o620, 0o602, 0o604])
+async def test_a_token_file_others_can_read_or_write_is_refused(start_daemon, token_file, mode):
+    os.chmod(token_file, mode)
+    with pytest.raises(StartError, match="chmod 600") as e:
+        await start_daemon(tcp="127.0.0.1:0", token_file=token_file)
+    assert e.value.code == ExitCode.CONFIG and f"{mode:04o}" in str(e.value)
+    os.chmod(token_file, 0o400)                                  # read-only for us is fine
+    await start_daemon(tcp="127.0.0.1:0", token_file=token_file)
+
+
+async def test_a_token_file_of_another_user_is_refused(start_daemon, token_file):
+    os.chown(token_file, os.geteuid() + 1, -1)
+    with pytest.raises(StartError, match="owned by uid") as e:
+        await start_daemon(tcp="127.0.0.1:0", token_file=token_file)
+    assert e.value.code == ExitCode.CONFIG
 
 
 async def test_tcp_port_in_use(start_daemon, token_file):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, NamedTuple
 
 from xend_lite.daemon.snapdir import check_config_name
+from xend_lite.daemon.tokens import check_token_file
 from xend_lite.errors import ConfigError
 
 MiB = 1 << 20
@@ -298,9 +299,11 @@ def load_config(path: str | None = None, option_values: dict[str, Any] | None = 
 
 
 def read_token(path: str) -> str:
-    """The bearer token: the file's content without surrounding white space."""
+    """The bearer token: the file's content without surrounding white space. The file must
+    be private to the daemon's user (tokens.py)."""
     try:
         with open(path, encoding="utf-8") as f:
+            check_token_file(path, os.fstat(f.fileno()))
             token = f.read().strip()
     except FileNotFoundError:
         raise ConfigError(f"token file {path} does not exist: create it (for example "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hmac
 import logging
 import os
 import socket
@@ -26,6 +25,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from xend_lite.daemon.config import TcpAddress
 from xend_lite.daemon.events import EventBus
 from xend_lite.daemon.rpc import INVALID_REQUEST, MAX_BODY, Dispatcher, RpcContext, error_reply
+from xend_lite.daemon.tokens import token_matches
 
 log = logging.getLogger("xend_lite.server")
 
@@ -178,7 +178,7 @@ def _refusal(request: web.Request, token: str | None) -> web.Response | None:
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
     if (token is not None and scheme.lower() == "bearer"
-            and hmac.compare_digest(value.strip().encode(), token.encode())):
+            and token_matches(value, token)):
         return None
     log.warning("refused a TCP request from %s: %s", request.remote,
                 "no bearer token" if not given else "wrong bearer token")
