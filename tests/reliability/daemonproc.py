@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import time
@@ -23,7 +24,9 @@ def free_port() -> int:
 
 
 class DaemonProc:
-    def __init__(self, tmp: str, memory_mib: int = 32, tcp: bool = True, extra: list[str] | None = None):
+    def __init__(self, tmp: str, memory_mib: int = 32, tcp: bool = True, extra: list[str] | None = None,
+                 nofile: tuple[int, int] | None = None):
+        """``nofile``: the (soft, hard) open-file limit the daemon starts with."""
         self.tmp = tmp
         self.sock = os.path.join(tmp, "d.sock")
         self.port = free_port() if tcp else None
@@ -37,8 +40,9 @@ class DaemonProc:
             args += ["--tcp", f"127.0.0.1:{self.port}", "--token-file", token_file]
         self.log_path = os.path.join(tmp, "daemon.log")
         self.log = open(self.log_path, "w")
+        limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
         self.proc = subprocess.Popen(REAL + args + (extra or []), cwd=REPO, env=env(), text=True,
-                                     stdout=subprocess.DEVNULL, stderr=self.log)
+                                     stdout=subprocess.DEVNULL, stderr=self.log, preexec_fn=limit)
         try:
             wait_listening(self.proc, self.sock)
         except BaseException:

@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from xend_lite.daemon.config import TcpAddress
+from xend_lite.daemon.connections import BACKLOG, hold, on_response_prepare
 from xend_lite.daemon.events import EventBus
 from xend_lite.daemon.rpc import INVALID_REQUEST, MAX_BODY, Dispatcher, RpcContext, error_reply
 from xend_lite.daemon.tokens import token_matches
@@ -110,7 +111,7 @@ def bind_unix(path: str) -> Listener:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    sock.listen(64)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return Listener(sock, "unix", path, owned_path=path)
 
@@ -133,7 +134,7 @@ def bind_tcp(addr: TcpAddress) -> Listener:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((addr.host, addr.port))
-        sock.listen(64)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         how = ("stop what uses it or choose another port with --tcp" if exc.errno == errno.EADDRINUSE
@@ -234,6 +235,9 @@ def rpc_handler_for(dispatcher: Dispatcher, controller: Any, daemon: Any,
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return _too_large()
+            except ConnectionResetError:   # closed before the body was in (connections.py)
+                return web.Response(status=408)
+        hold(request)  # the whole request is in: off the request clock until the reply
         ctx = RpcContext(controller, daemon)
         reply = await dispatcher.handle(body, ctx)
         if reply is None:
@@ -259,6 +263,7 @@ def _too_large() -> web.Response:
 async def events_handler(request: web.Request) -> web.StreamResponse:
     if request.app[TOKEN] is None and _is_tcp(request):
         return _refusal(request, None)  # type: ignore[return-value]
+    hold(request)  # an event stream is never closed for a newcomer
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
     bus = request.app[EVENTS]
@@ -309,5 +314,6 @@ def make_app(controller: Any, events: EventBus, daemon: Any = None, token: str |
     app[WEBSOCKETS] = set()
     app.router.add_post("/rpc", rpc_handler_for(dispatcher, controller, daemon, token))
     app.router.add_get("/events", events_handler)
+    app.on_response_prepare.append(on_response_prepare)  # connections.py: idle again
     return app
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from xend_lite.daemon.config import DaemonConfig, read_token
+from xend_lite.daemon.connections import ConnectionGuard, start_guard
 from xend_lite.daemon.controller import REBOOT_REASONS, Controller, GuestStop, exit_status_for
 from xend_lite.daemon.events import EventBus
 from xend_lite.daemon.runstate import RunState
@@ -97,6 +98,7 @@ class Daemon:
                                      on_state=self._state_changed)
         self.listeners = Listeners()
         self.runner: web.AppRunner | None = None
+        self.connections: ConnectionGuard | None = None
         self.exit_status: int | None = None
         self.exit_why = ""
         self._exit: asyncio.Future[int] | None = None
@@ -120,6 +122,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         if self._exit is None:
             self._exit = loop.create_future()
+        self.connections = start_guard()
         token = self._open_listeners()
         self.controller.snapshots.prepare()
         self.controller.start_thread()
@@ -139,8 +142,8 @@ class Daemon:
         app = make_app(self.controller, self.events, daemon=self, token=token)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self.runner.setup()
-        for lst in self.listeners.items:
-            await web.SockSite(self.runner, lst.sock).start()
+        await self.connections.serve(self.runner.server,
+                                     [(lst.sock, lst.kind == "tcp") for lst in self.listeners.items])
         log.info("xend-lite serving on %s (pid %d), guest %s", ", ".join(self.addresses),
                  os.getpid(), state.value)
         self.notifier.ready(self._status_line(state))
@@ -326,6 +329,8 @@ class Daemon:
         await self.controller.close()
         await asyncio.sleep(0)  # let the events the close published reach the bus
         self.events.close()
+        if self.connections is not None:
+            self.connections.close()
         if self.runner is not None:
             await self._wait_websockets(2.0)
             await self.runner.cleanup()
