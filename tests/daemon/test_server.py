@@ -116,6 +116,22 @@ async def test_tcp_needs_the_token(start_daemon, token_file):
         assert (await c.call("query-status"))["running"] is True
 
 
+async def test_the_token_is_checked_by_token_matches(start_daemon, token_file, monkeypatch):
+    """The constant-time check that tests/reliability/test_token_timing.py measures is the
+    one the daemon uses on every TCP request."""
+    from xend_lite.daemon import server
+
+    seen = []
+    real = server.token_matches
+    monkeypatch.setattr(server, "token_matches", lambda g, t: seen.append(g) or real(g, t))
+    d, url = await tcp_daemon(start_daemon, token_file)
+    async with aiohttp.ClientSession() as s:
+        for given, status in (("wrong-token-wrong-token", 401), (TOKEN, 200)):
+            async with s.post(f"{url}/rpc", data="{}", headers={"Authorization": f"Bearer {given}"}) as r:
+                assert r.status == status
+    assert seen == ["wrong-token-wrong-token", TOKEN]
+
+
 async def test_tcp_events_with_token(start_daemon, token_file):
     d, url = await tcp_daemon(start_daemon, token_file)
     async with Client(tcp_url=url, token=TOKEN) as c:
