@@ -90,7 +90,7 @@ def test_hostile_hypercall_soak(fuzz_guest, bits, memory_audit, request):
     info = soak(g, total, seed=1000 + bits)
     memory_audit.check()
     assert memory_audit.accesses > 0 and memory_audit.refused > 0
-    assert g.xen.counters()["total"] >= total
+    assert g.xen.counters()["total"] >= total and info["calls"] >= total
     STATS[f"soak{bits}"] = info["calls"]
     print(f"\n{bits}-bit soak: {info['calls']} calls in {info['seconds']} s, pointers "
           f"{info['pointers']}, audited {memory_audit.accesses} accesses "
@@ -108,7 +108,7 @@ STRUCT_OPS = ("memory_op", "event_channel_op", "grant_table_op", "sched_op", "vc
 def struct_fuzz(g, examples: int) -> int:
     """hypothesis draws every struct field, pointer class and sub-op; a failure shrinks to
     the smallest table that still breaks a rule."""
-    ran = [0]
+    ran = [0, 0]          # calls, tables
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
@@ -120,9 +120,11 @@ def struct_fuzz(g, examples: int) -> int:
         maker.flush()
         check_table(g, calls, g.run(calls))
         ran[0] += n
+        ran[1] += 1
 
     one_table()
     guard_untouched(g)
+    assert ran[1] == examples, f"{ran[1]} tables of {examples}"
     return ran[0]
 
 

@@ -15,7 +15,7 @@ from xend_lite.cli.ctl import RpcError
 from xend_lite.daemon.service import real_domain_factory
 from xend_lite.xen.emulation import HYPERCALL_PAGE
 
-from .conftest import wait_for
+from .conftest import scaled, wait_for
 
 pytestmark = pytest.mark.kvm
 
@@ -141,11 +141,12 @@ async def test_frame_held_by_another_page_and_bad_names(start_daemon):
         assert (await c.call("query-status"))["status"] == "running"
 
 
-@pytest.mark.slow
-async def test_overlay_map_storm_over_random_addresses(start_daemon):
-    """Thousands of maps, moves and unmaps of several pages over random frames of every kind
-    while the guest runs; at the end every RAM page touched reads as before."""
+async def test_overlay_map_storm_over_random_addresses(start_daemon, request):
+    """Maps, moves and unmaps of several pages over random frames of every kind while the
+    guest runs; at the end every RAM page touched reads as before."""
     import random
+
+    rpcs = scaled(300, 3000, request)
 
     d = await booted(start_daemon, memory_mib=32)
     m = d.domain.machine
@@ -155,7 +156,8 @@ async def test_overlay_map_storm_over_random_addresses(start_daemon):
     ram_end = m.memory_bytes
     snapshot = {}
     async with d.client() as c:
-        for i in range(3000):
+        sent = 0
+        while sent < rpcs:
             gpa = rng.choice(kinds + [rng.randrange(0, ram_end, PAGE) for _ in range(3)])
             if gpa in (d.domain.xen.hypercall_page, d.domain.overlay.gpa("shared_info")):
                 continue
@@ -168,6 +170,9 @@ async def test_overlay_map_storm_over_random_addresses(start_daemon):
                 await map_page(c, rng.choice(pages), rng.choice([gpa, gpa, INVALID]))
             except RpcError as exc:
                 assert exc.error_class == "InvalidArgument", exc.message
+            sent += 1
+        print(f"\n{sent} overlay map/move/unmap calls, {len(snapshot)} RAM pages checked")
+        assert sent == rpcs
         for p in pages:
             await map_page(c, p, INVALID)
         rings = (d.domain.xen.store_gpa, d.domain.xen.console_gpa)   # the daemon writes those
@@ -176,3 +181,8 @@ async def test_overlay_map_storm_over_random_addresses(start_daemon):
                 assert m.mem.read(gpa, PAGE) == data, hex(gpa)
         assert (await c.call("query-status"))["status"] == "running"
         assert (await c.call("query-hypercalls"))["internal_errors"] == 0
+
+
+@pytest.mark.slow
+async def test_overlay_map_storm_over_random_addresses_long(start_daemon, request):
+    await test_overlay_map_storm_over_random_addresses(start_daemon, request)

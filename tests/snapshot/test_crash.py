@@ -129,6 +129,7 @@ def kill_loop(tmp_path: Path, rounds: int) -> dict[str, int]:
         outcome["old" if got == current else "new"] += 1
         current = got
         outcome["temps_left"] += bool(temps(tmp_path))
+    assert outcome["old"] + outcome["new"] == rounds
     # the next save removes every temporary file the killed writers left
     save_in_process(path, 99)
     assert temps(tmp_path) == []
@@ -139,6 +140,8 @@ def kill_loop(tmp_path: Path, rounds: int) -> dict[str, int]:
 def test_sigkill_during_save_keeps_the_earlier_snapshot(tmp_path):
     outcome = kill_loop(tmp_path, 20)
     print(outcome)
+    # kills land before the rename (old kept) and mid-write (a temporary file left) alike
+    assert outcome["old"] > 0 and outcome["temps_left"] > 0
 
 
 @pytest.mark.slow
