@@ -191,8 +191,12 @@ class Connection(asyncio.Protocol):
         self.guard.held(self)
 
     def release(self) -> None:
-        """The reply is on its way: idle again (timed again if the next request began)."""
+        """A reply is on its way: idle again. After a held request, bytes that came in the
+        meantime began the next one, whose clock starts now; a reply to a request no
+        handler held (a refusal, an unknown path) ends that request's clock."""
         if not self.held:
+            self.pending = False
+            self._disarm()
             return
         self.held = False
         self.guard.touch(self)
