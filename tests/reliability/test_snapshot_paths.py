@@ -121,3 +121,23 @@ async def test_unfinished_saves_are_removed_at_start(start_daemon, short_tmp):
             f.write(b"half a snapshot")
     await booted(start_daemon, snapshot_dir=snapdir, start_paused=True)
     assert os.listdir(snapdir) == ["sub"] and os.listdir(os.path.join(snapdir, "sub")) == []
+
+
+async def test_the_writer_and_reader_get_the_confined_path(start_daemon, monkeypatch):
+    """The confinement holds only if the Xen layer hands the daemon's ConfinedPath to the
+    snapshot writer and reader as it is (os.fspath keeps it; str() would make it a plain
+    path, opened without RESOLVE_BENEATH)."""
+    from xend_lite.snapshot import ConfinedPath
+    from xend_lite.xen import persist
+
+    seen = []
+    for name in ("save_snapshot", "load_snapshot"):
+        real = getattr(persist, name)
+        monkeypatch.setattr(persist, name,
+                            lambda path, *a, _real=real, **kw: seen.append(path) or _real(path, *a, **kw))
+    d = await booted(start_daemon)
+    async with d.client() as c:
+        await c.call("snapshot-save", {"path": "a.snap"})
+        await c.call("snapshot-load", {"path": "a.snap"})
+        await still_running(d, c)
+    assert len(seen) == 2 and all(type(p) is ConfinedPath and p.name == "a.snap" for p in seen)
