@@ -12,7 +12,7 @@ every check is applied, so one that fails changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from xend_lite.xen.xenstore.errors import XsError
@@ -164,17 +164,6 @@ class Store:
         for path, node in edit.staged.items():
             self.put(path, None if node is None else replace(node, generation=self.bump()))
         return edit.changes
-
-    def walk(self, path: str) -> Iterator[str]:
-        """``path`` and every node below it, parents before children."""
-        stack = [path]
-        while stack:
-            p = stack.pop()
-            node = self.nodes.get(p)
-            if node is None:
-                continue
-            yield p
-            stack.extend(child_path(p, c) for c in reversed(node.children))
 
 
 class Edit:
