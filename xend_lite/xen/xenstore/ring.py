@@ -1,0 +1,127 @@
+"""The xenstore ring page (struct xenstore_domain_interface, docs/misc/xenstore-ring.txt).
+
+``req[1024]`` carries requests from the guest, ``rsp[1024]`` replies and watch events to it;
+then the u32 fields req_cons, req_prod, rsp_cons, rsp_prod, server_features, connection and
+error. Indices are free-running modulo 2**32 and re-read from the page on every access; a
+pair with the producer more than a ring ahead of the consumer raises :class:`RingBroken`
+(nothing is read or written). :class:`MessageReader` rebuilds messages from what arrives in
+pieces, across ring wraps and across calls, and refuses a payload over XENSTORE_PAYLOAD_MAX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xend_lite.xen.page import Page, read_u32s, ring_read, ring_used, ring_write, write_u32
+from xend_lite.xen.xenstore.protocol import HEADER_SIZE, PAYLOAD_MAX, Header
+
+__all__ = ["XsRing", "RingBroken", "MessageReader", "Control", "RING_SIZE",
+           "FEATURE_RECONNECTION", "FEATURE_ERROR", "ERROR_COMM", "ERROR_RINGIDX",
+           "ERROR_PROTO", "CONNECTED", "RECONNECT"]
+
+REQ_OFF, RSP_OFF, RING_SIZE = 0, 1024, 1024      # XENSTORE_RING_SIZE
+REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, FEATURES, CONNECTION, ERROR = (
+    2048 + 4 * i for i in range(7))
+
+FEATURE_RECONNECTION, FEATURE_ERROR = 1, 2       # XENSTORE_SERVER_FEATURE_*
+CONNECTED, RECONNECT = 0, 1                      # XENSTORE_CONNECTED / _RECONNECT
+ERROR_NONE, ERROR_COMM, ERROR_RINGIDX, ERROR_PROTO = 0, 1, 2, 3   # XENSTORE_ERROR_*
+
+
+class RingBroken(Exception):
+    """The guest broke the ring; ``code`` is the XENSTORE_ERROR_* to report."""
+
+    def __init__(self, code: int, detail: str):
+        super().__init__(detail)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    req_cons: int
+    req_prod: int
+    rsp_cons: int
+    rsp_prod: int
+    features: int
+    connection: int
+    error: int
+
+
+class XsRing:
+    """The server side of one xenstore page, reached only through ``page``."""
+
+    def __init__(self, page: Page):
+        self.page = page
+
+    def control(self) -> Control:
+        return Control(*read_u32s(self.page, REQ_CONS, 7))
+
+    def set_field(self, off: int, value: int) -> None:
+        write_u32(self.page, off, value)
+
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` request bytes the guest has produced; advances req_cons."""
+        cons, prod = read_u32s(self.page, REQ_CONS, 2)
+        avail = ring_used(cons, prod, RING_SIZE)
+        if avail is None:
+            raise RingBroken(ERROR_RINGIDX, f"request indices {cons:#x}/{prod:#x}")
+        n = min(n, avail)
+        if n <= 0:
+            return b""
+        data = ring_read(self.page, REQ_OFF, RING_SIZE, cons, n)
+        write_u32(self.page, REQ_CONS, cons + n)
+        return data
+
+    def put(self, data: bytes) -> int:
+        """Write what fits of ``data`` to the reply ring; advances rsp_prod."""
+        cons, prod = read_u32s(self.page, RSP_CONS, 2)
+        used = ring_used(cons, prod, RING_SIZE)
+        if used is None:
+            raise RingBroken(ERROR_RINGIDX, f"reply indices {cons:#x}/{prod:#x}")
+        n = min(len(data), RING_SIZE - used)
+        if n > 0:
+            ring_write(self.page, RSP_OFF, RING_SIZE, prod, data[:n])
+            write_u32(self.page, RSP_PROD, prod + n)
+        return max(n, 0)
+
+    def reset(self) -> None:
+        """Empty both queues (reconnection: the guest ignores the ring meanwhile)."""
+        for off in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD):
+            write_u32(self.page, off, 0)
+
+
+class MessageReader:
+    """Collects one request: a header, then its payload."""
+
+    def __init__(self, partial: bytes = b""):
+        self.buf = bytearray(partial)
+
+    @property
+    def header(self) -> Header | None:
+        return Header.unpack(bytes(self.buf[:HEADER_SIZE])) if len(self.buf) >= HEADER_SIZE \
+            else None
+
+    def need(self) -> int:
+        """Bytes still missing from the current message."""
+        hdr = self.header
+        if hdr is None:
+            return HEADER_SIZE - len(self.buf)
+        return HEADER_SIZE + hdr.len - len(self.buf)
+
+    def feed(self, data: bytes) -> tuple[Header, bytes] | None:
+        """Add bytes (no more than :meth:`need`); a complete message comes back."""
+        assert len(data) <= self.need()
+        self.buf += data
+        hdr = self.header
+        if hdr is None:
+            return None
+        if hdr.len > PAYLOAD_MAX:
+            raise RingBroken(ERROR_PROTO, f"payload of {hdr.len} bytes")
+        if len(self.buf) < HEADER_SIZE + hdr.len:
+            return None
+        payload = bytes(self.buf[HEADER_SIZE:])
+        self.buf.clear()
+        return hdr, payload
+
+    def partial(self) -> bytes:
+        return bytes(self.buf)
