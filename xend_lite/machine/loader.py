@@ -68,6 +68,8 @@ class _Phdr(NamedTuple):
     paddr: int
     filesz: int
     memsz: int
+    vaddr: int = 0
+    flags: int = 0   # PF_X 1, PF_W 2, PF_R 4
 
 
 def parse_elf(image: bytes) -> tuple[int, int, list[_Phdr]]:
@@ -104,15 +106,15 @@ def parse_elf(image: bytes) -> tuple[int, int, list[_Phdr]]:
     for i in range(e_phnum):
         f = struct.unpack_from(ph_fmt, image, e_phoff + i * e_phentsize)
         if ei_class == 1:
-            p_type, p_offset, _va, p_paddr, p_filesz, p_memsz = f[0], f[1], f[2], f[3], f[4], f[5]
+            p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_flags = f[:7]
         else:
-            p_type, p_offset, _va, p_paddr, p_filesz, p_memsz = f[0], f[2], f[3], f[4], f[5], f[6]
+            p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz = f[:7]
         if p_type in (PT_LOAD, PT_NOTE):
             if p_offset + p_filesz > len(image):
                 raise _err(f"segment {i} runs past the end of the file")
             if p_filesz > p_memsz and p_type == PT_LOAD:
                 raise _err(f"segment {i} has filesz > memsz")
-        phdrs.append(_Phdr(p_type, p_offset, p_paddr, p_filesz, p_memsz))
+        phdrs.append(_Phdr(p_type, p_offset, p_paddr, p_filesz, p_memsz, p_vaddr, p_flags))
     return ei_class * 32, e_entry, phdrs
 
 
