@@ -10,25 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from xend_lite.guests.build import build_cached, toolchain_missing
 from xend_lite.xen.emulation import HYPERCALL_PORT
 from xend_lite.xen.hypercall_patch import HypercallPatchError, patch_xen_hypercalls, replacement
 
-GUEST = Path(__file__).resolve().parent / "guests" / "directcall.S"
-BOOT = Path(__file__).resolve().parents[1] / "machine" / "guests" / "boot.S"
+GUEST = "xen/guests/directcall.S"
+BOOT = "machine/guests/boot.S"
 REPORT_PORT, DONE_PORT = 0xE0, 0xF0
 XEN_4_16 = (4 << 16) | 16
 
 
 @pytest.fixture(scope="module")
-def build_guest(tmp_path_factory):
-    reason = toolchain_missing()
-    if reason:
-        pytest.skip(reason)
-    cache = tmp_path_factory.mktemp("directcall")
-
-    def make(bits: int = 64, source: Path = GUEST, **defines) -> Path:
-        return build_cached(source, cache, bits=bits, defines=defines)
+def build_guest(guest_path):
+    def make(bits: int = 64, source: str = GUEST, **defines) -> Path:
+        return guest_path(source, bits, **defines)
     return make
 
 
