@@ -62,4 +62,4 @@ def pytest_sessionfinish(session, exitstatus):
                 tr.write_line(f"FAILED: {KVM_PATH} is present but no KVM test ran", red=True)
 
 
-pytest_plugins = ["tests.guestbuild"]
+pytest_plugins = ["tests.guestbuild", "tests.realguests"]

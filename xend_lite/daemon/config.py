@@ -71,6 +71,7 @@ class DaemonConfig:
 
     # guest
     image: str | None = None
+    initrd: str | None = None
     cmdline: str = ""
     memory_mib: int = 128
     vcpus: int = 1
@@ -212,6 +213,7 @@ class Key(NamedTuple):
 
 KEYS: tuple[Key, ...] = (
     Key("guest", "image", "image", _optional_path, "--image"),
+    Key("guest", "initrd", "initrd", _optional_path, "--initrd"),
     Key("guest", "cmdline", "cmdline", _string, "--cmdline"),
     Key("guest", "memory", "memory_mib", _int_in(16, 1 << 20), "--memory"),
     Key("guest", "vcpus", "vcpus", _int_in(1, 64), "--vcpus"),

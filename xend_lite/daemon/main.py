@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "config/xend-lite.toml); options override it")
     g = p.add_argument_group("guest")
     g.add_argument("--image", dest="image", default=S, help="guest kernel image (default: the embedded guest)")
+    g.add_argument("--initrd", dest="initrd", metavar="FILE", default=S,
+                   help="initial ramdisk, the guest's first PVH module (default: none)")
     g.add_argument("--cmdline", dest="cmdline", default=S, help="guest command line")
     g.add_argument("--memory", "-m", dest="memory_mib", metavar="MIB", default=S, help="guest RAM in MiB (128)")
     g.add_argument("--vcpus", dest="vcpus", metavar="N", default=S, help="vCPUs (1)")
@@ -190,12 +192,15 @@ def preflight(cfg: Any, check_kvm: bool = True) -> None:
         if not os.access(cfg.kvm_path, os.R_OK | os.W_OK):
             raise StartError(ExitCode.KVM, f"no permission to use {cfg.kvm_path} as uid {os.getuid()}: "
                                            "run as root or add the user to the kvm group")
-    if cfg.image is not None:
-        if not os.path.exists(cfg.image):
-            raise StartError(ExitCode.IMAGE, f"guest image {cfg.image} does not exist: check --image "
-                                             "(or guest.image in the config)")
-        if not os.access(cfg.image, os.R_OK) or os.path.isdir(cfg.image):
-            raise StartError(ExitCode.IMAGE, f"guest image {cfg.image} is not a readable file: check "
+    for what, path, key in (("guest image", cfg.image, "image"),
+                            ("initrd", getattr(cfg, "initrd", None), "initrd")):
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            raise StartError(ExitCode.IMAGE, f"{what} {path} does not exist: check --{key} "
+                                             f"(or guest.{key} in the config)")
+        if not os.access(path, os.R_OK) or os.path.isdir(path):
+            raise StartError(ExitCode.IMAGE, f"{what} {path} is not a readable file: check "
                                              "its path and permissions")
     if cfg.restore is not None and not os.path.isfile(cfg.restore):
         raise StartError(ExitCode.SNAPSHOT, f"snapshot {cfg.restore} does not exist: check --restore")

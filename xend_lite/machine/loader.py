@@ -1,8 +1,10 @@
-"""Boot loader: ELF32/ELF64 images (PVH entry note honoured) and flat binaries.
+"""Boot loader: ELF32/ELF64 images (PVH entry note honoured), bzImages (opened to their ELF
+vmlinux by ``kernel``), flat binaries, and an initrd beside them.
 
 Every image starts as the PVH boot ABI says: flat 32-bit protected mode, paging off,
 CS/DS/ES/SS 4 GiB flat, EIP at the entry and, for a PVH entry, EBX pointing at an
-hvm_start_info that describes the command line and the memory map.
+hvm_start_info that describes the command line, the memory map and the modules (the initrd:
+Linux takes the first module as its initramfs).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import NamedTuple
 
 from xend_lite.errors import LoaderError
 from xend_lite.kvm import Regs, Segment, Sregs
+from xend_lite.machine.kernel import unpack_kernel
 from xend_lite.machine.machine import BootCpu, Machine
 from xend_lite.machine.memory import PAGE_SIZE
 
@@ -22,15 +25,18 @@ HVM_START_MAGIC = 0x336EC578
 E820_RAM, E820_RESERVED = 1, 2
 
 START_INFO_GPA = 0x1000
+MODLIST_GPA = 0x1040       # in the start_info page, after the 56-byte struct
 CMDLINE_GPA = 0x2000
 MEMMAP_GPA = 0x3000
 LOW_RESERVED_END = 0x4000  # images may not load below here: the boot structures live there
 MAX_CMDLINE = PAGE_SIZE - 1
+INITRD_LIMIT = 1 << 32     # Linux's PVH entry reads the module's address into 32 bits
 
 # struct hvm_start_info (version 1) and struct hvm_memmap_table_entry, from
 # xen/arch-x86/hvm/start_info.h; a test compiles the header and checks these.
 START_INFO = struct.Struct("<IIIIQQQQII")
 MEMMAP_ENTRY = struct.Struct("<QQII")
+MODLIST_ENTRY = struct.Struct("<QQQQ")   # struct hvm_modlist_entry: paddr, size, cmdline_paddr
 
 
 class LoadSegment(NamedTuple):
@@ -45,6 +51,7 @@ class BootInfo(NamedTuple):
     start_info: int | None
     elf_class: int | None  # 32, 64 or None for a flat binary
     segments: tuple[LoadSegment, ...] = ()
+    initrd: LoadSegment | None = None
 
     @property
     def image_end(self) -> int:
@@ -61,6 +68,8 @@ class _Phdr(NamedTuple):
     paddr: int
     filesz: int
     memsz: int
+    vaddr: int = 0
+    flags: int = 0   # PF_X 1, PF_W 2, PF_R 4
 
 
 def parse_elf(image: bytes) -> tuple[int, int, list[_Phdr]]:
@@ -97,15 +106,15 @@ def parse_elf(image: bytes) -> tuple[int, int, list[_Phdr]]:
     for i in range(e_phnum):
         f = struct.unpack_from(ph_fmt, image, e_phoff + i * e_phentsize)
         if ei_class == 1:
-            p_type, p_offset, _va, p_paddr, p_filesz, p_memsz = f[0], f[1], f[2], f[3], f[4], f[5]
+            p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_flags = f[:7]
         else:
-            p_type, p_offset, _va, p_paddr, p_filesz, p_memsz = f[0], f[2], f[3], f[4], f[5], f[6]
+            p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz = f[:7]
         if p_type in (PT_LOAD, PT_NOTE):
             if p_offset + p_filesz > len(image):
                 raise _err(f"segment {i} runs past the end of the file")
             if p_filesz > p_memsz and p_type == PT_LOAD:
                 raise _err(f"segment {i} has filesz > memsz")
-        phdrs.append(_Phdr(p_type, p_offset, p_paddr, p_filesz, p_memsz))
+        phdrs.append(_Phdr(p_type, p_offset, p_paddr, p_filesz, p_memsz, p_vaddr, p_flags))
     return ei_class * 32, e_entry, phdrs
 
 
@@ -130,7 +139,7 @@ def find_pvh_entry(image: bytes, phdrs: list[_Phdr]) -> int | None:
     return None
 
 
-def load_elf(machine: Machine, image: bytes, cmdline: str = "") -> BootInfo:
+def load_elf(machine: Machine, image: bytes, cmdline: str = "", initrd: bytes | None = None) -> BootInfo:
     bits, e_entry, phdrs = parse_elf(image)
     pvh_entry = find_pvh_entry(image, phdrs)
     loads = [p for p in phdrs if p.type == PT_LOAD and p.memsz]
@@ -141,26 +150,68 @@ def load_elf(machine: Machine, image: bytes, cmdline: str = "") -> BootInfo:
                 or not machine.mem.is_backed(p.paddr, p.memsz):
             raise _err(f"segment at {p.paddr:#x}+{p.memsz:#x} does not fit in guest RAM "
                        f"({LOW_RESERVED_END:#x}..{machine.memory_bytes:#x})")
+    entry = pvh_entry if pvh_entry is not None else e_entry
+    if entry >= 1 << 32:
+        raise _err(f"entry point {entry:#x} is not reachable from 32-bit protected mode")
+    if initrd is not None and pvh_entry is None:
+        raise _err("an initrd needs a PVH entry (the image has no PVH note to hand it over)")
+    segs = tuple(LoadSegment(p.paddr, p.filesz, p.memsz) for p in loads)
+    module = place_initrd(machine, len(initrd), _end(segs)) if initrd is not None else None
     for p in loads:
         machine.mem.write(p.paddr, image[p.offset:p.offset + p.filesz])
         if p.memsz > p.filesz:
             machine.mem.write(p.paddr + p.filesz, bytes(p.memsz - p.filesz))
-    entry = pvh_entry if pvh_entry is not None else e_entry
-    if entry >= 1 << 32:
-        raise _err(f"entry point {entry:#x} is not reachable from 32-bit protected mode")
-    segs = tuple(LoadSegment(p.paddr, p.filesz, p.memsz) for p in loads)
-    start_info = write_start_info(machine, cmdline) if pvh_entry is not None else None
-    return BootInfo(entry, pvh_entry is not None, start_info, bits, segs)
+    start_info = None
+    if pvh_entry is not None:
+        start_info = write_start_info(machine, cmdline, _write_initrd(machine, module, initrd))
+    return BootInfo(entry, pvh_entry is not None, start_info, bits, segs, module)
 
 
-def load_flat(machine: Machine, image: bytes, gpa: int, cmdline: str = "") -> BootInfo:
+def load_flat(machine: Machine, image: bytes, gpa: int, cmdline: str = "",
+              initrd: bytes | None = None) -> BootInfo:
     if not image:
         raise _err("empty image")
     if gpa < LOW_RESERVED_END or not machine.mem.is_backed(gpa, len(image)):
         raise _err(f"flat image at {gpa:#x}+{len(image):#x} does not fit in guest RAM")
+    segs = (LoadSegment(gpa, len(image), len(image)),)
+    module = place_initrd(machine, len(initrd), _end(segs)) if initrd is not None else None
     machine.mem.write(gpa, image)
-    start_info = write_start_info(machine, cmdline)
-    return BootInfo(gpa, True, start_info, None, (LoadSegment(gpa, len(image), len(image)),))
+    start_info = write_start_info(machine, cmdline, _write_initrd(machine, module, initrd))
+    return BootInfo(gpa, True, start_info, None, segs, module)
+
+
+def _end(segs: tuple[LoadSegment, ...]) -> int:
+    return max(s.gpa + s.memsz for s in segs)
+
+
+def place_initrd(machine: Machine, size: int, after: int) -> LoadSegment:
+    """Where an initrd of ``size`` bytes goes: the lowest page-aligned address at or above
+    ``after`` (the image's end) inside one RAM entry of the e820 map (so never over a
+    reserved page) and below 4 GiB."""
+    if size == 0:
+        raise _err("the initrd is empty")
+    start = max(after, LOW_RESERVED_END)
+    for addr, length, kind in e820_map(machine):
+        if kind != E820_RAM:
+            continue
+        gpa = _page_up(max(start, addr))
+        end = gpa + size
+        if end <= addr + length and end <= INITRD_LIMIT and machine.mem.is_backed(gpa, size):
+            return LoadSegment(gpa, size, size)
+    raise _err(f"the initrd ({size} bytes) does not fit in guest RAM below 4 GiB after the "
+               f"image (which ends at {after:#x}): give the guest more memory")
+
+
+def _page_up(gpa: int) -> int:
+    return (gpa + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def _write_initrd(machine: Machine, module: LoadSegment | None,
+                  data: bytes | None) -> tuple[LoadSegment, ...]:
+    if module is None or data is None:
+        return ()
+    machine.mem.write(module.gpa, data)
+    return (module,)
 
 
 def e820_map(machine: Machine) -> list[tuple[int, int, int]]:
@@ -181,17 +232,21 @@ def e820_map(machine: Machine) -> list[tuple[int, int, int]]:
     return sorted(out)
 
 
-def write_start_info(machine: Machine, cmdline: str) -> int:
+def write_start_info(machine: Machine, cmdline: str, modules: tuple[LoadSegment, ...] = ()) -> int:
     raw = cmdline.encode()
     if len(raw) > MAX_CMDLINE or b"\0" in raw:
         raise _err(f"command line longer than {MAX_CMDLINE} bytes or containing NUL")
+    if MODLIST_GPA + len(modules) * MODLIST_ENTRY.size > START_INFO_GPA + PAGE_SIZE:
+        raise _err("too many modules")
     mem = machine.mem
     mem.write(CMDLINE_GPA, raw + b"\0")
     entries = e820_map(machine)
     if len(entries) * MEMMAP_ENTRY.size > PAGE_SIZE:
         raise _err("memory map too large")
     mem.write(MEMMAP_GPA, b"".join(MEMMAP_ENTRY.pack(a, s, t, 0) for a, s, t in entries))
-    mem.write(START_INFO_GPA, START_INFO.pack(HVM_START_MAGIC, 1, 0, 0, 0, CMDLINE_GPA, 0,
+    mem.write(MODLIST_GPA, b"".join(MODLIST_ENTRY.pack(m.gpa, m.filesz, 0, 0) for m in modules))
+    mem.write(START_INFO_GPA, START_INFO.pack(HVM_START_MAGIC, 1, 0, len(modules),
+                                              MODLIST_GPA if modules else 0, CMDLINE_GPA, 0,
                                               MEMMAP_GPA, len(entries), 0))
     return START_INFO_GPA
 
@@ -219,9 +274,13 @@ def boot_cpu(machine: Machine, info: BootInfo, index: int = 0) -> BootCpu:
     return BootCpu(regs, sregs)
 
 
-def load_image(machine: Machine, image: bytes, cmdline: str = "", flat_gpa: int | None = None) -> BootInfo:
-    """Load an ELF (or, with ``flat_gpa``, a flat binary) and set vCPU 0 to start it."""
-    info = load_flat(machine, image, flat_gpa, cmdline) if flat_gpa is not None \
-        else load_elf(machine, image, cmdline)
+def load_image(machine: Machine, image: bytes, cmdline: str = "", flat_gpa: int | None = None,
+               initrd: bytes | None = None) -> BootInfo:
+    """Load an ELF or a bzImage (or, with ``flat_gpa``, a flat binary), and ``initrd`` after
+    it as the first PVH module, and set vCPU 0 to start it."""
+    if flat_gpa is not None:
+        info = load_flat(machine, image, flat_gpa, cmdline, initrd)
+    else:
+        info = load_elf(machine, unpack_kernel(image).elf, cmdline, initrd)
     machine.set_boot_cpu(0, boot_cpu(machine, info))
     return info

@@ -34,6 +34,7 @@ class DomainSpec(NamedTuple):
     """What a domain is made of (the daemon's config builds it)."""
 
     image: str | None = None          # None: the embedded default guest
+    initrd: str | None = None         # the first PVH module (Linux's initramfs); None: none
     cmdline: str = ""
     memory_mib: int = 128
     vcpus: int = 1
@@ -53,7 +54,7 @@ class DomainSpec(NamedTuple):
         return cls(**kw)
 
 
-def read_image(path: str | None) -> bytes:
+def read_image(path: str | None, what: str = "guest image") -> bytes:
     if path is None:
         from xend_lite.guests import default_image
 
@@ -62,9 +63,9 @@ def read_image(path: str | None) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError as exc:
-        raise LoaderError(f"guest image {path} does not exist") from exc
+        raise LoaderError(f"{what} {path} does not exist") from exc
     except OSError as exc:
-        raise LoaderError(f"guest image {path} cannot be read: {exc.strerror}") from exc
+        raise LoaderError(f"{what} {path} cannot be read: {exc.strerror}") from exc
 
 
 class Domain:
@@ -75,6 +76,7 @@ class Domain:
         self.spec = spec
         self._emit = emit or (lambda _e, _d: None)
         self.image = read_image(spec.image)
+        self.initrd = read_image(spec.initrd, "initrd") if spec.initrd is not None else None
         self.kvm = Kvm(spec.kvm_path)
         console = ConsoleSink(stdout=spec.console_stdout, log_path=spec.console_log)
         try:
@@ -84,7 +86,7 @@ class Domain:
             raise
         self._build_xen()
         self.machine.add_shutdown_listener(self._on_shutdown)
-        self.boot = load_image(self.machine, self.image, spec.cmdline)
+        self.boot = load_image(self.machine, self.image, spec.cmdline, initrd=self.initrd)
         self._closed = False
         self._detach_job: tuple[threading.Thread, threading.Event] | None = None
         self.detached = threading.Event()   # set once restored RAM no longer uses its file
@@ -144,7 +146,7 @@ class Domain:
         if self.xen is not None:
             self.xen.reset()
             self.overlay.reset()
-        self.boot = load_image(m, self.image, self.spec.cmdline)
+        self.boot = load_image(m, self.image, self.spec.cmdline, initrd=self.initrd)
         if was == "stopped":
             m.start(paused=False)
         elif was in ("running", "paused"):
