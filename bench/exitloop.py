@@ -125,9 +125,9 @@ def py_machine(image: bytes, kind: str, n: int, warmup: int) -> float:
                     m.request_shutdown("stopped", detail="benchmark done")
 
             if kind == "doorbell":
-                m.register_doorbell(PORT, tick)
+                m.exits.register_doorbell(PORT, tick)
             else:
-                m.register_io_out(PORT, lambda r, ex: tick(r))
+                m.exits.register_io_out(PORT, lambda r, ex: tick(r))
             load_image(m, image, flat_gpa=LOAD_GPA)
             m.start()
             status = m.wait(600)

@@ -39,22 +39,19 @@ def py_xen(image: bytes, n: int, warmup: int) -> float:
     from xend_lite.kvm import Kvm
     from xend_lite.machine.loader import load_image
     from xend_lite.machine.machine import Machine
-    from xend_lite.xen.domain import DomainSpec
-    from xend_lite.xen.emulation import XenEmulation
-    from xend_lite.xen.overlay import OverlayDevice
+    from xend_lite.xen.platform import XenConfig, XenPlatform
 
     marks: dict[str, int] = {}
     with Kvm() as kvm:
         m = Machine(kvm, 16 << 20, 1)
         try:
-            xen = XenEmulation(m, DomainSpec())
-            xen.attach_overlay(OverlayDevice(m, grant_frames=1))
-            m.register_io_out(0xF1, lambda _r, _e: marks.setdefault("t0", time.perf_counter_ns()))
+            xen = XenPlatform(m, XenConfig(grant_frames=1))
+            m.exits.register_io_out(0xF1, lambda _r, _e: marks.setdefault("t0", time.perf_counter_ns()))
 
             def stop(_r, _e) -> None:
                 marks["t1"] = time.perf_counter_ns()
                 m.request_shutdown("stopped", detail="benchmark done")
-            m.register_io_out(0xF2, stop)
+            m.exits.register_io_out(0xF2, stop)
             load_image(m, image, flat_gpa=LOAD_GPA)
             m.mem.write(WARM, struct.pack("<II", warmup, warmup + n))
             m.start()

@@ -39,18 +39,17 @@ def _machine(kvm, image: bytes, vcpus: int, ram: int):
 def hypercalls(image: bytes, vcpus: int, seconds: float) -> float:
     """ns of host time per hypercall with every vCPU calling."""
     from xend_lite.kvm import Kvm
-    from xend_lite.xen.domain import DomainSpec
-    from xend_lite.xen.emulation import XenEmulation
+    from xend_lite.xen.platform import XenConfig, XenPlatform
 
     with Kvm() as kvm:
         m = _machine(kvm, image, vcpus, 16 << 20)
         try:
-            xen = XenEmulation(m, DomainSpec(vcpus=vcpus))
+            xen = XenPlatform(m, XenConfig(grant_frames=1))
             m.start()
             time.sleep(0.2)
-            c0, t0 = xen.calls[17], time.perf_counter_ns()
+            c0, t0 = xen.hypercalls.calls[17], time.perf_counter_ns()
             time.sleep(seconds)
-            c1, t1 = xen.calls[17], time.perf_counter_ns()
+            c1, t1 = xen.hypercalls.calls[17], time.perf_counter_ns()
             if m.status is not None:
                 raise RuntimeError(f"guest stopped: {m.status}")
         finally:
@@ -61,16 +60,17 @@ def hypercalls(image: bytes, vcpus: int, seconds: float) -> float:
 def control(image: bytes, vcpus: int, ram: int, n: int) -> tuple[list[float], list[float]]:
     """(pause + resume, overlay map + unmap) latencies in ns with spinning vCPUs."""
     from xend_lite.kvm import Kvm
-    from xend_lite.xen.domain import DomainSpec
-    from xend_lite.xen.emulation import XenEmulation
-    from xend_lite.xen.overlay import OverlayDevice
+    from xend_lite.machine.backing import INVALID_GPA
+    from xend_lite.xen.platform import OverlayChange, XenConfig, XenPlatform
 
     pauses, maps = [], []
     with Kvm() as kvm:
         m = _machine(kvm, image, vcpus, ram)
         try:
-            XenEmulation(m, DomainSpec(vcpus=vcpus))
-            ov = OverlayDevice(m, grant_frames=1)
+            xen = XenPlatform(m, XenConfig(grant_frames=1))
+
+            def ovmap(gpa: int) -> None:   # the operator's request, on the VM owner
+                m.owner.run(xen.change_overlay, OverlayChange("shared_info", gpa))
             m.start()
             time.sleep(0.05)
             clock = time.perf_counter_ns
@@ -79,14 +79,15 @@ def control(image: bytes, vcpus: int, ram: int, n: int) -> tuple[list[float], li
                 m.pause()
                 m.resume()
                 t1 = clock()
-                ov.map("shared_info", 0x800000 + (i % 32) * 0x1000)
-                ov.unmap("shared_info")
+                ovmap(0x800000 + (i % 32) * 0x1000)
+                ovmap(INVALID_GPA)
                 t2 = clock()
                 if i >= 5:
                     pauses.append(t1 - t)
                     maps.append(t2 - t1)
                 time.sleep(0.0005)
-            ov.close()
+            xen.close()
+            xen.overlay.close()
         finally:
             m.close()
     return pauses, maps

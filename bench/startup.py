@@ -242,7 +242,7 @@ def run(ctx: Context) -> Section:
 
 
 IMPORTS = ("xend_lite.cli.daemon", "xend_lite.daemon.main", "xend_lite.daemon.service",
-           "xend_lite.daemon.server", "xend_lite.xen.domain", "xend_lite.xen.emulation")
+           "xend_lite.daemon.server", "xend_lite.vmm.domain", "xend_lite.xen.platform")
 STACK = ("asyncio", "aiohttp.web", "jsonrpcserver")
 
 

@@ -1,4 +1,4 @@
-"""A stand-in for xend_lite.xen.domain.Domain with the same methods and run states, so the
+"""A stand-in for xend_lite.vmm.domain.Domain with the same methods and run states, so the
 daemon can be tested anywhere and fast.
 
 It records which thread called it (every call must come from the VM-owner thread) and
@@ -175,7 +175,7 @@ class FakeDomain:
 
     # -- overlay ------------------------------------------------------------------------
 
-    def overlay_map(self, page: str, gpa: int) -> dict:
+    def overlay_map(self, page: str, gpa: int, force: bool = False) -> dict:
         self._call("overlay_map")
         if page not in self.overlays:
             raise NotFound(f"no overlay page named {page!r}")
@@ -187,7 +187,7 @@ class FakeDomain:
         self._emit("XEN_OVERLAY_MAPPED", {"page": page, "gpa": gpa})
         return {"page": page, "gpa": gpa}
 
-    def overlay_unmap(self, page: str) -> dict:
+    def overlay_unmap(self, page: str, force: bool = False) -> dict:
         self._call("overlay_unmap")
         if page not in self.overlays:
             raise NotFound(f"no overlay page named {page!r}")

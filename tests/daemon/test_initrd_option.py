@@ -45,7 +45,8 @@ def test_preflight_checks_the_initrd(tmp_path):
 
 @pytest.mark.kvm
 def test_domain_hands_the_initrd_to_the_guest(tmp_path, guest_image):
-    from xend_lite.xen.domain import Domain, DomainSpec
+    from xend_lite.vmm.domain import Domain
+    from xend_lite.vmm.spec import DomainSpec
 
     image = tmp_path / "modlist32.elf"
     image.write_bytes(guest_image("machine/guests/modlist32.S", bits=32))
@@ -65,7 +66,7 @@ def test_domain_hands_the_initrd_to_the_guest(tmp_path, guest_image):
             return cb
 
         for port in range(0x5F0, 0x5F6):
-            d.machine.register_io_out(port, note(port))
+            d.machine.exits.register_io_out(port, note(port))
         d.start()
         assert done.wait(30)
         h = 0
@@ -78,7 +79,7 @@ def test_domain_hands_the_initrd_to_the_guest(tmp_path, guest_image):
 
 
 def test_domain_reports_a_missing_initrd(tmp_path):
-    from xend_lite.xen.domain import read_image
+    from xend_lite.vmm.spec import read_image
 
     with pytest.raises(LoaderError, match="initrd .* does not exist"):
         read_image(str(tmp_path / "none"), "initrd")

@@ -125,7 +125,7 @@ async def test_snapshot_round_trip_with_the_real_guest(start_daemon):
         assert (await call(d, "query-status"))["status"] == "running"
         info = await call(d, "query-snapshot", {"path": "real.snap"})
         assert any(s["name"] == "xen_overlay" for s in info["sections"])
-        await call(d, "xen-overlay-map", {"page": "shared_info", "gpa": 0x800000})
+        await call(d, "xen-overlay-map", {"page": "shared_info", "gpa": 0x800000, "force": True})
         await call(d, "snapshot-load", {"path": "real.snap"})
         await ev.until("SNAPSHOT_LOADED")
     assert ev.names()[:3] == ["STOP", "RESUME", "SNAPSHOT_SAVED"], ev.items
@@ -139,7 +139,7 @@ async def test_guest_poweroff_with_a_code_ends_the_daemon(start_daemon, guest_im
     sends SHUTDOWN with the code and exits with it."""
     from tests.xen.conftest import ALIAS, ENTRY, HCPAGE, SCRATCH, TABLE
     from xend_lite.xen.xenabi import X
-    from xend_lite.xen.domain import Domain
+    from xend_lite.vmm.domain import Domain
 
     sched_op = getattr(X, "__HYPERVISOR_sched_op")
 

@@ -14,7 +14,7 @@ import json, os, sys
 {first}
 import xend_lite.daemon.main
 import xend_lite.daemon.rpc, xend_lite.daemon.server, xend_lite.daemon.service
-import xend_lite.xen.domain
+import xend_lite.vmm.domain
 import asyncio.base_events, aiohttp.connector
 out = {{
     "ssl_loaded": "ssl" in sys.modules,
@@ -24,7 +24,7 @@ out = {{
                     if aiohttp.connector._SSL_CONTEXT_VERIFIED is not None else None),
     "env": {{k: os.environ.get(k) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR")}},
     "snapshot": sorted(m for m in sys.modules if m.startswith("xend_lite.snapshot")),
-    "persist": "xend_lite.xen.persist" in sys.modules,
+    "persist": "xend_lite.vmm.persist" in sys.modules,
 }}
 import ssl
 out["later_cas"] = ssl.create_default_context().cert_store_stats()["x509_ca"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from xend_lite.guests.build import build_cached, toolchain_missing
-from xend_lite.machine.memory import PAGE_SIZE
+from xend_lite.machine.backing import PAGE_SIZE
 
 GUESTS = Path(__file__).resolve().parent / "guests"
 MIB = 1 << 20

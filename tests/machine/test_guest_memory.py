@@ -11,7 +11,7 @@ import pytest
 
 from xend_lite.kvm import exits
 from xend_lite.machine.loader import load_image
-from xend_lite.machine.memory import PAGE_SIZE, Backing
+from xend_lite.machine.backing import PAGE_SIZE, Backing
 
 pytestmark = pytest.mark.kvm
 
@@ -38,10 +38,10 @@ class MemProbe:
         self._values: list[int] = []
         self.mmio_writes: list[exits.MmioWrite] = []
         self.step = 0
-        machine.register_io_in(0x511, self._next)
-        machine.register_io_out(0x510, lambda r, ex: self._values.append(int.from_bytes(ex.data, "little")))
-        machine.register_io_out(0x512, self._done)
-        machine.register_exit(exits.MmioWrite, self._mmio_write)
+        machine.exits.register_io_in(0x511, self._next)
+        machine.exits.register_io_out(0x510, lambda r, ex: self._values.append(int.from_bytes(ex.data, "little")))
+        machine.exits.register_io_out(0x512, self._done)
+        machine.exits.register_exit(exits.MmioWrite, self._mmio_write)
 
     def _next(self, _r, _ex) -> bytes:
         try:
@@ -103,7 +103,7 @@ def test_overlay_hides_ram_and_ram_comes_back_intact(probe, in_place, monkeypatc
     page = Backing.anonymous("test", PAGE_SIZE)
     try:
         page.view[:] = b"\x4f" * PAGE_SIZE
-        m.update_memory(lambda mm: mm.map_overlay("test", page, P))
+        m.change_memory(lambda mm: mm.map_overlay("test", page, P))
         cmd, rep = probe.round(WRITE_P)              # the write lands in the overlay
         assert rep["p"] == 0x4F4F4F4F and rep["p16"] == cmd
         assert rep["p_sum"] == sum(_u32s(bytes(page.view))) & ONES
@@ -111,7 +111,7 @@ def test_overlay_hides_ram_and_ram_comes_back_intact(probe, in_place, monkeypatc
         assert os.pread(m.ram.fd, PAGE_SIZE, P) == ram_page      # RAM beneath untouched
         assert m.mem.read_u32(P + 16) == cmd                    # host helpers honour it too
 
-        m.update_memory(lambda mm: mm.unmap_overlay("test"))
+        m.change_memory(lambda mm: mm.unmap_overlay("test"))
         _, rep = probe.round()
         assert rep["p"] == 0xA0000000 and rep["p16"] == 0xA0000004
         assert rep["p_sum"] == sum(_u32s(ram_page)) & ONES
@@ -126,10 +126,10 @@ def test_overlay_moves_between_ram_pages(probe):
     page = Backing.anonymous("test", PAGE_SIZE)
     try:
         page.view[:] = b"\x4f" * PAGE_SIZE
-        m.update_memory(lambda mm: mm.map_overlay("test", page, Q))
+        m.change_memory(lambda mm: mm.map_overlay("test", page, Q))
         _, rep = probe.round()
         assert rep["q"] == 0x4F4F4F4F and rep["p"] == 0xA0000000
-        m.update_memory(lambda mm: mm.map_overlay("test", page, P))  # moves: Q is RAM again
+        m.change_memory(lambda mm: mm.map_overlay("test", page, P))  # moves: Q is RAM again
         _, rep = probe.round()
         assert rep["p"] == 0x4F4F4F4F and rep["q"] == 0xA0000000
     finally:
@@ -146,14 +146,14 @@ def test_overlay_over_a_hole(probe):
     page = Backing.anonymous("hole", PAGE_SIZE)
     try:
         page.view[:4] = b"\x11\x22\x33\x44"
-        m.update_memory(lambda mm: mm.map_overlay("hole", page, H))
+        m.change_memory(lambda mm: mm.map_overlay("hole", page, H))
         seen = len(probe.mmio_writes)
         cmd, rep = probe.round(WRITE_H)
         assert rep["h"] == 0x44332211 and rep["h16"] == cmd
         assert int.from_bytes(page.view[16:20], "little") == cmd
         assert len(probe.mmio_writes) == seen                 # no MMIO while it is mapped
 
-        m.update_memory(lambda mm: mm.unmap_overlay("hole"))
+        m.change_memory(lambda mm: mm.unmap_overlay("hole"))
         _, rep = probe.round()
         assert rep["h"] == ONES
     finally:
@@ -165,13 +165,13 @@ def test_ballooned_page_is_unbacked_then_returns_zeroed(probe):
     m = probe.m
     _, rep = probe.round()
     assert rep["q"] == 0xA0000000
-    m.update_memory(lambda mm: mm.remove_ram_page(Q // PAGE_SIZE))
+    m.change_memory(lambda mm: mm.remove_ram_page(Q // PAGE_SIZE))
     cmd, rep = probe.round(WRITE_Q)
     assert rep["q"] == ONES and rep["q16"] == ONES
     assert exits.MmioWrite(Q + 16, cmd.to_bytes(4, "little")) in probe.mmio_writes
     assert not m.mem.is_backed(Q)
 
-    m.update_memory(lambda mm: mm.restore_ram_page(Q // PAGE_SIZE))
+    m.change_memory(lambda mm: mm.restore_ram_page(Q // PAGE_SIZE))
     _, rep = probe.round()
     assert rep["q"] == 0 and rep["q16"] == 0
     assert m.mem.read(Q, PAGE_SIZE) == bytes(PAGE_SIZE)

@@ -12,7 +12,7 @@ import pytest
 from xend_lite.errors import LoaderError
 from xend_lite.machine import loader
 from xend_lite.machine.loader import MODLIST_ENTRY, START_INFO, load_elf, load_flat, load_image
-from xend_lite.machine.memory import PAGE_SIZE
+from xend_lite.machine.backing import PAGE_SIZE
 
 from .conftest import MIB
 from .test_loader import FakeMachine
@@ -32,7 +32,7 @@ def _run_probe(make_machine, guests, initrd: bytes | None, memory: int = 64 * MI
     m = make_machine(memory, irqchip=False)
     seen: dict[str, int] = {}
     for port, name in PORTS.items():
-        m.register_io_out(port, lambda r, ex, n=name: seen.__setitem__(
+        m.exits.register_io_out(port, lambda r, ex, n=name: seen.__setitem__(
             n, int.from_bytes(ex.data, "little")))
     info = load_image(m, guests.image("modlist32.S", bits=32), "", initrd=initrd)
     m.start()
@@ -145,7 +145,9 @@ def test_initrd_fills_ram_to_the_last_page(fake, guests):
 
 
 def test_initrd_only_below_4g(guests):
-    from xend_lite.machine.memory import Backing, GuestMemory, MemoryMap, RamRegion
+    from xend_lite.machine.backing import Backing
+    from xend_lite.machine.memmap import MemoryMap, RamRegion
+    from xend_lite.machine.guestmem import GuestMemory
 
     from .conftest import FakeSink
 

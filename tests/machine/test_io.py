@@ -21,8 +21,8 @@ def test_msr_handlers_answer_or_inject_gp(make_machine, guests, kvm):
     m = make_machine(irqchip=False)
     seen: list[tuple[int, int]] = []
     writes: list[tuple[int, int]] = []
-    m.register_io_out(0x5F1, lambda r, ex: seen.append((0x5F1, int.from_bytes(ex.data, "little"))))
-    m.register_io_out(0x5F2, lambda r, ex: seen.append((0x5F2, int.from_bytes(ex.data, "little"))))
+    m.exits.register_io_out(0x5F1, lambda r, ex: seen.append((0x5F1, int.from_bytes(ex.data, "little"))))
+    m.exits.register_io_out(0x5F2, lambda r, ex: seen.append((0x5F2, int.from_bytes(ex.data, "little"))))
     m.register_msr(MSR_A, read=lambda r: 0xCAFEBABE_12345678,
                    write=lambda r, v: writes.append((MSR_A, v)) or True)
     m.register_msr(MSR_B, read=lambda r: None, write=lambda r, v: writes.append((MSR_B, v)) or False)
@@ -63,8 +63,8 @@ def test_unclaimed_ports_read_as_ones_and_handler_order(make_machine, guests):
     # hello64 writes 0x500, reads 0x501 and writes the answer + 1 to 0x502.
     m = make_machine(irqchip=False)
     got: list[exits.IoOut] = []
-    m.register_io_out(0x500, lambda r, ex: got.append(ex))
-    m.register_io_out(0x502, lambda r, ex: got.append(ex))
+    m.exits.register_io_out(0x500, lambda r, ex: got.append(ex))
+    m.exits.register_io_out(0x502, lambda r, ex: got.append(ex))
     load_image(m, (guests.path("hello64.S")).read_bytes())
     m.start()
     assert m.wait(10).reason == "halted"
@@ -81,7 +81,7 @@ def test_failing_handler_stops_the_vm_with_a_status(make_machine, guests):
     def boom(r, ex):
         raise RuntimeError("handler bug")
 
-    m.register_io_out(0x500, boom)
+    m.exits.register_io_out(0x500, boom)
     load_image(m, guests.image("hello64.S"))
     m.start()
     status = m.wait(10)
@@ -127,7 +127,7 @@ def test_a_broken_stream_is_dropped_not_fatal():
 
 
 def test_msr_filter_ranges_trap_exactly_the_registered_msrs():
-    from xend_lite.machine.machine import _msr_filter_ranges
+    from xend_lite.machine.msrfilter import msr_filter_ranges as _msr_filter_ranges
 
     ranges = _msr_filter_ranges([0x40000000, 0x40000001, 0x4000000A, 0xC0000100])
     assert [r.base for r in ranges] == [0x40000000, 0xC0000100]

@@ -268,7 +268,7 @@ def test_bzimage_guest_boots_at_its_pvh_entry(make_machine, guests, fmt):
     elf = guests.image("boot.S", bits=64)
     m = make_machine(64 * MIB, irqchip=False)
     seen: list[int] = []
-    m.register_io_out(0x5E0, lambda r, ex: seen.append(int.from_bytes(ex.data, "little")))
+    m.exits.register_io_out(0x5E0, lambda r, ex: seen.append(int.from_bytes(ex.data, "little")))
     info = load_image(m, ki.bzimage(ki.compress(elf, fmt)), "console=hvc0")
     m.start()
     status = m.wait(10)

@@ -14,7 +14,9 @@ from xend_lite.errors import LoaderError
 from xend_lite.machine import loader
 from xend_lite.machine.loader import (HVM_START_MAGIC, MEMMAP_ENTRY, START_INFO, load_elf,
                                       load_image, parse_elf)
-from xend_lite.machine.memory import Backing, GuestMemory, MemoryMap, RamRegion
+from xend_lite.machine.backing import Backing
+from xend_lite.machine.memmap import MemoryMap, RamRegion
+from xend_lite.machine.guestmem import GuestMemory
 
 from .conftest import MIB, FakeSink
 
@@ -31,7 +33,7 @@ class BootReport:
     def __init__(self, m):
         self.values: dict[str, list[int]] = {}
         for port, name in self.PORTS.items():
-            m.register_io_out(port, lambda r, ex, n=name: self.values.setdefault(n, []).append(
+            m.exits.register_io_out(port, lambda r, ex, n=name: self.values.setdefault(n, []).append(
                 int.from_bytes(ex.data, "little")))
 
 

@@ -16,7 +16,7 @@ from xend_lite.machine.console import ConsoleSink
 from xend_lite.machine.loader import (HVM_START_MAGIC, MEMMAP_ENTRY, START_INFO, BootCpu,
                                       flat32_sregs, load_image)
 from xend_lite.machine.machine import Machine
-from xend_lite.machine.memory import PAGE_SIZE, Backing
+from xend_lite.machine.backing import PAGE_SIZE, Backing
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -42,9 +42,9 @@ class Probe:
         self.cmd: queue.Queue[int] = queue.Queue()
         self.arg = 0
         self.results: queue.Queue[int] = queue.Queue()
-        m.register_io_in(0x511, self._next)
-        m.register_io_in(0x512, lambda r, ex: self.arg.to_bytes(4, "little"))
-        m.register_io_out(0x510, lambda r, ex: self.results.put(int.from_bytes(ex.data, "little")))
+        m.exits.register_io_in(0x511, self._next)
+        m.exits.register_io_in(0x512, lambda r, ex: self.arg.to_bytes(4, "little"))
+        m.exits.register_io_out(0x510, lambda r, ex: self.results.put(int.from_bytes(ex.data, "little")))
 
     def _next(self, r, ex) -> bytes:
         try:
@@ -64,9 +64,9 @@ class Probe:
 
 def test_elf64_pvh_long_mode_io_and_memory(machine, guest_image):
     seen = []
-    machine.register_io_out(0x500, lambda r, ex: seen.append(int.from_bytes(ex.data, "little")))
-    machine.register_io_in(0x501, lambda r, ex: (41).to_bytes(4, "little"))
-    machine.register_io_out(0x502, lambda r, ex: seen.append(int.from_bytes(ex.data, "little")))
+    machine.exits.register_io_out(0x500, lambda r, ex: seen.append(int.from_bytes(ex.data, "little")))
+    machine.exits.register_io_in(0x501, lambda r, ex: (41).to_bytes(4, "little"))
+    machine.exits.register_io_out(0x502, lambda r, ex: seen.append(int.from_bytes(ex.data, "little")))
     info = load_image(machine, guest_image("machine/guests/hello64.S"), "console=hvc0 quiet")
     assert info.pvh and info.elf_class == 64 and info.entry == 0x100000
     machine.start()
@@ -79,8 +79,8 @@ def test_elf64_pvh_long_mode_io_and_memory(machine, guest_image):
 
 def test_elf32_pvh_start_info(machine, guest_image):
     seen = {}
-    machine.register_io_out(0x500, lambda r, ex: seen.__setitem__("si", int.from_bytes(ex.data, "little")))
-    machine.register_io_out(0x503, lambda r, ex: seen.__setitem__("magic", int.from_bytes(ex.data, "little")))
+    machine.exits.register_io_out(0x500, lambda r, ex: seen.__setitem__("si", int.from_bytes(ex.data, "little")))
+    machine.exits.register_io_out(0x503, lambda r, ex: seen.__setitem__("magic", int.from_bytes(ex.data, "little")))
     info = load_image(machine, guest_image("machine/guests/hello32.S", bits=32), "root=/dev/xvda1")
     assert info.elf_class == 32
     machine.start()
@@ -121,14 +121,14 @@ def test_overlay_hides_ram_and_ram_reappears_intact(machine, guest_image):
     assert probe.read() == 0xAAAA5555
     page = Backing.anonymous("overlay", PAGE_SIZE)
     page.view[0:4] = (0x0BE5EED0).to_bytes(4, "little")
-    machine.update_memory(lambda mm: mm.map_overlay("test", page, 0x500000))
+    machine.change_memory(lambda mm: mm.map_overlay("test", page, 0x500000))
     assert probe.read() == 0x0BE5EED0
     assert probe.write(0x12345678) == 0x12345678          # the guest writes the overlay...
     assert page.view[0:4].tobytes() == (0x12345678).to_bytes(4, "little")
     assert machine.mem.read_u32(0x500000) == 0x12345678    # the host's view honours it too
-    machine.update_memory(lambda mm: mm.map_overlay("test", page, 0x600000))  # move
+    machine.change_memory(lambda mm: mm.map_overlay("test", page, 0x600000))  # move
     assert probe.read() == 0xAAAA5555                       # ...not the RAM beneath
-    machine.update_memory(lambda mm: mm.unmap_overlay("test"))
+    machine.change_memory(lambda mm: mm.unmap_overlay("test"))
     assert probe.read() == 0xAAAA5555
     assert machine.memmap.overlays() == {}
 
@@ -136,16 +136,16 @@ def test_overlay_hides_ram_and_ram_reappears_intact(machine, guest_image):
 def test_overlay_over_a_hole_and_bad_addresses(machine):
     page = Backing.anonymous("hole", PAGE_SIZE)
     beyond = 0x1_0000_0000 + 16 * PAGE_SIZE  # past the end of RAM
-    machine.update_memory(lambda mm: mm.map_overlay("h", page, beyond))
+    machine.change_memory(lambda mm: mm.map_overlay("h", page, beyond))
     machine.mem.write_u32(beyond + 8, 7)
     assert page.view[8] == 7
     with pytest.raises(GuestMemoryError):
         machine.mem.read(beyond + PAGE_SIZE, 1)
     for bad in (0x500001, -PAGE_SIZE, 1 << machine.phys_bits):
         with pytest.raises(InvalidArgument):
-            machine.update_memory(lambda mm, bad=bad: mm.map_overlay("h", page, bad))
+            machine.change_memory(lambda mm, bad=bad: mm.map_overlay("h", page, bad))
     assert machine.memmap.overlay_gpa("h") == beyond  # failures left the mapping alone
-    machine.update_memory(lambda mm: mm.map_overlay("h", page, 0))  # address 0 is valid
+    machine.change_memory(lambda mm: mm.map_overlay("h", page, 0))  # address 0 is valid
     assert machine.memmap.overlay_gpa("h") == 0
 
 
@@ -166,12 +166,12 @@ def test_balloon_out_page_is_unbacked_and_comes_back_zeroed(machine, guest_image
         r.vcpu.complete_mmio_read(b"\xee" * ex.length)
         return True
 
-    machine.register_exit(exits.MmioRead, on_mmio)
+    machine.exits.register_exit(exits.MmioRead, on_mmio)
     machine.start()
     assert probe.read() == 0xEEEEEEEE and mmio[0].addr == 0x500000
     with pytest.raises(Exception):
         machine.memmap.remove_ram_page(gfn)  # already out
-    machine.update_memory(lambda mm: mm.restore_ram_page(gfn))
+    machine.change_memory(lambda mm: mm.restore_ram_page(gfn))
     assert probe.read() == 0
 
 
@@ -233,7 +233,7 @@ def test_console_ports(machine):
 
 def test_reset_and_rearm_run_the_guest_again(machine, guest_image):
     img = guest_image("machine/guests/hello64.S")
-    machine.register_io_in(0x501, lambda r, ex: bytes(4))
+    machine.exits.register_io_in(0x501, lambda r, ex: bytes(4))
     for _ in range(2):
         load_image(machine, img)
         machine.start()
@@ -250,7 +250,7 @@ def test_handler_exception_stops_vm_not_daemon(machine):
     def bad(r, ex):
         raise RuntimeError("handler bug")
 
-    machine.register_io_out(0x77, bad)
+    machine.exits.register_io_out(0x77, bad)
     machine.start()
     st = machine.wait(10)
     assert st.reason == "internal-error" and "RuntimeError" in st.detail

@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument, NotFound
-from xend_lite.machine.memory import PAGE_SIZE, Backing, GuestMemory, MemoryMap, RamRegion
+from xend_lite.machine.backing import PAGE_SIZE, Backing
+from xend_lite.machine.memmap import MemoryMap, RamRegion
+from xend_lite.machine.guestmem import GuestMemory
 
 from .conftest import FakeSink
 

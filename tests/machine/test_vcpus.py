@@ -8,8 +8,10 @@ import pytest
 
 from xend_lite.kvm import Regs
 from xend_lite.machine.loader import BootCpu, boot_cpu, flat32_sregs, load_image
-from xend_lite.machine.memory import PAGE_SIZE, Backing
-from xend_lite.machine.vcpu import PAUSED, RUNNING
+from xend_lite.machine.backing import PAGE_SIZE, Backing
+from xend_lite.machine.vcpu import VcpuState
+
+PAUSED, RUNNING = VcpuState.PAUSED, VcpuState.RUNNING
 
 pytestmark = pytest.mark.kvm
 
@@ -76,20 +78,50 @@ def test_pauses_nest(spinning):
     _wait_moving(m, frozen)
 
 
-def test_update_memory_runs_with_every_vcpu_paused(spinning):
+def _watch_slots(m):
+    """Record, for every KVM slot change, whether each vCPU was out of the guest."""
+    calls = []
+    real = m.vm.set_user_memory_region
+
+    def spy(*args, **kw):
+        calls.append([r.out_of_guest for r in m.runners])
+        return real(*args, **kw)
+    m.vm.set_user_memory_region = spy
+    return calls
+
+
+def test_a_slot_change_happens_with_every_vcpu_out_of_the_guest(spinning):
     m = spinning
-    seen = []
-
-    def change(mm):
-        seen.append((m.state, [r.state for r in m.runners]))
-        page = Backing.anonymous("t", PAGE_SIZE)
-        mm.map_overlay("t", page, 0x600000)
-        return page
-
-    page = m.update_memory(change)
+    calls = _watch_slots(m)
+    page = Backing.anonymous("t", PAGE_SIZE)
     try:
-        assert seen == [("paused", [PAUSED, PAUSED])]
+        # above the end of RAM: no RAM to lay the page over, so KVM's slots must change;
+        # back to back, so a vCPU released by one change is still waking when the next comes
+        for i in range(100):
+            m.change_memory(lambda mm: mm.map_overlay("t", page, m.memory_bytes + (i % 8) * 0x1000))
+            m.change_memory(lambda mm: mm.unmap_overlay("t"))
+        assert len(calls) >= 200 and all(all(out) for out in calls), \
+            [c for c in calls if not all(c)][:5]
+        assert m.status is None, m.status
         assert m.state == "running"
+        _wait_moving(m, _counters(m))     # the vCPUs were let go again
+    finally:
+        m.stop()
+        page.close()
+
+
+def test_an_overlay_over_ram_changes_no_slot_and_stops_no_vcpu(spinning):
+    m = spinning
+    calls = _watch_slots(m)
+    page = Backing.anonymous("t", PAGE_SIZE)
+    states = []
+    try:
+        def change(mm):
+            mm.map_overlay("t", page, 0x600000)
+            states.append([r.state for r in m.runners])
+        m.change_memory(change)
+        assert calls == [] and states == [[RUNNING, RUNNING]]
+        assert m.memmap.overlays() == {"t": 0x600000}
         _wait_moving(m, _counters(m))
     finally:
         m.stop()
@@ -144,8 +176,8 @@ def test_reset_hardware_brings_back_power_on_state(make_machine, guests):
     info = load_image(m, guests.image("boot.S", bits=32))
     page = Backing.anonymous("t", PAGE_SIZE)
     try:
-        m.update_memory(lambda mm: mm.map_overlay("t", page, 0x600000))
-        m.update_memory(lambda mm: mm.remove_ram_page(0x700))
+        m.change_memory(lambda mm: mm.map_overlay("t", page, 0x600000))
+        m.change_memory(lambda mm: mm.remove_ram_page(0x700))
         assert v.get_regs().rip == info.entry and m.mem.read_u32(0x1000) != 0
         slots = m.memmap.slot_count()
 

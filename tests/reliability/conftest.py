@@ -9,8 +9,8 @@ import os
 import pytest
 
 from xend_lite.errors import GuestMemoryError
-from xend_lite.machine import memory as memory_mod
-from xend_lite.xen import emulation as emulation_mod
+from xend_lite.machine import guestmem as memory_mod
+from xend_lite.xen.shinfo import SharedInfo
 
 from .fuzzguest import FuzzGuest
 
@@ -64,21 +64,21 @@ class MemoryAudit:
         monkeypatch.setattr(memory_mod.GuestMemory, "read", read)
         monkeypatch.setattr(memory_mod.GuestMemory, "write", write)
 
-        orig_vi = emulation_mod.XenEmulation.vcpu_info_addr
-        orig_si = emulation_mod.XenEmulation.shinfo_addr
+        orig_vi = SharedInfo.vcpu_info_addr
+        orig_si = SharedInfo.addr.fget
 
-        def vcpu_info_addr(xen, vcpu):
-            addr = orig_vi(xen, vcpu)
-            audit.check_host(xen, addr, 64, f"vcpu_info of vcpu{vcpu}")
+        def vcpu_info_addr(shinfo, vcpu):
+            addr = orig_vi(shinfo, vcpu)
+            audit.check_host(shinfo, addr, 64, f"vcpu_info of vcpu{vcpu}")
             return addr
 
-        def shinfo_addr(xen):
-            addr = orig_si(xen)
-            audit.check_host(xen, addr, 4096, "shared_info")
+        def shinfo_addr(shinfo):
+            addr = orig_si(shinfo)
+            audit.check_host(shinfo, addr, 4096, "shared_info")
             return addr
 
-        monkeypatch.setattr(emulation_mod.XenEmulation, "vcpu_info_addr", vcpu_info_addr)
-        monkeypatch.setattr(emulation_mod.XenEmulation, "shinfo_addr", shinfo_addr)
+        monkeypatch.setattr(SharedInfo, "vcpu_info_addr", vcpu_info_addr)
+        monkeypatch.setattr(SharedInfo, "addr", property(shinfo_addr))
 
     @staticmethod
     def _canary() -> mmap.mmap:
@@ -101,11 +101,11 @@ class MemoryAudit:
             pos = s.end
         return end <= 1 << 64
 
-    def check_host(self, xen, addr: int, length: int, what: str) -> None:
+    def check_host(self, shinfo, addr: int, length: int, what: str) -> None:
         self.raw += 1
         if not addr:
             return
-        backings = [xen.machine.ram] + (list(xen.overlay.pages.values()) if xen.overlay else [])
+        backings = [shinfo.machine.ram] + list(shinfo.overlay.pages.values())
         for b in backings:
             if b.view is not None and b.addr <= addr and addr + length <= b.addr + b.size:
                 return

@@ -222,14 +222,14 @@ async def test_disk_full_during_save_keeps_the_earlier_snapshot(start_daemon, sm
 
 
 def handler_of(xen, nr):
-    entry = xen._table[nr]
+    entry = xen.hypercalls._table[nr]
     return entry[0] if isinstance(entry, tuple) else entry
 
 
 def swap_handler(xen, nr, fn) -> None:
     """Put ``fn`` in the dispatch table (entries are a handler, or (handler, arity))."""
-    entry = xen._table[nr]
-    xen._table[nr] = (fn, entry[1]) if isinstance(entry, tuple) else fn
+    entry = xen.hypercalls._table[nr]
+    xen.hypercalls._table[nr] = (fn, entry[1]) if isinstance(entry, tuple) else fn
 
 
 async def test_handler_bug_becomes_an_errno_and_is_counted(start_daemon):
@@ -296,8 +296,8 @@ async def test_vcpu_thread_dying_is_visible(start_daemon, where):
         events = EventLog(ev)
         await wait_for(lambda: d.daemon.events.subscribers == 1, 5)
         vcpu = m.runners[0].vcpu
-        port = next(iter(m._doorbells))
-        doorbell = m._doorbells[port]
+        port = next(iter(m.exits.doorbells))
+        doorbell = m.exits.doorbells[port]
 
         def dies(*a, **kw):
             if where == "doorbell":
@@ -305,7 +305,7 @@ async def test_vcpu_thread_dying_is_visible(start_daemon, where):
             raise RuntimeError("the vCPU thread breaks")
 
         if where == "doorbell":
-            m._doorbells[port] = dies
+            m.exits.doorbells[port] = dies
         else:
             vcpu.decode_exit = dies
         try:
@@ -323,7 +323,7 @@ async def test_vcpu_thread_dying_is_visible(start_daemon, where):
             vcpus = await c.call("query-vcpus")
             assert vcpus[0]["state"] == "stopped"
         finally:
-            m._doorbells[port] = doorbell
+            m.exits.doorbells[port] = doorbell
             if "decode_exit" in vars(vcpu):
                 del vcpu.decode_exit
         await c.call("system_reset")
@@ -372,7 +372,8 @@ def test_host_writes_during_the_move_off_the_snapshot_are_kept(tmp_path, request
     registered vcpu_info, a reset loading the image): a write made at any moment of the move
     must survive it."""
     writes = scaled(20, 300, request)
-    from xend_lite.xen.domain import Domain, DomainSpec
+    from xend_lite.vmm.domain import Domain
+    from xend_lite.vmm.spec import DomainSpec
 
     d = Domain(DomainSpec(memory_mib=32))
     try:

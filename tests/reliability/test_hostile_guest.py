@@ -79,7 +79,7 @@ def soak(g, total: int, seed: int, batch: int = 500) -> dict:
     guard_untouched(g)
     # the guest is still a working Xen guest: a plain version query answers
     res = g.run([(HC["xen_version"], X.XENVER_version, 0)])
-    assert res[0][0] == g.xen.version[0] << 16 | g.xen.version[1]
+    assert res[0][0] == g.xen.version_tuple[0] << 16 | g.xen.version_tuple[1]
     return {"calls": done, "seconds": round(time.monotonic() - t0, 1), "pointers": classes,
             "counters": g.xen.counters()}
 

@@ -13,9 +13,10 @@ import pytest
 
 from xend_lite.cli.ctl import RpcError
 from xend_lite.daemon.service import real_domain_factory
-from xend_lite.xen.emulation import HYPERCALL_PAGE
+from xend_lite.xen.hypercall import HYPERCALL_PAGE
 
 from .conftest import scaled, wait_for
+from .test_faults import still_running
 
 pytestmark = pytest.mark.kvm
 
@@ -43,8 +44,6 @@ def address_kinds(d) -> dict[str, int]:
     return {
         "ram": 8 * MIB,
         "address 0": 0,
-        "xenstore page": xen.store_gpa,
-        "console page (last page of RAM)": xen.console_gpa,
         "hypercall page": xen.hypercall_page,
         "just beyond RAM": ram,
         "hole below 4 GiB": 0xFEE00000,
@@ -52,6 +51,22 @@ def address_kinds(d) -> dict[str, int]:
         "above 4 GiB": 1 << 32,
         "last page of the physical address space": (1 << m.phys_bits) - PAGE,
     }
+
+
+async def test_the_ring_pages_cannot_be_overlaid(start_daemon):
+    """The xenstore and console rings are pages the guest was told of: an operator overlay
+    over them would cut the guest off from its store and console. Refused, nothing changes."""
+    d = await booted(start_daemon)
+    xen = d.domain.xen
+    async with d.client() as c:
+        for gpa in (xen.store_gpa, xen.console_gpa):
+            with pytest.raises(RpcError) as err:
+                await c.call("xen-overlay-map", {"page": "grant:3", "gpa": gpa})
+            assert err.value.error_class == "InvalidArgument" and "ring page" in err.value.message
+            with pytest.raises(RpcError):
+                await c.call("xen-overlay-map", {"page": "grant:3", "gpa": gpa, "force": True})
+        assert d.domain.overlay.gpa("grant:3") is None
+        await still_running(d, c)
 
 
 async def test_overlay_over_every_kind_of_address(start_daemon):
@@ -67,7 +82,7 @@ async def test_overlay_over_every_kind_of_address(start_daemon):
                 await c.call("stop")
             before = m.mem.read(gpa, PAGE) if backed else None
             entry = await map_page(c, "grant:3", gpa)
-            assert entry == {"page": "grant:3", "gpa": gpa, "size": PAGE,
+            assert entry == {"page": "grant:3", "gpa": gpa, "size": PAGE, "by": "operator",
                              "backend": entry["backend"]}, what
             d.domain.overlay.pages["grant:3"].view[:8] = b"OVERLAY!"
             assert m.mem.read(gpa, 8) == b"OVERLAY!", f"{what}: the guest does not see the page"

@@ -128,7 +128,7 @@ async def test_the_writer_and_reader_get_the_confined_path(start_daemon, monkeyp
     snapshot writer and reader as it is (os.fspath keeps it; str() would make it a plain
     path, opened without RESOLVE_BENEATH)."""
     from xend_lite.snapshot import ConfinedPath
-    from xend_lite.xen import persist
+    from xend_lite.vmm import persist
 
     seen = []
     for name in ("save_snapshot", "load_snapshot"):

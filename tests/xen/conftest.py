@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from xend_lite.xen.xenabi import X
-from xend_lite.xen.domain import Domain, DomainSpec
+from xend_lite.vmm.domain import Domain
+from xend_lite.vmm.spec import DomainSpec
 
 TABLE = 0x300000
 HCPAGE = 0x200000
@@ -42,7 +43,7 @@ class Harness:
         self.mem = self.machine.mem
         self.xen = self.domain.xen
         self._done = threading.Event()
-        self.machine.register_io_out(self.DONE_PORT, lambda _r, _ex: self._done.set())
+        self.machine.exits.register_io_out(self.DONE_PORT, lambda _r, _ex: self._done.set())
 
     # guest pointers: through the alias in 64-bit mode so translation is exercised
     def ptr(self, gpa: int) -> int:
@@ -144,7 +145,7 @@ def run_to_done(guest_image, tmp_path):
         d = Domain(DomainSpec(image=str(img), **spec))
         made.append(d)
         done = threading.Event()
-        d.machine.register_io_out(DONE_PORT, lambda _r, _e: done.set())
+        d.machine.exits.register_io_out(DONE_PORT, lambda _r, _e: done.set())
         d.start()
         assert done.wait(timeout), (d.machine.status, d.machine.console.tail(500))
         return d

@@ -12,7 +12,7 @@ import pytest
 from xend_lite.kvm import CpuidEntry
 from xend_lite.xen.xenabi import layout
 from xend_lite.xen import abi, cpuid
-from xend_lite.xen.emulation import HYPERCALL_PAGE, HYPERCALL_PORT, stub
+from xend_lite.xen.hypercall import HYPERCALL_PAGE, HYPERCALL_PORT, stub
 from xend_lite.xen.timekeeping import scale_delta, tsc_scale
 
 HEADERS = "stdint.h stddef.h xen/xen.h xen/memory.h xen/sched.h xen/event_channel.h " \

@@ -19,6 +19,29 @@ MEM = X.__HYPERVISOR_memory_op
 HVM = X.__HYPERVISOR_hvm_op
 
 
+def test_fifo_control_gets_xens_answers_in_xens_order(harness):
+    """EVTCHNOP_init_control is checked as Xen checks it (offset, vCPU, frame) and a valid
+    request is refused as a Xen with FIFO event channels off refuses it; guests then use the
+    2-level ABI."""
+    h, m, p = harness, harness.mem, harness.ptr
+    gfn = SCRATCH >> 12
+    m.write(SCRATCH + 0x00, struct.pack("<QIIB", gfn, 0, 0, 0))            # valid
+    m.write(SCRATCH + 0x20, struct.pack("<QIIB", gfn, 4, 0, 0))            # offset not 8-aligned
+    m.write(SCRATCH + 0x40, struct.pack("<QIIB", gfn, 4096 - 32, 0, 0))    # block past the page
+    m.write(SCRATCH + 0x60, struct.pack("<QIIB", gfn, 0, 9, 0))            # no vCPU 9
+    m.write(SCRATCH + 0x80, struct.pack("<QIIB", 1 << 36, 0, 0, 0))        # frame not RAM
+    m.write(SCRATCH + 0xa0, struct.pack("<II", 1, 0))                      # set_priority, port 1
+    m.write(SCRATCH + 0xb0, struct.pack("<II", 999, 0))                    # set_priority, bad port
+    res = h.run([(EV, X.EVTCHNOP_init_control, p(SCRATCH + o)) for o in (0, 0x20, 0x40, 0x60, 0x80)]
+                + [(EV, X.EVTCHNOP_init_control, 0xFFFFF000),
+                   (EV, X.EVTCHNOP_expand_array, p(SCRATCH)),
+                   (EV, X.EVTCHNOP_set_priority, p(SCRATCH + 0xa0)),
+                   (EV, X.EVTCHNOP_set_priority, p(SCRATCH + 0xb0))])
+    assert [r for r, _ in res] == [errno("EOPNOTSUPP"), errno("EINVAL"), errno("EINVAL"),
+                                   errno("ENOENT"), errno("EINVAL"), errno("EFAULT"),
+                                   errno("EOPNOTSUPP"), errno("ENOSYS"), errno("EINVAL")]
+
+
 def test_ports_bind_send_status_close(harness):
     h, m, p = harness, harness.mem, harness.ptr
     m.write(SCRATCH + 0x00, struct.pack("<HHI", X.DOMID_SELF, 0, 0))          # alloc_unbound
@@ -44,7 +67,7 @@ def test_ports_bind_send_status_close(harness):
         (EV, X.EVTCHNOP_send, 0xFFFFF000),
     ])
     assert [r for r, _ in res] == [0, 0, errno("EEXIST"), 0, errno("ENOENT"), errno("EINVAL"),
-                                   errno("EINVAL"), 0, errno("ENOSYS"), errno("ENOSYS"),
+                                   errno("EINVAL"), 0, errno("EINVAL"), errno("ENOSYS"),
                                    errno("EFAULT")]
     unbound = struct.unpack("<I", m.read(SCRATCH + 4, 4))[0]
     virq = struct.unpack("<I", m.read(SCRATCH + 0x18, 4))[0]
@@ -174,7 +197,7 @@ def test_vcpu_op(harness):
                                    errno("ETIME"), 0, 0, errno("EINVAL"), errno("EINVAL"),
                                    errno("EFAULT"), 0, 0, errno("ENOSYS")]
     assert h.xen.timers.periodics() == {}
-    assert h.xen.vcpu_info_gpa[0] == 0x900040
+    assert h.xen.shinfo.vcpu_info_gpa[0] == 0x900040
     # the registered vcpu_info carries live time: version even and non-zero, system time set
     ver, _, tsc, systime = struct.unpack("<IIQQ", m.read(0x900040 + 32, 24))
     assert ver and ver % 2 == 0 and systime > 0
@@ -202,7 +225,7 @@ def test_periodic_timer_raises_virq_timer_every_period(harness):
     time.sleep(0.25)
     ticks = list(fired)
     # saved with the vCPU: its period and next expiry, about a period from now
-    (period, expiry), = h.xen.save().periodic.values()
+    (period, expiry), = h.xen.persist.save()["xen"].periodic.values()
     assert period == 20_000_000 and abs(expiry - h.xen.clock.now()) <= 60_000_000
     assert 5 <= len(ticks) <= 14, ticks                   # about 12 in 250 ms
     assert {(v, q) for _, v, q in ticks} == {(0, X.VIRQ_TIMER)}
@@ -227,7 +250,7 @@ def test_block_yield_and_upcall_vector(harness):
                  (HVM, X.HVMOP_set_evtchn_upcall_vector, p(SCRATCH + 0x20)),
                  (X.__HYPERVISOR_sched_op_compat, X.SCHEDOP_yield, 0)])
     assert [r for r, _ in res] == [0, 0, 0, errno("EINVAL"), errno("ENOENT"), 0]
-    assert h.xen.upcall_vectors == {0: 0xf3}
+    assert h.xen.upcalls.vectors == {0: 0xf3}
 
 
 def test_forcing_the_kernel_backend_is_a_clear_error_here(harness_factory):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from xend_lite.xen.emulation import HYPERCALL_PORT
+from xend_lite.xen.hypercall import HYPERCALL_PORT
 from xend_lite.xen.hypercall_patch import HypercallPatchError, patch_xen_hypercalls, replacement
 
 GUEST = "xen/guests/directcall.S"
@@ -96,18 +96,19 @@ def test_routines_far_apart_are_refused(build_guest):
 
 # -- the guests on a domain --------------------------------------------------------------------
 
-def _run(tmp_path, image: bytes, timeout: float) -> tuple[list[int], bool, int]:
-    from xend_lite.xen.domain import Domain, DomainSpec
+def _run(tmp_path, image: bytes, timeout: float, rewrite: bool = False) -> tuple[list[int], bool, int]:
+    from xend_lite.vmm.domain import Domain
+    from xend_lite.vmm.spec import DomainSpec
 
     path = tmp_path / "guest.elf"
     path.write_bytes(image)
-    d = Domain(DomainSpec(image=str(path), memory_mib=32))
+    d = Domain(DomainSpec(image=str(path), memory_mib=32, rewrite_hypercalls=rewrite))
     try:
         seen: list[int] = []
         done = threading.Event()
-        d.machine.register_io_out(REPORT_PORT, lambda _r, ex: seen.append(
+        d.machine.exits.register_io_out(REPORT_PORT, lambda _r, ex: seen.append(
             int.from_bytes(ex.data, "little")))
-        d.machine.register_io_out(DONE_PORT, lambda _r, _ex: done.set())
+        d.machine.exits.register_io_out(DONE_PORT, lambda _r, _ex: done.set())
         d.start()
         finished = done.wait(timeout)
         d.pause()
@@ -124,6 +125,12 @@ def test_rewritten_routines_reach_the_daemon(tmp_path, build_guest, bits, define
     result = patch_xen_hypercalls(build_guest(bits, **defines).read_bytes())
     seen, finished, _rip = _run(tmp_path, result.image, 20)
     assert finished and seen == [XEN_4_16] * 3      # intel, amd, and through the dispatcher
+
+
+@pytest.mark.kvm
+def test_a_domain_rewrites_the_routines_it_loads(tmp_path, build_guest):
+    seen, finished, _rip = _run(tmp_path, build_guest(64).read_bytes(), 20, rewrite=True)
+    assert finished and seen == [XEN_4_16] * 3
 
 
 @pytest.mark.kvm

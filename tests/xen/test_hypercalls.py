@@ -8,7 +8,7 @@ import pytest
 
 from tests.xen.conftest import HCPAGE, SCRATCH, errno
 from xend_lite.xen.xenabi import X
-from xend_lite.xen.emulation import HYPERCALL_PAGE
+from xend_lite.xen.hypercall import HYPERCALL_PAGE
 
 pytestmark = pytest.mark.kvm
 

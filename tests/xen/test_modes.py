@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from xend_lite.errors import NotSupported, SnapshotError
-from xend_lite.xen.domain import Domain, DomainSpec
+from xend_lite.vmm.domain import Domain
+from xend_lite.vmm.spec import DomainSpec
 from xend_lite.xen.overlay import OverlayDevice
 
 pytestmark = pytest.mark.kvm

@@ -10,7 +10,7 @@ import pytest
 from tests.xen.conftest import SCRATCH, errno
 from xend_lite.errors import InvalidArgument, NotFound
 from xend_lite.xen.xenabi import X
-from xend_lite.machine.memory import INVALID_GPA
+from xend_lite.machine.backing import INVALID_GPA
 
 pytestmark = pytest.mark.kvm
 
@@ -59,11 +59,15 @@ def test_map_move_unmap_from_the_guest_keeps_ram_beneath(harness):
     assert ov.gpa("grant:0") == 0x800000
     assert ov.gpa("grant:3") is None
     # RAM beneath is intact and shows again when the pages go
-    ov.unmap("shared_info")
-    ov.unmap("grant:0")
+    h.domain.overlay_unmap("shared_info", force=True)
+    h.domain.overlay_unmap("grant:0", force=True)
     assert m.read(0x800000, 4096) == ram and m.read(0x801000, 4096) == ram
-    names = [e for e, _d in h.events if e.startswith("XEN_OVERLAY")]
-    assert names.count("XEN_OVERLAY_MAPPED") == 4 and names.count("XEN_OVERLAY_UNMAPPED") == 1
+    events = [(e, d) for e, d in h.events if e.startswith("XEN_OVERLAY")]
+    by = [(e, d["by"]) for e, d in events]
+    assert by.count(("XEN_OVERLAY_MAPPED", "guest")) == 4
+    assert by.count(("XEN_OVERLAY_UNMAPPED", "guest")) == 1
+    assert by.count(("XEN_OVERLAY_UNMAPPED", "operator")) == 2
+    assert all(d.get("guest_not_told") for e, d in events if d["by"] == "operator")
 
 
 def test_grant_table_ops(harness):
@@ -136,16 +140,16 @@ def test_host_map_api_errors(harness_factory):
     h.run([])
     ov = h.domain.overlay
     with pytest.raises(InvalidArgument):
-        ov.map("shared_info", 0x1001)
+        h.domain.overlay_map("shared_info", 0x1001)
     with pytest.raises(InvalidArgument):
-        ov.map("shared_info", 1 << 60)
+        h.domain.overlay_map("shared_info", 1 << 60)
     with pytest.raises(InvalidArgument):
-        ov.map("bogus", 0x1000)
+        h.domain.overlay_map("bogus", 0x1000)
     with pytest.raises(NotFound):
-        ov.map("grant:64", 0x1000)
-    ov.map("shared_info", 0)                 # address 0 is an address
+        h.domain.overlay_map("grant:64", 0x1000)
+    h.domain.overlay_map("shared_info", 0)                 # address 0 is an address
     assert ov.gpa("shared_info") == 0
-    ov.map("shared_info", INVALID_GPA)
+    h.domain.overlay_unmap("shared_info")
     assert ov.gpa("shared_info") is None
     listing = {e["page"]: e for e in ov.list()}
     assert len(listing) == 65 and listing["shared_info"]["backend"] == "userspace"
@@ -196,3 +200,25 @@ def test_reservation_refusals_return_the_extents_done(harness):
                  (MEM, X.XENMEM_add_to_physmap | 0x10000 << 6, p(SCRATCH))])
     assert [r for r, _ in res] == [0, 0, 0, 5, 3, errno("EDOM")]
     assert h.machine.memmap.ballooned() == [0xa02], "only the extent from the continuation went"
+
+
+def test_the_operator_needs_force_to_move_what_the_guest_mapped(harness_factory):
+    """The guest maps shared_info itself and is never told when it moves: the operator's
+    change is refused unless forced, and the forced one says what the guest was not told."""
+    h = harness_factory(64)
+    m, p = h.mem, h.ptr
+    m.write(SCRATCH, xatp(64, X.XENMAPSPACE_shared_info, 0, 0x820))
+    assert [r for r, _ in h.run([(MEM, X.XENMEM_add_to_physmap, p(SCRATCH))])] == [0]
+    d = h.domain
+    for change in (lambda **kw: d.overlay_map("shared_info", 0x830000, **kw),
+                   lambda **kw: d.overlay_unmap("shared_info", **kw)):
+        with pytest.raises(InvalidArgument, match="force"):
+            change()
+        assert d.overlay.gpa("shared_info") == 0x820000
+    moved = d.overlay_map("shared_info", 0x830000, force=True)
+    assert moved["gpa"] == 0x830000 and moved["guest_not_told"] and moved["by"] == "operator"
+    # the operator's own mapping needs no force to change again
+    again = d.overlay_map("shared_info", 0x840000)
+    assert again["gpa"] == 0x840000 and "guest_not_told" not in again
+    forced = [dt for e, dt in h.events if e == "XEN_OVERLAY_MAPPED" and dt["by"] == "operator"]
+    assert forced[0]["guest_not_told"] is True and "guest_not_told" not in forced[1]

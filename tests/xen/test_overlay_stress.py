@@ -10,7 +10,8 @@ import time
 import pytest
 
 from xend_lite.machine.loader import boot_cpu
-from xend_lite.xen.domain import Domain, DomainSpec
+from xend_lite.vmm.domain import Domain
+from xend_lite.vmm.spec import DomainSpec
 
 pytestmark = pytest.mark.kvm
 
@@ -35,9 +36,9 @@ def run_cycles(guest_image, tmp_path, cycles: int) -> None:
         time.sleep(0.05)
         seen = []
         for _ in range(cycles):
-            ov.map("shared_info", OVL)
-            ov.map("shared_info", OVL2)
-            ov.unmap("shared_info")
+            d.overlay_map("shared_info", OVL)
+            d.overlay_map("shared_info", OVL2)
+            d.overlay_unmap("shared_info")
             time.sleep(0.0005)      # let the vCPUs run between cycles, not only between ops
             seen.append(struct.unpack("<QQ", m.mem.read(COUNTS, 16)))
         assert m.status is None, m.status

@@ -203,11 +203,11 @@ class Controller:
     async def query(self, what: str, *args: Any) -> Any:
         return await self._call(self._query, what, *args)
 
-    async def overlay_map(self, page: str, gpa: int) -> Any:
-        return await self._call(self._overlay_map, page, gpa)
+    async def overlay_map(self, page: str, gpa: int, force: bool = False) -> Any:
+        return await self._call(self._overlay_map, page, gpa, force)
 
-    async def overlay_unmap(self, page: str) -> Any:
-        return await self._call(self._overlay_unmap, page)
+    async def overlay_unmap(self, page: str, force: bool = False) -> Any:
+        return await self._call(self._overlay_unmap, page, force)
 
     async def snapshot_save(self, path: str, paused: bool = False) -> dict:
         return await self._call(self._snapshot_save, self.snapshots.for_save(path), paused)
@@ -281,12 +281,12 @@ class Controller:
         return self._thread is not None and self._thread.is_alive()
 
     @requires(R.RUNNING, R.PAUSED)
-    def _overlay_map(self, page: str, gpa: int) -> Any:
-        return self.domain.overlay_map(page, gpa)
+    def _overlay_map(self, page: str, gpa: int, force: bool) -> Any:
+        return self.domain.overlay_map(page, gpa, force)
 
     @requires(R.RUNNING, R.PAUSED)
-    def _overlay_unmap(self, page: str) -> Any:
-        return self.domain.overlay_unmap(page)
+    def _overlay_unmap(self, page: str, force: bool) -> Any:
+        return self.domain.overlay_unmap(page, force)
 
     def _pause_for(self) -> bool:
         """Pause a running VM for a save or a load; True if it was running."""

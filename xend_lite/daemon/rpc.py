@@ -428,14 +428,15 @@ async def query_xen_overlay(ctx: RpcContext) -> Any:
     return await ctx.controller.query("query_xen_overlay")
 
 
-@method("xen-overlay-map", Param("page", string), Param("gpa", u64))
-async def xen_overlay_map(ctx: RpcContext, page: str, gpa: int) -> Any:
-    return await ctx.controller.overlay_map(page, gpa)
+@method("xen-overlay-map", Param("page", string), Param("gpa", u64), opt("force", boolean, False))
+async def xen_overlay_map(ctx: RpcContext, page: str, gpa: int, force: bool) -> Any:
+    """Map or move a page; one the guest mapped itself needs force=true (it is not told)."""
+    return await ctx.controller.overlay_map(page, gpa, force)
 
 
-@method("xen-overlay-unmap", Param("page", string))
-async def xen_overlay_unmap(ctx: RpcContext, page: str) -> Any:
-    return await ctx.controller.overlay_unmap(page)
+@method("xen-overlay-unmap", Param("page", string), opt("force", boolean, False))
+async def xen_overlay_unmap(ctx: RpcContext, page: str, force: bool) -> Any:
+    return await ctx.controller.overlay_unmap(page, force)
 
 
 @method("snapshot-save", Param("path", string), opt("paused", boolean, False))

@@ -59,7 +59,7 @@ DomainFactory = Callable[[Any, Callable[[str, dict], None]], Any]
 
 
 def real_domain_factory(cfg: Any, emit: Callable[[str, dict], None]) -> Any:
-    from xend_lite.xen.domain import Domain
+    from xend_lite.vmm.domain import Domain
 
     return Domain(cfg, emit)
 

@@ -16,7 +16,7 @@ from xend_lite.errors import LoaderError
 from xend_lite.kvm import Regs, Segment, Sregs
 from xend_lite.machine.kernel import unpack_kernel
 from xend_lite.machine.machine import BootCpu, Machine
-from xend_lite.machine.memory import PAGE_SIZE
+from xend_lite.machine.backing import PAGE_SIZE
 
 PT_LOAD, PT_NOTE = 1, 4
 EM_386, EM_X86_64 = 3, 62

@@ -126,6 +126,8 @@ struct evtchn_send { evtchn_port_t port; ...; };
 struct evtchn_status { domid_t dom; evtchn_port_t port; uint32_t status; uint32_t vcpu; ...; };
 struct evtchn_unmask { evtchn_port_t port; ...; };
 struct evtchn_bind_vcpu { evtchn_port_t port; uint32_t vcpu; ...; };
+struct evtchn_init_control { uint64_t control_gfn; uint32_t offset; uint32_t vcpu; uint8_t link_bits; ...; };
+struct evtchn_set_priority { evtchn_port_t port; uint32_t priority; ...; };
 
 struct gnttab_setup_table { domid_t dom; uint32_t nr_frames; int16_t status; void *frame_list; ...; };
 struct gnttab_query_size { domid_t dom; uint32_t nr_frames; uint32_t max_nr_frames; int16_t status; ...; };

@@ -17,7 +17,7 @@ __all__ = ["Layout", "X", "guest_layout", "SharedInfoLayout", "SHINFO64", "SHINF
 
 # (size, alignment, signed) of each C type in the i386 ABI
 _I386 = {"u8": (1, 1, False), "s8": (1, 1, True), "u16": (2, 2, False), "s16": (2, 2, True),
-         "u32": (4, 4, False), "s32": (4, 4, True), "u64": (8, 4, False), "ulong": (4, 4, False),
+         "u32": (4, 4, False), "s32": (4, 4, True), "u64": (8, 4, False), "u64a": (8, 8, False), "ulong": (4, 4, False),
          "ptr": (4, 4, False)}
 
 # The i386 declarations of the structs whose layout differs by mode (or that are read in
@@ -43,6 +43,9 @@ _COMPAT = {
                       ("u", "u64")],
     "evtchn_unmask": [("port", "u32")],
     "evtchn_bind_vcpu": [("port", "u32"), ("vcpu", "u32")],
+    "evtchn_init_control": [("control_gfn", "u64a"), ("offset", "u32"), ("vcpu", "u32"),
+                            ("link_bits", "u8")],
+    "evtchn_set_priority": [("port", "u32"), ("priority", "u32")],
     "gnttab_setup_table": [("dom", "u16"), ("nr_frames", "u32"), ("status", "s16"),
                            ("frame_list", "ptr")],
     "gnttab_query_size": [("dom", "u16"), ("nr_frames", "u32"), ("max_nr_frames", "u32"),

@@ -1,32 +1,42 @@
 """Event channels, 2-level ABI: ports, their bindings, and delivery into shared_info.
 
 A port is unbound (waiting for a remote end), interdomain (bound to the daemon's side,
-domain 0), a VIRQ or an IPI. Pending and mask bits live in shared_info; raising a port sets
-its pending bit and, unless masked, its selector bit in the target vCPU's vcpu_info and the
-upcall flag, then injects the upcall (the vector from HVMOP_set_evtchn_upcall_vector or
-HVM_PARAM_CALLBACK_IRQ). Bit updates are atomic, because the guest changes the same words
-with locked instructions at the same time.
+domain 0, or to another port of this domain), a VIRQ or an IPI. Pending and mask bits live in
+shared_info; raising a port sets its pending bit and, unless masked, its selector bit in the
+target vCPU's vcpu_info and the upcall flag, then injects the upcall. Bit updates are atomic,
+because the guest changes the same words with locked instructions at the same time.
 
-The daemon's side (domain 0) answers an interdomain send by raising the guest's port again,
-an echo that lets a guest (and a test) see a round trip.
+The daemon's side (domain 0) serves its ports with backends (the console, xenstore): a send
+on a port bound to a daemon port runs that port's backend; a daemon port without a backend
+answers by raising the guest's port again, an echo that lets a guest see a round trip.
+
+Locking: ``lock`` guards the port tables and each delivery. Backends are called after it is
+released (they take their own locks, and raise ports themselves). Threads other than the
+vCPUs and the owner hold machine.host_access() around a delivery (a registered vcpu_info
+lies in guest RAM); take it before ``lock``.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from xend_lite.xen.errors import XenError
 from xend_lite.xen.native import atomic_and64, atomic_or64, atomic_xchg8
 from xend_lite.xen.xenabi import X
-from xend_lite.xen.errors import XenError
 
 if TYPE_CHECKING:
-    from xend_lite.xen.emulation import XenEmulation
+    from xend_lite.machine.machine import Machine
+    from xend_lite.xen.hvm import Upcalls
+    from xend_lite.xen.shinfo import SharedInfo
 
 DAEMON_DOMID = 0
 # VIRQs each vCPU binds for itself (timer, debug, xenoprof, xenpmu); the rest are global
 PER_VCPU_VIRQS = {X.VIRQ_TIMER, X.VIRQ_DEBUG, 10, 13}
+STATE_NAMES = {X.EVTCHNSTAT_closed: "closed", X.EVTCHNSTAT_unbound: "unbound",
+               X.EVTCHNSTAT_interdomain: "interdomain", X.EVTCHNSTAT_pirq: "pirq",
+               X.EVTCHNSTAT_virq: "virq", X.EVTCHNSTAT_ipi: "ipi"}
 
 
 @dataclass
@@ -38,9 +48,7 @@ class Port:
     remote_port: int = 0
 
     def describe(self) -> dict:
-        names = {X.EVTCHNSTAT_unbound: "unbound", X.EVTCHNSTAT_interdomain: "interdomain",
-                 X.EVTCHNSTAT_virq: "virq", X.EVTCHNSTAT_ipi: "ipi"}
-        d = {"state": names.get(self.state, "closed"), "vcpu": self.vcpu}
+        d = {"state": STATE_NAMES.get(self.state, "closed"), "vcpu": self.vcpu}
         if self.state == X.EVTCHNSTAT_virq:
             d["virq"] = self.virq
         if self.state in (X.EVTCHNSTAT_unbound, X.EVTCHNSTAT_interdomain):
@@ -50,38 +58,41 @@ class Port:
         return d
 
 
-def _or_bit(addr: int, bit: int, word: int) -> bool:
-    """Atomically set bit ``bit`` of the ``word``-byte little-endian word at ``addr``;
-    True if it was already set."""
+def _bit_op(op: Callable[[int, int], int], addr: int, bit: int, word: int, set_: bool) -> bool:
+    """Atomically set or clear bit ``bit`` of the ``word``-byte little-endian word at
+    ``addr``; True if it was set before."""
     if word == 4:
         base = addr & ~7
         bit += (addr - base) * 8
         addr = base
-    return bool(atomic_or64(addr, 1 << bit) >> bit & 1)
+    mask = 1 << bit if set_ else ~(1 << bit) & (1 << 64) - 1
+    return bool(op(addr, mask) >> bit & 1)
+
+
+def _or_bit(addr: int, bit: int, word: int) -> bool:
+    return _bit_op(atomic_or64, addr, bit, word, True)
 
 
 def _clear_bit(addr: int, bit: int, word: int) -> bool:
-    if word == 4:
-        base = addr & ~7
-        bit += (addr - base) * 8
-        addr = base
-    return bool(atomic_and64(addr, ~(1 << bit) & (1 << 64) - 1) >> bit & 1)
+    return _bit_op(atomic_and64, addr, bit, word, False)
 
 
 class EventChannels:
-    def __init__(self, xen: XenEmulation):
-        self.xen = xen
+    def __init__(self, machine: Machine, shinfo: SharedInfo, upcalls: Upcalls):
+        self.machine = machine
+        self.shinfo = shinfo
+        self.upcalls = upcalls
         self.lock = threading.RLock()
         self.ports: dict[int, Port] = {}
         self.virqs: dict[tuple[int, int], int] = {}      # (vcpu, virq) -> port
-        self.ipis: dict[int, int] = {}
         self.daemon_ports: dict[int, int | None] = {}    # daemon-side port -> guest port or None
+        self.backends: dict[int, Callable[[], None]] = {}   # daemon-side port -> its backend
         self.sends = 0
 
     # -- limits and lookup ---------------------------------------------------------------
 
     def max_ports(self) -> int:
-        return self.xen.shinfo_layout().nr_ports
+        return self.shinfo.layout.nr_ports
 
     def valid(self, port: int) -> bool:
         return 0 < port < self.max_ports()
@@ -112,14 +123,17 @@ class EventChannels:
             self.daemon_ports[n] = None
             return n
 
-    def bind_to_daemon(self) -> int:
-        """A guest port already connected to a new daemon-side port (store, console)."""
+    def bind_to_daemon(self, backend: Callable[[], None] | None = None) -> tuple[int, int]:
+        """A guest port already connected to a new daemon-side port (store, console), served
+        by ``backend`` when the guest sends on it: (guest port, daemon port)."""
         with self.lock:
             dport = self.daemon_offer()
             local = self._alloc(Port(X.EVTCHNSTAT_interdomain, remote_dom=DAEMON_DOMID,
                                      remote_port=dport))
             self.daemon_ports[dport] = local
-            return local
+            if backend is not None:
+                self.backends[dport] = backend
+            return local, dport
 
     def bind_interdomain(self, remote_dom: int, remote_port: int, self_domid: int) -> int:
         with self.lock:
@@ -166,8 +180,7 @@ class EventChannels:
 
     def close(self, port: int) -> None:
         with self.lock:
-            p = self.get(port)
-            self._free(port, p)
+            self._free(port, self.get(port))
 
     def _free(self, port: int, p: Port) -> None:
         if p.state == X.EVTCHNSTAT_virq:
@@ -183,27 +196,39 @@ class EventChannels:
         self._clear_pending(port)
 
     def reset(self) -> None:
+        """Close every port (EVTCHNOP_reset, a soft reset). The daemon's ports and their
+        backends go too; whoever made them binds them again."""
         with self.lock:
             for port in list(self.ports):
                 self._free(port, self.ports[port])
             self.daemon_ports.clear()
+            self.backends.clear()
 
     def send(self, port: int) -> None:
-        with self.xen.machine.host_access(), self.lock:
+        backend = None
+        with self.machine.host_access(), self.lock:
             p = self.get(port)
             self.sends += 1
             if p.state == X.EVTCHNSTAT_interdomain:
-                if p.remote_dom == DAEMON_DOMID:
-                    target = port           # the daemon's side echoes
+                if p.remote_dom != DAEMON_DOMID:
+                    self.raise_port(p.remote_port)
                 else:
-                    target = p.remote_port
-                self.raise_port(target)
+                    backend = self.backends.get(p.remote_port)
+                    if backend is None:
+                        self.raise_port(port)       # the daemon's side echoes
             elif p.state == X.EVTCHNSTAT_ipi:
                 self.raise_port(port)
-            elif p.state == X.EVTCHNSTAT_unbound:
-                pass                        # no one listening: dropped, as Xen does
-            else:
+            elif p.state != X.EVTCHNSTAT_unbound:   # unbound: no one listens, dropped as in Xen
                 raise XenError(X.XEN_EINVAL, "cannot send on a VIRQ port")
+        if backend is not None:
+            backend()
+
+    def notify_guest(self, daemon_port: int) -> None:
+        """A backend tells the guest: raise the guest port bound to ``daemon_port``."""
+        with self.machine.host_access(), self.lock:
+            local = self.daemon_ports.get(daemon_port)
+            if local is not None:
+                self.raise_port(local)
 
     def status(self, port: int) -> Port | None:
         with self.lock:
@@ -214,60 +239,70 @@ class EventChannels:
     # -- delivery ------------------------------------------------------------------------
 
     def raise_virq(self, vcpu: int, virq: int) -> None:
-        with self.xen.machine.host_access(), self.lock:
+        with self.machine.host_access(), self.lock:
             port = self.virqs.get((vcpu, virq))
             if port is not None:
                 self.raise_port(port)
 
     def raise_port(self, port: int) -> None:
-        """Set a port pending and deliver it (any thread)."""
-        xen = self.xen
-        lay = xen.shinfo_layout()
+        """Set a port pending and deliver it (any thread, see the module docstring)."""
+        lay = self.shinfo.layout
         if not 0 < port < lay.nr_ports:
             return
-        base = xen.shinfo_addr()
         word, bit = divmod(port, lay.bits)
         p = self.ports.get(port)
         vcpu = p.vcpu if p is not None else 0
-        with xen.machine.host_access():   # a registered vcpu_info lives in guest RAM
-            if not _or_bit(base + lay.evtchn_pending + word * lay.word, bit, lay.word):
-                masked = xen.read_shinfo_bit(lay.evtchn_mask + word * lay.word, bit, lay.word)
-                if not masked:
-                    vi = xen.vcpu_info_addr(vcpu)
-                    if vi and not _or_bit(vi + lay.pending_sel, word, lay.word):
-                        if not atomic_xchg8(vi + lay.upcall_pending, 1):
-                            xen.inject_upcall(vcpu)
-        xen.wake_vcpu(vcpu, port)
+        with self.machine.host_access():   # a registered vcpu_info lives in guest RAM
+            if not _or_bit(self.shinfo.addr + lay.evtchn_pending + word * lay.word, bit, lay.word):
+                if not self.shinfo.read_bit(lay.evtchn_mask + word * lay.word, bit, lay.word):
+                    self._flag_vcpu(vcpu, word)
+        self.wake(vcpu)
+
+    def _flag_vcpu(self, vcpu: int, word: int) -> None:
+        """Set the selector bit and the upcall flag; inject the upcall on a new flag."""
+        lay = self.shinfo.layout
+        vi = self.shinfo.vcpu_info_addr(vcpu)
+        if vi and not _or_bit(vi + lay.pending_sel, word, lay.word):
+            if not atomic_xchg8(vi + lay.upcall_pending, 1):
+                self.upcalls.inject(vcpu)
 
     def unmask(self, port: int) -> None:
         """Clear the mask bit; a port still pending is delivered now."""
-        xen = self.xen
-        lay = xen.shinfo_layout()
-        with xen.machine.host_access(), self.lock:
+        lay = self.shinfo.layout
+        with self.machine.host_access(), self.lock:
             if not self.valid(port):
                 raise XenError(X.XEN_EINVAL, "port out of range")
             word, bit = divmod(port, lay.bits)
-            base = xen.shinfo_addr()
+            base = self.shinfo.addr
             _clear_bit(base + lay.evtchn_mask + word * lay.word, bit, lay.word)
-            if xen.read_shinfo_bit(lay.evtchn_pending + word * lay.word, bit, lay.word):
+            if self.shinfo.read_bit(lay.evtchn_pending + word * lay.word, bit, lay.word):
                 p = self.ports.get(port)
-                vcpu = p.vcpu if p is not None else 0
-                vi = xen.vcpu_info_addr(vcpu)
-                if vi and not _or_bit(vi + lay.pending_sel, word, lay.word):
-                    if not atomic_xchg8(vi + lay.upcall_pending, 1):
-                        xen.inject_upcall(vcpu)
+                self._flag_vcpu(p.vcpu if p is not None else 0, word)
 
     def is_pending(self, port: int) -> bool:
-        lay = self.xen.shinfo_layout()
+        lay = self.shinfo.layout
         if not 0 < port < lay.nr_ports:
             return False
         word, bit = divmod(port, lay.bits)
-        return self.xen.read_shinfo_bit(lay.evtchn_pending + word * lay.word, bit, lay.word)
+        return self.shinfo.read_bit(lay.evtchn_pending + word * lay.word, bit, lay.word)
+
+    def is_masked(self, port: int) -> bool:
+        lay = self.shinfo.layout
+        if not 0 < port < lay.nr_ports:
+            return False
+        word, bit = divmod(port, lay.bits)
+        return self.shinfo.read_bit(lay.evtchn_mask + word * lay.word, bit, lay.word)
 
     def _clear_pending(self, port: int) -> None:
-        lay = self.xen.shinfo_layout()
+        lay = self.shinfo.layout
         word, bit = divmod(port, lay.bits)
-        _clear_bit(self.xen.shinfo_addr() + lay.evtchn_pending + word * lay.word, bit, lay.word)
+        _clear_bit(self.shinfo.addr + lay.evtchn_pending + word * lay.word, bit, lay.word)
+
+    def wake(self, vcpu: int) -> None:
+        """Wake a vCPU that may be blocked waiting for an event (every one: the target may
+        have moved)."""
+        for r in self.machine.runners:
+            r.notify()
 
     # -- saved state ---------------------------------------------------------------------
 
@@ -278,6 +313,8 @@ class EventChannels:
                 "sends": self.sends}
 
     def from_state(self, st: dict) -> None:
+        """Ports as saved; the daemon's backends stay as they are (a domain always makes its
+        daemon ports first and in the same order, so they have the same numbers)."""
         with self.lock:
             self.ports = {int(n): Port(*v) for n, v in st["ports"].items()}
             self.virqs = {(p.vcpu, p.virq): n for n, p in self.ports.items()

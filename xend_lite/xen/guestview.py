@@ -12,7 +12,8 @@ from __future__ import annotations
 from xend_lite.errors import GuestMemoryError
 from xend_lite.kvm import KvmError
 from xend_lite.xen.xenabi import Layout
-from xend_lite.machine.memory import PAGE_SIZE, GuestMemory
+from xend_lite.machine.backing import PAGE_SIZE
+from xend_lite.machine.guestmem import GuestMemory
 from xend_lite.xen.errors import fault
 
 CR0_PG = 1 << 31

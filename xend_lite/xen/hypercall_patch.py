@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from xend_lite.errors import LoaderError
 from xend_lite.machine.loader import PT_LOAD, parse_elf
-from xend_lite.xen.emulation import HYPERCALL_PORT
+from xend_lite.xen.hypercall import HYPERCALL_PORT
 
 PF_X = 1
 VMCALL = b"\x0f\x01\xc1"

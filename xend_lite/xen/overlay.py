@@ -5,8 +5,10 @@ RAM. A page is seen by the guest only while mapped at a frame of its choosing
 (XENMEM_add_to_physmap) or of the operator's (RPC). A mapping sits above RAM; the RAM beneath
 is not touched and shows again when the page moves or goes. Each page has at most one
 mapping, so mapping it again moves it; INVALID_GPA unmaps; address 0 is an address like any
-other. Every change goes through the memory map with the other vCPUs paused, so no vCPU sees
-half of it, and a failure leaves the old mapping in place.
+other. Every change goes through the memory map (laid in place over RAM, or with the vCPUs
+out of the guest while KVM's slots change), so no vCPU sees half of it, and a failure leaves the old mapping in place. Changes run on the VM owner
+(machine.change_memory), whoever asks for them; the device remembers who mapped each page
+(the guest or the operator).
 
 Backend: this host's KVM has no Xen support, so the daemon keeps shared_info itself
 ("userspace"). A kernel backend (KVM_CAP_XEN_HVM) is detected and reported, not used.
@@ -16,17 +18,16 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xend_lite.errors import InvalidArgument, NotFound, NotSupported
-from xend_lite.machine.memory import INVALID_GPA, PAGE_SIZE, Backing, fallocate_punch
+from xend_lite.machine.backing import INVALID_GPA, PAGE_SIZE, Backing
+from xend_lite.machine.native import punch_hole
 from xend_lite.snapshot.state import State
 
 if TYPE_CHECKING:
     from xend_lite.machine.machine import Machine
-    from xend_lite.machine.vcpu import VcpuRunner
 
 SHARED_INFO = "shared_info"
 _GRANT = re.compile(r"grant:(0|[1-9][0-9]{0,5})\Z")
@@ -52,12 +53,19 @@ class OverlayState(State):
     """Saved state of the overlay device: where each page is and what it holds."""
 
     NAME = "xen_overlay"
-    VERSION = 1
+    VERSION = 2
     MIN_VERSION = 1
     gpas: dict[str, int] = field(default_factory=dict)       # mapped pages only
     long_mode: bool = True
     contents: dict[str, bytes] = field(default_factory=dict)  # non-zero pages only
     grant_frames: int = 0
+    operator_pages: list[str] = field(default_factory=list)   # mapped by the operator
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict) -> dict:
+        if version < 2:              # saved before the device knew who mapped a page
+            fields = fields | {"operator_pages": []}
+        return fields
 
 
 class OverlayDevice:
@@ -71,7 +79,7 @@ class OverlayDevice:
         self.backend_name = choose_backend(backend, kvm_xen_available)
         self.grant_frames = grant_frames
         self.long_mode = True
-        self._lock = threading.Lock()
+        self.mapped_by: dict[str, str] = {}      # mapped page -> "guest" or "operator"
         n = 1 + grant_frames
         fd = os.memfd_create("xend-lite:xen-overlay", os.MFD_CLOEXEC)
         self._fd = fd
@@ -114,38 +122,27 @@ class OverlayDevice:
                 return name
         return None
 
-    # -- mapping -------------------------------------------------------------------------
+    # -- mapping (on the VM owner) -------------------------------------------------------
 
-    def _change(self, page: str, gpa: int):
+    def apply(self, page: str, gpa: int, by: str) -> None:
+        """Map, move (or, at INVALID_GPA, unmap) a checked page; ``by`` is who asked."""
         backing = self.pages[page]
         if gpa == INVALID_GPA:
-            return lambda mm: mm.unmap_overlay(page)
+            self.machine.change_memory(lambda mm: mm.unmap_overlay(page))
+            self.mapped_by.pop(page, None)
+            return
         self.machine.memmap.check_gpa(gpa)
-        return lambda mm: mm.map_overlay(page, backing, gpa)
-
-    def map(self, page: str, gpa: int) -> None:
-        """Map, move (or, at INVALID_GPA, unmap) a page; from the owner, vCPUs running or not."""
-        page = self.check_page(page)
-        if not isinstance(gpa, int) or isinstance(gpa, bool) or not 0 <= gpa <= INVALID_GPA:
-            raise InvalidArgument("gpa must be an integer from 0 to 2^64-1")
-        fn = self._change(page, gpa)
-        with self._lock:
-            self.machine.update_memory(fn)
-
-    def unmap(self, page: str) -> None:
-        self.map(page, INVALID_GPA)
-
-    def map_from_vcpu(self, runner: VcpuRunner, page: str, gpa: int) -> None:
-        """The same from a hypercall on ``runner``'s thread (may raise MemoryBusy: retry)."""
-        fn = self._change(page, gpa)
-        with self._lock:
-            self.machine.vcpu_update_memory(runner, fn)
+        self.machine.change_memory(lambda mm: mm.map_overlay(page, backing, gpa))
+        self.mapped_by[page] = by
 
     def list(self) -> list[dict]:
         out = []
         for name, b in self.pages.items():
             g = self.gpa(name)
-            out.append({"page": name, "gpa": g, "size": b.size, "backend": self.backend_name})
+            entry = {"page": name, "gpa": g, "size": b.size, "backend": self.backend_name}
+            if g is not None:
+                entry["by"] = self.mapped_by.get(name, "guest")
+            out.append(entry)
         return out
 
     # -- reset and state -----------------------------------------------------------------
@@ -153,29 +150,31 @@ class OverlayDevice:
     def zero_pages(self) -> None:
         """Zero every page at once: one hole punched over the device's memfd."""
         try:
-            fallocate_punch(self._fd, 0, len(self.pages) * PAGE_SIZE)
+            punch_hole(self._fd, 0, len(self.pages) * PAGE_SIZE)
         except OSError:
             for b in self.pages.values():
                 b.zero()
 
     def reset(self) -> None:
-        """Unmap every page and zero it (a Xen soft reset)."""
-        with self._lock:
-            def unmap_all(mm) -> None:
-                for name in list(mm.overlays()):
-                    if name in self.pages:
-                        mm.unmap_overlay(name)
-            if self.machine.memmap.overlays():
-                self.machine.update_memory(unmap_all)
-            self.zero_pages()
-            self.long_mode = True
+        """Unmap every page and zero it (a Xen soft reset). On the owner."""
+        def unmap_all(mm) -> None:
+            for name in list(mm.overlays()):
+                if name in self.pages:
+                    mm.unmap_overlay(name)
+        if self.machine.memmap.overlays():
+            self.machine.change_memory(unmap_all)
+        self.mapped_by.clear()
+        self.zero_pages()
+        self.long_mode = True
 
     def save(self) -> OverlayState:
         gpas = {n: g for n, g in self.machine.memmap.overlays().items() if n in self.pages}
         zero = bytes(PAGE_SIZE)
         contents = {n: bytes(b.view) for n, b in self.pages.items() if bytes(b.view) != zero}
         return OverlayState(gpas=gpas, long_mode=self.long_mode, contents=contents,
-                            grant_frames=self.grant_frames)
+                            grant_frames=self.grant_frames,
+                            operator_pages=sorted(n for n, by in self.mapped_by.items()
+                                                  if by == "operator" and n in gpas))
 
     def check_state(self, st: OverlayState) -> None:
         """Everything a load needs, checked before anything changes."""
@@ -193,6 +192,9 @@ class OverlayDevice:
             self.check_page(name)
             if len(data) != PAGE_SIZE:
                 raise InvalidArgument(f"overlay page {name} content is {len(data)} bytes")
+        for name in st.operator_pages:
+            if name not in st.gpas:
+                raise InvalidArgument(f"overlay page {name} is not mapped but has a mapper")
 
     def mappings(self, st: OverlayState) -> dict[str, tuple[int, Backing]]:
         """The memory-map overlays a saved state asks for (checked first)."""
@@ -207,6 +209,7 @@ class OverlayDevice:
         for name, data in st.contents.items():
             self.pages[name].view[:] = data
         self.long_mode = st.long_mode
+        self.mapped_by = {n: ("operator" if n in st.operator_pages else "guest") for n in st.gpas}
         if not remap:
             return
 
@@ -216,8 +219,7 @@ class OverlayDevice:
                     mm.unmap_overlay(name)
             for name, g in st.gpas.items():
                 mm.map_overlay(name, self.pages[name], g)
-        with self._lock:
-            self.machine.update_memory(remap)
+        self.machine.change_memory(remap)
 
     def close(self) -> None:
         for b in self.pages.values():

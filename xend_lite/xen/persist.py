@@ -1,169 +1,117 @@
-"""Saving and restoring a whole domain: every component's declared State plus guest memory.
+"""Saving and loading the Xen side of a domain: XenState (hypercall page, params, event
+channels, timers, counters, console tail), the overlay pages, and the xenstore.
 
-Sections: ``cpu/<n>`` per vCPU, ``vm`` (irqchip, PIT, KVM clock), ``memory_map`` (sizes,
-ballooned frames), ``xen`` (hypercall page, HVM params, event channels, timers, counters,
-console tail) and ``xen_overlay`` (page addresses, long mode, page contents); guest RAM is one
-sparse region. A load validates the whole file and checks it fits this domain before it
-changes anything; RAM then comes back as a copy-on-write mapping of the file, so restoring
-costs the same for any guest size and the restored guest never writes into the snapshot.
+A load first checks every section against this domain (``prepare``) and only then changes
+anything (``apply``), so a refused snapshot leaves the domain as it was. The overlay pages
+are mapped by whoever replaces RAM (one memory-map change with it): see ``overlay_mappings``.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-from xend_lite.errors import InvalidArgument, SnapshotError
-from xend_lite.machine.cpustate import apply_vcpu, apply_vm, capture_vcpu, capture_vm
-from xend_lite.machine.memory import Backing
-from xend_lite.snapshot import MemoryRegion, State, load_snapshot, save_snapshot
-from xend_lite.xen.emulation import XenState
+from xend_lite.errors import InvalidArgument
+from xend_lite.machine.backing import Backing
+from xend_lite.xen.abi import PERIODIC_MAX_NS, PERIODIC_MIN_NS
 from xend_lite.xen.overlay import OverlayState
+from xend_lite.xen.state import XenState
+from xend_lite.xen.xenstore.state import XenstoreState
 
 if TYPE_CHECKING:
-    from xend_lite.xen.domain import Domain
+    from xend_lite.snapshot.state import State
+    from xend_lite.xen.platform import XenPlatform
 
-log = logging.getLogger("xend_lite.persist")
-
-
-@dataclass
-class CpuState(State):
-    NAME = "cpu"
-    VERSION = 1
-    data: dict[str, Any] = field(default_factory=dict)
+SECTIONS = ("xen", "xen_overlay", "xenstore")
+STATE_CLASSES = (XenState, OverlayState, XenstoreState)
+OPTIONAL = ("xenstore",)      # snapshots made before the domain had a xenstore
 
 
 @dataclass
-class VmState(State):
-    NAME = "vm"
-    VERSION = 1
-    data: dict[str, Any] = field(default_factory=dict)
+class PreparedLoad:
+    xen: XenState
+    overlay: OverlayState
+    xenstore: Callable[[], None] | None
 
 
-@dataclass
-class MemoryMapState(State):
-    NAME = "memory_map"
-    VERSION = 1
-    ram_bytes: int = 0
-    vcpus: int = 1
-    ballooned: list[int] = field(default_factory=list)
+class XenPersist:
+    def __init__(self, p: XenPlatform):
+        self.p = p
 
+    def save(self) -> dict[str, State]:
+        p = self.p
+        return {
+            "xen": XenState(
+                hypercall_page=-1 if p.hypercall_page is None else p.hypercall_page,
+                params={str(k): v for k, v in p.params.items()},
+                evtchn=p.evtchn.to_state(),
+                upcall_vectors={str(k): v for k, v in p.upcalls.vectors.items()},
+                vcpu_info={str(k): v for k, v in p.shinfo.vcpu_info_gpa.items()},
+                timers={str(k): v for k, v in p.timers.deadlines().items()},
+                system_time=p.clock.now(),
+                shutdown_code=-1 if p.sched.shutdown_code is None else p.sched.shutdown_code,
+                counters={"calls": list(p.hypercalls.calls), "errors": list(p.hypercalls.errors)},
+                console=p.machine.console.tail(64 * 1024),
+                periodic={str(k): list(v) for k, v in p.timers.periodics().items()},
+                grant_frames_in_use=p.grants.frames_in_use),
+            "xen_overlay": p.overlay.save(),
+            "xenstore": p.xenstore.save(),
+        }
 
-CLASSES = [CpuState, VmState, MemoryMapState, XenState, OverlayState]
+    def prepare(self, states: dict[str, State]) -> PreparedLoad:
+        """Check the sections against this domain; raises InvalidArgument (or
+        SnapshotError for the xenstore) and changes nothing when one does not fit."""
+        st = states["xen"]
+        self._check_xen(st)
+        self.p.overlay.check_state(states["xen_overlay"])
+        store = states.get("xenstore")
+        apply_store = self.p.xenstore.prepare_load(store) if store is not None else None
+        return PreparedLoad(st, states["xen_overlay"], apply_store)
 
-F_SETSIG, F_SETLEASE = 10, 1024
+    def overlay_mappings(self, prep: PreparedLoad) -> dict[str, tuple[int, Backing]]:
+        return self.p.overlay.mappings(prep.overlay)
 
+    def _check_xen(self, st: XenState) -> None:
+        n = self.p.nr_vcpus
+        per_vcpu = list(st.upcall_vectors) + list(st.vcpu_info) + list(st.timers) + list(st.periodic)
+        for k in list(st.params) + per_vcpu:
+            if not k.isdigit():
+                raise InvalidArgument(f"xen state: bad key {k!r}")
+        for k in per_vcpu:
+            if int(k) >= n:
+                raise InvalidArgument(f"xen state names vcpu {k}, this domain has {n}")
+        for v in st.periodic.values():
+            if len(v) != 2 or not PERIODIC_MIN_NS <= v[0] <= PERIODIC_MAX_NS:
+                raise InvalidArgument("xen state: periodic timer malformed")
+        for key in ("ports", "daemon_ports"):
+            if not isinstance(st.evtchn.get(key), dict):
+                raise InvalidArgument("xen state: event channel table malformed")
 
-def _hold_lease(fd: int) -> bool:
-    """A read lease on the snapshot while restored RAM still reads from it: anyone opening
-    it to write or truncating it waits (up to the kernel's lease-break time) until RAM has
-    moved off it and the lease is dropped. Its break notice is the harmless kick signal.
-    Not every file system or owner allows leases; then there is no such protection."""
-    import fcntl
-
-    from xend_lite.kvm import kick_signal
-
-    try:
-        fcntl.fcntl(fd, F_SETSIG, kick_signal())
-        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
-        return True
-    except OSError as exc:
-        log.debug("no lease on the snapshot: %s", exc.strerror)
-        return False
-
-
-def release_lease(fd: int) -> None:
-    import fcntl
-
-    try:
-        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
-    except OSError:
-        pass
-
-
-def _sections(n_vcpus: int, xen: bool) -> list[str]:
-    """Every section a snapshot of this domain holds (Xen's only in Xen mode)."""
-    return ([f"cpu/{i}" for i in range(n_vcpus)] + ["vm", "memory_map"]
-            + (["xen", "xen_overlay"] if xen else []))
-
-
-def save_domain(domain: Domain, path: str, progress: Callable[[int, int], None] | None = None) -> dict:
-    m = domain.machine
-    msrs = domain.kvm.msr_index_list()
-    states: dict[str, State] = {}
-    for r in m.runners:
-        states[f"cpu/{r.index}"] = CpuState(capture_vcpu(r.vcpu, msrs, m.irqchip))
-    states["vm"] = VmState(capture_vm(m.vm, m.irqchip))
-    states["memory_map"] = MemoryMapState(m.memory_bytes, len(m.runners), m.memmap.ballooned())
-    if domain.xen is not None:
-        states["xen"] = domain.xen.save()
-        states["xen_overlay"] = domain.overlay.save()
-    with m.ram_lock:   # RAM cannot move off a restored file while it is being read
-        ram = m.ram
-        region = (MemoryRegion("ram", 0, ram.size, buffer=ram.map) if ram.private
-                  else MemoryRegion("ram", 0, ram.size, fd=ram.fd, offset=ram.offset,
-                                    buffer=ram.map))
-        info = save_snapshot(path, states, [region], progress=progress)
-    return {"path": path, "size": info.logical_size, "size_on_disk": info.size_on_disk,
-            "bytes_written": info.bytes_written}
-
-
-def load_domain(domain: Domain, path: str, verify: bool = True) -> dict:
-    """Validate ``path`` against this domain, then apply it (the VM paused or not started).
-    ``verify`` also checks guest memory against its chunk checksums first (reading the data
-    the file holds, skipping holes); without it only the metadata is checked and restore
-    time does not depend on how much memory the guest used."""
-    m = domain.machine
-    n = len(m.runners)
-    xen = domain.xen is not None
-    snap = load_snapshot(path, CLASSES, required=_sections(n, xen), allowed=(),
-                         verify_memory=verify)
-    try:
-        st = snap.states
-        mm: MemoryMapState = st["memory_map"]
-        if mm.ram_bytes != m.memory_bytes:
-            raise SnapshotError(f"snapshot {path} is of a {mm.ram_bytes >> 20} MiB guest; this "
-                                f"domain has {m.memory_bytes >> 20} MiB")
-        if mm.vcpus != n:
-            raise SnapshotError(f"snapshot {path} has {mm.vcpus} vCPUs; this domain has {n}")
-        try:
-            region = snap.region("ram")
-        except KeyError:
-            raise SnapshotError(f"snapshot {path} holds no guest RAM") from None
-        if region.size != m.memory_bytes or region.gpa != 0 or len(snap.regions) != 1:
-            raise SnapshotError(f"snapshot {path}: memory regions do not match this domain")
-        for g in mm.ballooned:
-            if not m.memmap.ram_region_at(g << 12):
-                raise SnapshotError(f"snapshot {path}: ballooned frame {g:#x} is not RAM here")
-        try:
-            if xen:
-                domain.xen.check_state(st["xen"])
-                domain.overlay.check_state(st["xen_overlay"])
-        except InvalidArgument as exc:
-            raise SnapshotError(f"snapshot {path}: {exc}") from exc
-        for i in range(n):
-            data = st[f"cpu/{i}"].data
-            if not {"regs", "sregs", "xsave", "msrs", "events"} <= set(data):
-                raise SnapshotError(f"snapshot {path}: cpu/{i} is incomplete")
-        # -- everything checked: apply ------------------------------------------------------
-        _hold_lease(snap.fd)
-        overlays = domain.overlay.mappings(st["xen_overlay"]) if xen else {}
-        backing = Backing.from_file("ram", snap.fd, region.file_offset, region.size)
-        backing.fd = -1  # the mapping outlives the file descriptor, closed below
-        m.replace_ram(backing, overlays=overlays, ballooned=mm.ballooned)
-        apply_vm(m.vm, st["vm"].data, m.irqchip)
-        for i, r in enumerate(m.runners):
-            apply_vcpu(r.vcpu, st[f"cpu/{i}"].data, m.irqchip)
-        if xen:
-            domain.xen.load(st["xen"])
-            domain.overlay.load(st["xen_overlay"], remap=False)
-            # contents stay as saved; refreshes (within a second) need the TSC offset again
-            domain.xen.learn_tsc_offset(m.runners[0].vcpu)
-        # RAM is still the file's pages: hand the caller the same file (not whatever has the
-        # path now) to move RAM off it
-        detach = (os.dup(snap.fd), region.file_offset)
-        return {"path": path, "size": os.path.getsize(path), "_detach": detach}
-    finally:
-        snap.close()
+    def apply(self, prep: PreparedLoad) -> None:
+        """Put a checked state in place (the VM paused, RAM already replaced)."""
+        p = self.p
+        st = prep.xen
+        p.timers.stop_all()
+        p.hypercall_page = None if st.hypercall_page < 0 else st.hypercall_page
+        p.params.clear()
+        p.params.update({int(k): v for k, v in st.params.items()})
+        p.evtchn.from_state(st.evtchn)
+        p.upcalls.vectors = {int(k): v for k, v in st.upcall_vectors.items()}
+        p.shinfo.vcpu_info_gpa = {int(k): v for k, v in st.vcpu_info.items()}
+        p.clock.set_now(st.system_time)
+        p.time.forget()
+        p.machine.console.restore_ring(st.console)
+        p.sched.shutdown_code = None if st.shutdown_code < 0 else st.shutdown_code
+        p.hypercalls.load_counters(st.counters.get("calls", []), st.counters.get("errors", []))
+        p.grants.frames_in_use = st.grant_frames_in_use
+        for k, v in st.timers.items():
+            p.timers.set(int(k), v)
+        for k, (period, expiry) in st.periodic.items():
+            p.timers.set_periodic(int(k), period, expiry)
+        p.overlay.load(prep.overlay, remap=False)
+        if prep.xenstore is not None:
+            prep.xenstore()
+        # a fresh time record before the guest runs: it must match the guest's TSC as it is
+        # now (a host may not give the saved TSC back), not as it was when saved
+        p.time.publish_from(p.machine.runners[0].vcpu)
+        p.timers.start_refresh()

@@ -30,6 +30,12 @@ class _Constants:
 X = _Constants()
 
 
+def all_constants(prefix: str) -> dict[str, int]:
+    """Every compiled-in number whose name starts with ``prefix``."""
+    return {n: getattr(_lib, n) for n in dir(_lib)
+            if n.startswith(prefix) and isinstance(getattr(_lib, n), int)}
+
+
 @dataclass(frozen=True)
 class Field:
     name: str

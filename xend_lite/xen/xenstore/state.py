@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
+
 from xend_lite.errors import SnapshotError
 from xend_lite.snapshot.state import State
 from xend_lite.xen.xenstore.errors import XsError
@@ -232,6 +234,12 @@ def _queues(state: XenstoreState, q: Quotas) -> tuple[MessageReader, deque[Outgo
 
 
 def restore(server: XenstoreServer, state: XenstoreState) -> None:
+    prepare(server, state)()
+
+
+def prepare(server: XenstoreServer, state: XenstoreState) -> Callable[[], None]:
+    """Check a saved state and build what it describes, changing nothing; the returned call
+    puts it in place (a snapshot load checks every component before it applies any)."""
     if not isinstance(state, XenstoreState):
         raise SnapshotError("xenstore: not a xenstore state")
     if state.domid != server.domid:
@@ -250,6 +258,9 @@ def restore(server: XenstoreServer, state: XenstoreState) -> None:
         reader, out, replies = _queues(state, server.quotas)
     except _Bad as err:
         raise SnapshotError(f"xenstore: state rejected: {err}") from None
-    server.store, server.conn, server.reader = store, conn, reader
-    server.out, server.out_offset, server.replies = out, state.out_offset, replies
-    server.events_dropped, server.broken = state.events_dropped, state.broken
+
+    def apply() -> None:
+        server.store, server.conn, server.reader = store, conn, reader
+        server.out, server.out_offset, server.replies = out, state.out_offset, replies
+        server.events_dropped, server.broken = state.events_dropped, state.broken
+    return apply

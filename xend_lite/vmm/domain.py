@@ -1,9 +1,11 @@
-"""Domain: one Xen HVM/PVH guest on KVM, the facade the daemon drives.
+"""Domain: one Xen HVM/PVH guest on KVM, built from a DomainSpec, and the operations the
+daemon drives (it depends on them through api.VmApi).
 
-It builds the machine (RAM, vCPUs, console), the Xen emulation (CPUID leaves, hypercall
-page, dispatch, event channels, timers) and the overlay device (shared_info and grant
-frames), loads the guest image, and answers the control plane's questions. Every method
-runs on the daemon's VM-owner thread; guest-driven events reach ``emit`` from vCPU threads.
+This is where the parts are put together: the machine (RAM, vCPUs, console, VM owner), the
+Xen platform (CPUID leaves, hypercalls, event channels, overlay device, console ring,
+xenstore) and the guest image (Linux's direct hypercalls rewritten to reach the platform).
+Every operation below runs on the VM owner: called from another thread it is handed there
+and waited for. Guest-driven events reach ``emit`` from vCPU threads and the owner.
 """
 
 from __future__ import annotations
@@ -12,60 +14,25 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-from xend_lite.errors import InvalidArgument, LoaderError, NotFound, NotSupported, StateError
+from xend_lite.errors import InvalidArgument, NotFound, NotSupported, StateError
 from xend_lite.kvm import CAPABILITIES, Kvm
+from xend_lite.machine.backing import INVALID_GPA
 from xend_lite.machine.console import ConsoleSink
-from xend_lite.machine.loader import load_image
+from xend_lite.machine.kernel import unpack_kernel
+from xend_lite.machine.loader import BootInfo, load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
-from xend_lite.xen.emulation import XenEmulation
+from xend_lite.vmm.spec import DomainSpec, read_image
+from xend_lite.xen.hypercall_patch import patch_xen_hypercalls
 from xend_lite.xen.overlay import OverlayDevice
+from xend_lite.xen.platform import OverlayChange, XenConfig, XenPlatform
 
 log = logging.getLogger("xend_lite.domain")
 
 Emit = Callable[[str, dict], None]
-INVALID_GPA = (1 << 64) - 1
 DETACH_DELAY = 0.2   # seconds between a restore and moving its RAM off the snapshot file
-XEN_VERSION_DEFAULT = "4.16"
-
-
-class DomainSpec(NamedTuple):
-    """What a domain is made of (the daemon's config builds it)."""
-
-    image: str | None = None          # None: the embedded default guest
-    initrd: str | None = None         # the first PVH module (Linux's initramfs); None: none
-    cmdline: str = ""
-    memory_mib: int = 128
-    vcpus: int = 1
-    xen_version: str = XEN_VERSION_DEFAULT
-    domid: int = 1
-    backend: str = "auto"             # auto | userspace | kvm-xen
-    grant_frames: int = 64
-    console_log: str | None = None
-    console_stdout: bool = False
-    kvm_path: str = "/dev/kvm"
-    xen: bool = True                  # False: a plain KVM VM, no Xen ABI, no overlay device
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> DomainSpec:
-        """Take the fields this class knows from any config object that has them."""
-        kw = {f: getattr(cfg, f) for f in cls._fields if hasattr(cfg, f)}
-        return cls(**kw)
-
-
-def read_image(path: str | None, what: str = "guest image") -> bytes:
-    if path is None:
-        from xend_lite.guests import default_image
-
-        return default_image()
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError as exc:
-        raise LoaderError(f"{what} {path} does not exist") from exc
-    except OSError as exc:
-        raise LoaderError(f"{what} {path} cannot be read: {exc.strerror}") from exc
+DETACH_STOP = 30.0   # seconds to wait for a move of RAM to give up
 
 
 class Domain:
@@ -84,35 +51,52 @@ class Domain:
         except BaseException:
             self.kvm.close()
             raise
-        self._build_xen()
-        self.machine.add_shutdown_listener(self._on_shutdown)
-        self.boot = load_image(self.machine, self.image, spec.cmdline, initrd=self.initrd)
         self._closed = False
         self._detach_job: tuple[threading.Thread, threading.Event] | None = None
         self.detached = threading.Event()   # set once restored RAM no longer uses its file
+        try:
+            self.xen: XenPlatform | None = self._build_xen() if spec.xen else None
+            self.machine.add_shutdown_listener(self._on_shutdown)
+            self.boot = self._load()
+        except BaseException:
+            self.close()
+            raise
 
-    def _build_xen(self) -> None:
-        self.xen: XenEmulation | None = None
-        self.overlay: OverlayDevice | None = None
-        if not self.spec.xen:
-            return
+    def _build_xen(self) -> XenPlatform:
+        s = self.spec
         kvm_xen = bool(self.kvm.check_extension(CAPABILITIES["xen_hvm"])) \
             if "xen_hvm" in CAPABILITIES else False
-        self.xen = XenEmulation(self.machine, self.spec)
-        self.overlay = OverlayDevice(self.machine, grant_frames=self.spec.grant_frames,
-                                     backend=self.spec.backend, kvm_xen_available=kvm_xen)
-        self.xen.attach_overlay(self.overlay)
-        self.xen.emit = self._emit
+        cfg = XenConfig(xen_version=s.xen_version, domid=s.domid, grant_frames=s.grant_frames,
+                        backend=s.backend, kvm_xen_available=kvm_xen, name=s.name)
+        return XenPlatform(self.machine, cfg, self._emit)
 
-    def _xen(self) -> XenEmulation:
+    def _load(self) -> BootInfo:
+        """Load the image (and initrd); in Xen mode Linux's direct vmcall/vmmcall hypercalls
+        are rewritten first so they reach the platform (logged once per image)."""
+        image = self.image
+        if self.xen is not None and self.spec.rewrite_hypercalls:
+            elf = unpack_kernel(image).elf
+            patched = patch_xen_hypercalls(elf)
+            if patched.patched:
+                if not getattr(self, "_patch_logged", False):
+                    log.info("guest image calls Xen directly: rewrote %s so the calls reach "
+                             "xend-lite", ", ".join(f"{p.routine} ({p.site.instruction})"
+                                                    for p in patched.patched))
+                    self._patch_logged = True
+                image = patched.image
+        return load_image(self.machine, image, self.spec.cmdline, initrd=self.initrd)
+
+    @property
+    def overlay(self) -> OverlayDevice | None:
+        return None if self.xen is None else self.xen.overlay
+
+    def _xen(self) -> XenPlatform:
         if self.xen is None:
             raise NotSupported("this VM is not in Xen mode: it has no Xen emulation")
         return self.xen
 
-    def _overlay(self) -> OverlayDevice:
-        if self.overlay is None:
-            raise NotSupported("this VM is not in Xen mode: it has no xen_overlay device")
-        return self.overlay
+    def _on_owner(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.machine.owner.run(fn, *args)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -134,7 +118,10 @@ class Domain:
         self.machine.resume()
 
     def reset(self) -> None:
-        """A system reset: power-on vCPU state, RAM cleared, Xen soft reset, image reloaded."""
+        """A system reset: power-on vCPU state, RAM cleared, Xen reset, image reloaded."""
+        self._on_owner(self._reset)
+
+    def _reset(self) -> None:
         self._stop_detach()   # the reset rewrites RAM: let no move of it race that
         m = self.machine
         was = m.state
@@ -145,8 +132,7 @@ class Domain:
             m.reset_hardware()
         if self.xen is not None:
             self.xen.reset()
-            self.overlay.reset()
-        self.boot = load_image(m, self.image, self.spec.cmdline, initrd=self.initrd)
+        self.boot = self._load()
         if was == "stopped":
             m.start(paused=False)
         elif was in ("running", "paused"):
@@ -159,6 +145,8 @@ class Domain:
         self._closed = True
         self._stop_detach()
         try:
+            if getattr(self, "xen", None) is not None:
+                self.xen.close()
             self.machine.close()
         finally:
             self.kvm.close()
@@ -193,56 +181,52 @@ class Domain:
                 "xen_version": self.spec.xen_version, "domid": self.spec.domid}
 
     def query_xen_overlay(self) -> list[dict]:
-        return self._overlay().list()
+        return self._xen().overlay.list()
 
     # -- overlay control -----------------------------------------------------------------
 
-    def overlay_map(self, page: str, gpa: int) -> dict:
-        self._overlay().map(page, gpa)
-        entry = self._overlay_entry(page)
-        if gpa == INVALID_GPA:
-            self._emit("XEN_OVERLAY_UNMAPPED", {"page": page})
-        else:
-            self._emit("XEN_OVERLAY_MAPPED", {"page": page, "gpa": gpa})
-        return entry
+    def overlay_map(self, page: str, gpa: int, force: bool = False) -> dict:
+        """The operator maps, moves or (at INVALID_GPA) unmaps an overlay page."""
+        xen = self._xen()
+        return self._on_owner(xen.change_overlay, OverlayChange(page, gpa, "operator", force))
 
-    def overlay_unmap(self, page: str) -> dict:
-        self._overlay().unmap(page)
-        self._emit("XEN_OVERLAY_UNMAPPED", {"page": page})
-        return self._overlay_entry(page)
-
-    def _overlay_entry(self, page: str) -> dict:
-        for e in self._overlay().list():
-            if e["page"] == page:
-                return e
-        raise NotFound(f"no overlay page named {page!r}")
+    def overlay_unmap(self, page: str, force: bool = False) -> dict:
+        return self.overlay_map(page, INVALID_GPA, force)
 
     # -- snapshots -----------------------------------------------------------------------
 
-    def snapshot_save(self, path: str, progress: Callable[[int, int], None] | None = None) -> dict:
+    def snapshot_save(self, path: Any, progress: Callable[[int, int], None] | None = None) -> dict:
+        return self._on_owner(self._snapshot_save, path, progress)
+
+    def _snapshot_save(self, path: Any, progress: Callable[[int, int], None] | None) -> dict:
         if self.machine.state not in ("paused", "stopped") and self.machine.pause_depth == 0:
             raise StateError("the VM must be paused to save it", self.run_state(), ("paused",))
         # snapshots are not needed to boot: their code is imported at the first save or load
-        from xend_lite.xen.persist import save_domain
+        from xend_lite.vmm.persist import save_domain
 
         return save_domain(self, path, progress)
 
-    def snapshot_load(self, path: str, verify: bool = True) -> dict:
+    def snapshot_load(self, path: Any, verify: bool = True) -> dict:
         """Load a snapshot; RAM then moves off the file in the background (see detached)."""
+        return self._on_owner(self._snapshot_load, path, verify)
+
+    def _snapshot_load(self, path: Any, verify: bool) -> dict:
         self._stop_detach()
-        from xend_lite.xen.persist import load_domain
+        from xend_lite.vmm.persist import load_domain
 
         info = load_domain(self, path, verify)
         fd, offset = info.pop("_detach")
         self.detached.clear()
         stop = threading.Event()
-        t = threading.Thread(target=self._detach, args=(fd, offset, stop, path),
+        t = threading.Thread(target=self._detach, args=(fd, offset, stop, os.fspath(path)),
                              name="ram-detach", daemon=True)
         self._detach_job = (t, stop)
         t.start()
         return info
 
     def _detach(self, fd: int, offset: int, stop: threading.Event, path: str) -> None:
+        from xend_lite.vmm.persist import release_lease
+
         try:
             # let the restored guest get going first; the read lease covers the wait
             if stop.wait(DETACH_DELAY):
@@ -255,21 +239,27 @@ class Domain:
         except Exception:  # noqa: BLE001 - the VM runs on from the file; say why
             log.exception("moving guest RAM off %s failed; the VM keeps using the file", path)
         finally:
-            from xend_lite.xen.persist import release_lease
-
             release_lease(fd)
             os.close(fd)
 
     def _stop_detach(self) -> None:
+        """Stop a move of RAM and wait for it. On the owner, its last step is served while
+        waiting (it is a request to the owner)."""
         job, self._detach_job = self._detach_job, None
-        if job is not None:
-            job[1].set()
-            job[0].join()
+        if job is None:
+            return
+        t, stop = job
+        stop.set()
+        owner = self.machine.owner
+        if owner is not None and owner.on_owner():
+            owner.wait_until(lambda: not t.is_alive(), DETACH_STOP)
+        else:
+            t.join(DETACH_STOP)
 
     @staticmethod
-    def snapshot_describe(path: str) -> dict:
+    def snapshot_describe(path: Any) -> dict:
         from xend_lite.snapshot import describe
 
         if not os.path.exists(path):
-            raise NotFound(f"snapshot {path} does not exist")
+            raise NotFound(f"snapshot {os.fspath(path)} does not exist")
         return describe(path)

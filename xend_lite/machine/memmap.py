@@ -1,106 +1,23 @@
-"""Guest memory: backings, the flat memory map with overlay pages, and bounds-checked access.
+"""The flat memory map: RAM regions, overlay pages laid above RAM (or above nothing), and RAM
+pages taken out by ballooning, and the KVM memory slots that view implies.
 
-The memory map is a flat view of guest-physical space: RAM regions, overlay pages that lie
-above RAM (or above nothing), and RAM pages taken out by ballooning. From that view it
-computes the KVM memory slots, splitting RAM around every overlay and every ballooned page,
-and applies only the difference. Callers change the map with every vCPU paused
-(Machine.update_memory); a failed apply restores the previous slots before it raises.
+From the view it computes the slots, splitting RAM around every overlay and ballooned page
+that cannot be laid in place, and applies only the difference; a failed apply restores the
+previous slots before it raises. An overlay over shared-memfd RAM is laid in place instead
+(the overlay's page mapped over the RAM page's host address): no slot changes, so no vCPU
+needs to stop for it. Only the VM owner changes the map (see Machine.change_memory), which
+pauses the vCPUs first when slots change.
 """
 
 from __future__ import annotations
 
 import bisect
-import mmap
-import os
-import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
-from xend_lite.errors import GuestMemoryError, InvalidArgument, NotFound
-from xend_lite.machine.native import buffer_address, map_shared_fixed, punch_hole
-
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
-INVALID_GPA = (1 << 64) - 1
-# Low RAM ends here; RAM beyond it continues at 4 GiB (the hole holds the TSS and the
-# identity-map page KVM needs, and is where a PC keeps its MMIO).
-LOW_RAM_TOP = 0xC000_0000
-HIGH_RAM_BASE = 0x1_0000_0000
-
-
-_thread = threading.local()
-
-
-def mark_vcpu_thread() -> None:
-    """Called by each vCPU thread: its guest-memory accesses never race a RAM swap (a swap
-    waits until every vCPU is parked), so they take no lock and never wait for one."""
-    _thread.vcpu = True
-
-
-def on_vcpu_thread() -> bool:
-    return getattr(_thread, "vcpu", False)
-
-
-class Backing:
-    """Page-aligned host memory that can back guest-physical pages.
-
-    ``anonymous`` memory is a memfd mapped MAP_SHARED (so untouched pages stay holes and a
-    snapshot can find the data cheaply); ``from_file`` maps a file MAP_PRIVATE, so a restored
-    guest never writes into its snapshot.
-    """
-
-    def __init__(self, name: str, fd: int, size: int, offset: int = 0, private: bool = False,
-                 owns_fd: bool = True):
-        if size <= 0 or size % PAGE_SIZE or offset % mmap.PAGESIZE:
-            raise InvalidArgument(f"backing {name}: size and offset must be page multiples")
-        self.name = name
-        self.fd = fd
-        self.size = size
-        self.offset = offset
-        self.private = private
-        self._owns_fd = owns_fd
-        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
-        self.map = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-        self.view = memoryview(self.map)
-        self.addr = buffer_address(self.map)
-
-    @classmethod
-    def anonymous(cls, name: str, size: int) -> Backing:
-        fd = os.memfd_create(f"xend-lite:{name}", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            return cls(name, fd, size)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    @classmethod
-    def from_file(cls, name: str, fd: int, offset: int, size: int) -> Backing:
-        return cls(name, fd, size, offset=offset, private=True, owns_fd=False)
-
-    def zero(self, offset: int = 0, length: int | None = None) -> None:
-        """Zero a range; for memfd backings the pages are released (they read back as zero)."""
-        length = self.size - offset if length is None else length
-        if not self.private:
-            try:
-                fallocate_punch(self.fd, self.offset + offset, length)
-                return
-            except OSError:
-                pass
-        self.view[offset:offset + length] = bytes(length)
-
-    def close(self) -> None:
-        if self.view is not None:
-            self.view.release()
-            self.view = None
-            self.map.close()
-            if self._owns_fd:
-                os.close(self.fd)
-
-
-def fallocate_punch(fd: int, offset: int, length: int) -> None:
-    """Punch a hole (release pages, reads give zeros)."""
-    punch_hole(fd, offset, length)
+from xend_lite.errors import InvalidArgument, NotFound
+from xend_lite.machine.backing import PAGE_SHIFT, PAGE_SIZE, Backing
+from xend_lite.machine.native import map_shared_fixed
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +61,12 @@ class MemoryMap:
     """The flat view and the KVM slots it implies."""
 
     def __init__(self, sink: SlotSink, ram: list[RamRegion], phys_bits: int = 39,
-                 reserved: list[tuple[int, int, str]] | None = None, remap_overlays: bool = False):
+                 reserved: list[tuple[int, int, str]] | None = None, remap_overlays: bool = False,
+                 before_slot_change: Callable[[], None] | None = None):
         self._sink = sink
+        # called once per change, right before the first slot is touched (the machine makes
+        # sure no vCPU is in the guest then); a change laid in place never calls it
+        self._before_slot_change = before_slot_change or (lambda: None)
         # An overlay over shared-memfd RAM can be mapped in place (MAP_FIXED over the RAM
         # page's host address) instead of splitting KVM slots around it: ~10x cheaper, and
         # the RAM beneath stays untouched in its memfd. Elsewhere (holes, private RAM) the
@@ -160,12 +81,9 @@ class MemoryMap:
         self._slots: dict[tuple[int, int, int], int] = {}  # (gpa, size, host_addr) -> slot
         self._free_slots: list[int] = []
         self._next_slot = 0
-        self._lock = threading.Lock()
-        # Held by other threads while they touch guest memory, and by whoever replaces the
-        # RAM backing (restore, moving RAM off a snapshot) or reads it in bulk (a save).
-        self.access_lock = threading.RLock()
-        self.segments: tuple[Segment, ...] = ()
-        self._starts: list[int] = []
+        # (start addresses, segments), swapped as one value so a reader on another thread
+        # never pairs one view's starts with another's segments
+        self._view: tuple[list[int], tuple[Segment, ...]] = ([], ())
         self.generation = 0
         self.apply()
 
@@ -369,37 +287,43 @@ class MemoryMap:
 
     def apply(self) -> None:
         """Make KVM's slots match the view, changing only what differs."""
-        with self._lock:
-            segs = self._compute()
-            slot_segs = self._compute(for_slots=True) if self.remap_overlays else segs
-            want = {(s.gpa, s.size, s.host_addr): s for s in slot_segs}
-            removed = [k for k in self._slots if k not in want]
-            added = [k for k in want if k not in self._slots]
-            done_remove: list[tuple[tuple[int, int, int], int]] = []
-            done_add: list[tuple[int, int, int]] = []
-            try:
-                for key in removed:
-                    slot = self._slots[key]
-                    self._sink.set_user_memory_region(slot, key[0], 0, key[2])
-                    done_remove.append((key, slot))
-                    del self._slots[key]
+        segs, removed, added = self._slot_diff()
+        if removed or added:
+            self._before_slot_change()
+            # the wait may have served another change of the map: take the diff again
+            segs, removed, added = self._slot_diff()
+        done_remove: list[tuple[tuple[int, int, int], int]] = []
+        done_add: list[tuple[int, int, int]] = []
+        try:
+            for key in removed:
+                slot = self._slots[key]
+                self._sink.set_user_memory_region(slot, key[0], 0, key[2])
+                done_remove.append((key, slot))
+                del self._slots[key]
+                self._free_slots.append(slot)
+            for key in added:
+                slot = self._take_slot()
+                try:
+                    self._sink.set_user_memory_region(slot, key[0], key[1], key[2])
+                except BaseException:
                     self._free_slots.append(slot)
-                for key in added:
-                    slot = self._take_slot()
-                    try:
-                        self._sink.set_user_memory_region(slot, key[0], key[1], key[2])
-                    except BaseException:
-                        self._free_slots.append(slot)
-                        raise
-                    self._slots[key] = slot
-                    done_add.append(key)
-                self._apply_remaps()
-            except BaseException:
-                self._rollback(done_remove, done_add)
-                raise
-            self.segments = tuple(segs)
-            self._starts = [s.gpa for s in segs]
-            self.generation += 1
+                    raise
+                self._slots[key] = slot
+                done_add.append(key)
+            self._apply_remaps()
+        except BaseException:
+            self._rollback(done_remove, done_add)
+            raise
+        self._view = ([s.gpa for s in segs], tuple(segs))
+        self.generation += 1
+
+    def _slot_diff(self) -> tuple[list[Segment], list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        """The view's segments, and the slots to remove and add to make KVM match it."""
+        segs = self._compute()
+        slot_segs = self._compute(for_slots=True) if self.remap_overlays else segs
+        want = [(s.gpa, s.size, s.host_addr) for s in slot_segs]
+        wanted = set(want)
+        return segs, [k for k in self._slots if k not in wanted], [k for k in want if k not in self._slots]
 
     def _apply_remaps(self) -> None:
         """Make the in-place overlay mappings match the view: RAM back where an overlay
@@ -455,102 +379,14 @@ class MemoryMap:
 
     # -- lookup --------------------------------------------------------------------------
 
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return self._view[1]
+
     def find(self, gpa: int) -> Segment | None:
-        starts = self._starts
+        starts, segments = self._view
         i = bisect.bisect_right(starts, gpa) - 1
         if i < 0:
             return None
-        s = self.segments[i]
+        s = segments[i]
         return s if gpa < s.end else None
-
-
-class GuestMemory:
-    """Bounds-checked access to guest-physical memory, honouring overlays and holes.
-
-    Every guest address and length is checked: an access that touches an unbacked byte,
-    wraps, or is absurdly long raises GuestMemoryError and changes nothing.
-    """
-
-    MAX_ACCESS = 1 << 30
-
-    def __init__(self, memmap: MemoryMap):
-        self.map = memmap
-
-    def _pieces(self, gpa: int, length: int):
-        if not isinstance(gpa, int) or not isinstance(length, int):
-            raise GuestMemoryError("address and length must be integers", 0, 0)
-        if gpa < 0 or length < 0 or length > self.MAX_ACCESS or gpa + length > (1 << 64):
-            raise GuestMemoryError(f"bad guest access {gpa:#x}+{length:#x}", gpa, length)
-        pieces = []
-        pos, end = gpa, gpa + length
-        while pos < end:
-            seg = self.map.find(pos)
-            if seg is None:
-                raise GuestMemoryError(f"guest-physical {pos:#x} is not backed", gpa, length)
-            n = min(end, seg.end) - pos
-            off = seg.offset + pos - seg.gpa
-            pieces.append((seg.backing, off, n))
-            pos += n
-        return pieces
-
-    def read(self, gpa: int, length: int) -> bytes:
-        if not on_vcpu_thread():
-            with self.map.access_lock:
-                return self._read(gpa, length)
-        return self._read(gpa, length)
-
-    def _read(self, gpa: int, length: int) -> bytes:
-        fast = isinstance(gpa, int) and isinstance(length, int) and 0 < length <= self.MAX_ACCESS
-        seg = self.map.find(gpa) if fast else None
-        if seg is not None and gpa + length <= seg.end:
-            off = seg.offset + gpa - seg.gpa
-            return seg.backing.map[off:off + length]
-        out = bytearray()
-        for backing, off, n in self._pieces(gpa, length):
-            out += backing.view[off:off + n]
-        return bytes(out)
-
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        if not on_vcpu_thread():
-            with self.map.access_lock:
-                return self._write(gpa, data)
-        return self._write(gpa, data)
-
-    def _write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        length = len(data)
-        pieces = self._pieces(gpa, length)  # all checked before anything is written
-        pos = 0
-        for backing, off, n in pieces:
-            backing.view[off:off + n] = data[pos:pos + n]
-            pos += n
-
-    def read_u8(self, gpa: int) -> int:
-        return self.read(gpa, 1)[0]
-
-    def read_u16(self, gpa: int) -> int:
-        return int.from_bytes(self.read(gpa, 2), "little")
-
-    def read_u32(self, gpa: int) -> int:
-        return int.from_bytes(self.read(gpa, 4), "little")
-
-    def read_u64(self, gpa: int) -> int:
-        return int.from_bytes(self.read(gpa, 8), "little")
-
-    def write_u8(self, gpa: int, v: int) -> None:
-        self.write(gpa, (v & 0xFF).to_bytes(1, "little"))
-
-    def write_u16(self, gpa: int, v: int) -> None:
-        self.write(gpa, (v & 0xFFFF).to_bytes(2, "little"))
-
-    def write_u32(self, gpa: int, v: int) -> None:
-        self.write(gpa, (v & 0xFFFFFFFF).to_bytes(4, "little"))
-
-    def write_u64(self, gpa: int, v: int) -> None:
-        self.write(gpa, (v & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little"))
-
-    def is_backed(self, gpa: int, length: int = 1) -> bool:
-        try:
-            self._pieces(gpa, length)
-        except GuestMemoryError:
-            return False
-        return True

@@ -1,0 +1,126 @@
+"""HVM params, the event-channel upcall (how a pending event interrupts a vCPU), and hvm_op.
+
+The upcall is the vector a vCPU registered with HVMOP_set_evtchn_upcall_vector, else the one
+HVM_PARAM_CALLBACK_IRQ names (a vector, or a GSI for vCPU 0), delivered through the in-kernel
+local APIC as an MSI or through the IOAPIC.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from xend_lite.kvm import KvmError
+from xend_lite.xen.errors import XenError, inval
+from xend_lite.xen.xenabi import X
+
+if TYPE_CHECKING:
+    from xend_lite.kvm import Vm
+    from xend_lite.xen.hypercall import Call
+    from xend_lite.xen.overlay import OverlayDevice
+    from xend_lite.xen.timekeeping import Clock
+
+log = logging.getLogger("xend_lite.xen")
+
+U32 = (1 << 32) - 1
+# HVM params a guest may read / set on itself (the rest are the toolstack's: -EPERM).
+# Numbers without a name in our compiled headers: PAE_ENABLED 4, VM86_TSS 15,
+# ACPI_IOPORTS_LOCATION 19, BUFIOREQ_EVTCHN 26, VM_GENERATION_ID_ADDR 34, ALTP2M 35,
+# X87_FIP_WIDTH 36, VM86_TSS_SIZED 37.
+GUEST_READABLE = {X.HVM_PARAM_CALLBACK_IRQ, X.HVM_PARAM_STORE_PFN, X.HVM_PARAM_STORE_EVTCHN,
+                  X.HVM_PARAM_CONSOLE_PFN, X.HVM_PARAM_CONSOLE_EVTCHN, 4, X.HVM_PARAM_IOREQ_PFN,
+                  X.HVM_PARAM_BUFIOREQ_PFN, 26, 35, 36}
+GUEST_WRITABLE = {X.HVM_PARAM_CALLBACK_IRQ, 15, 37, 19, 34, X.HVM_PARAM_STORE_EVTCHN,
+                  X.HVM_PARAM_CONSOLE_EVTCHN, 36}
+MIN_VECTOR = 0x10
+IOAPIC_PINS = 24
+MSI_BASE = 0xFEE00000
+
+
+def self_domain(domid: int, own: int) -> None:
+    """Xen's rcu_lock_domain_by_any_id plus the XSM check for an unprivileged caller."""
+    if domid in (X.DOMID_SELF, own):
+        return
+    if domid == 0:
+        raise XenError(X.XEN_EPERM, "not allowed on domain 0")
+    raise XenError(X.XEN_ESRCH, f"no domain {domid}")
+
+
+class Upcalls:
+    def __init__(self, vm: Vm, params: dict[int, int]):
+        self.vm = vm
+        self.params = params                       # the domain's HVM params (shared dict)
+        self.vectors: dict[int, int] = {}          # vcpu -> vector (HVMOP_set_evtchn_upcall_vector)
+
+    def inject(self, vcpu: int) -> None:
+        vector = self.vectors.get(vcpu)
+        via = self.params.get(X.HVM_PARAM_CALLBACK_IRQ, 0)
+        kind = via >> 56
+        try:
+            if vector is None and kind == X.HVM_PARAM_CALLBACK_TYPE_VECTOR:
+                vector = via & 0xFF
+            if vector is not None and vector >= MIN_VECTOR:
+                self.vm.signal_msi(MSI_BASE | (vcpu & 0xFF) << 12, vector)
+            elif kind == X.HVM_PARAM_CALLBACK_TYPE_GSI and vcpu == 0 and 0 < (via & U32) < IOAPIC_PINS:
+                gsi = via & U32
+                self.vm.irq_line(gsi, 1)
+                self.vm.irq_line(gsi, 0)
+        except KvmError as exc:
+            log.warning("upcall to vcpu%d failed: %s", vcpu, exc)
+
+
+class HvmOps:
+    """hvm_op: params, the upcall vector, time, TLB flushes."""
+
+    def __init__(self, domid: int, nr_vcpus: int, params: dict[int, int], upcalls: Upcalls,
+                 overlay: OverlayDevice, clock: Clock):
+        self.domid = domid
+        self.nr_vcpus = nr_vcpus
+        self.params = params
+        self.upcalls = upcalls
+        self.overlay = overlay
+        self.clock = clock
+
+    def hvm_op(self, c: Call, op: int, arg: int) -> int:
+        if op in (X.HVMOP_set_param, X.HVMOP_get_param):
+            return self._param(c, op, arg)
+        if op == X.HVMOP_set_evtchn_upcall_vector:
+            u = c.read("xen_hvm_evtchn_upcall_vector", arg)
+            if u["vector"] < MIN_VECTOR:
+                raise inval("vector below 0x10")
+            if u["vcpu"] >= self.nr_vcpus:
+                raise XenError(X.XEN_ENOENT, "no such vcpu")
+            self.upcalls.vectors[u["vcpu"]] = u["vector"]
+            return 0
+        if op == X.HVMOP_get_time:
+            c.view.write_uint(arg, 8, self.clock.now())
+            return 0
+        if op == X.HVMOP_flush_tlbs:
+            if arg:
+                raise inval("flush_tlbs takes no argument")
+            return 0
+        if op == X.HVMOP_pagetable_dying:
+            raise XenError(X.XEN_ENOSYS, "shadow paging hint not used")
+        raise XenError(X.XEN_ENOSYS, "unknown hvm_op")
+
+    def _param(self, c: Call, op: int, arg: int) -> int:
+        lay = c.lay("xen_hvm_param")
+        p = c.view.read_struct(lay, arg)
+        index = p["index"]
+        if index >= X.HVM_NR_PARAMS:
+            raise inval("no such HVM param")
+        self_domain(p["domid"], self.domid)
+        if op == X.HVMOP_get_param:
+            if index not in GUEST_READABLE:
+                raise XenError(X.XEN_EPERM, "param is the toolstack's")
+            c.view.write_fields(lay, arg, {"value": self.params.get(index, 0)})
+            return 0
+        if index not in GUEST_WRITABLE:
+            raise XenError(X.XEN_EPERM, "param is the toolstack's")
+        value = p["value"]
+        if index == X.HVM_PARAM_CALLBACK_IRQ:
+            if value >> 56 > X.HVM_PARAM_CALLBACK_TYPE_VECTOR:
+                raise inval("unknown callback type")
+            self.overlay.long_mode = c.vcpu.in_long_mode()
+        self.params[index] = value
+        return 0

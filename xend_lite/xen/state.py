@@ -1,0 +1,39 @@
+"""The Xen side's saved state (everything but the overlay pages, which overlay.py saves, and
+the xenstore, which xenstore/state.py saves)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from xend_lite.snapshot.state import State
+
+
+@dataclass
+class XenState(State):
+    NAME = "xen"
+    VERSION = 3
+    MIN_VERSION = 1
+    hypercall_page: int = -1
+    params: dict[str, int] = field(default_factory=dict)
+    # ports: port -> [state, vcpu, virq, remote domain, remote port]; daemon_ports: the
+    # daemon side's port -> the guest port bound to it, or -1
+    evtchn: dict[str, Any] = field(default_factory=dict)
+    upcall_vectors: dict[str, int] = field(default_factory=dict)
+    vcpu_info: dict[str, int] = field(default_factory=dict)
+    timers: dict[str, int] = field(default_factory=dict)
+    system_time: int = 0
+    shutdown_code: int = -1
+    counters: dict[str, list[int]] = field(default_factory=dict)
+    console: bytes = b""
+    # per vCPU: [period, next expiry] of its periodic timer, in ns of Xen system time
+    periodic: dict[str, list[int]] = field(default_factory=dict)
+    grant_frames_in_use: int = 1
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
+        if version < 2:              # saved before periodic timers existed
+            fields = fields | {"periodic": {}}
+        if version < 3:              # saved before the grant table's size was kept
+            fields = fields | {"grant_frames_in_use": 1}
+        return fields

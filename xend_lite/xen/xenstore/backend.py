@@ -1,0 +1,68 @@
+"""The xenstore server bound into the domain: served when the guest signals the store's event
+channel and, as a safety net, every ``POLL_EVERY`` seconds on the VM owner; the operator's
+reads and writes come from the owner.
+
+Locking: the server is not thread-safe, so ``_lock`` serialises every call into it (vCPU
+threads for the guest's event, the owner for the poll and the operator). The server calls
+``notify`` with the lock held; notify only raises an event-channel port.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from xend_lite.errors import GuestMemoryError
+from xend_lite.xen.page import Page
+from xend_lite.xen.xenstore.server import XenstoreServer
+from xend_lite.xen.xenstore.state import XenstoreState
+from xend_lite.xen.xenstore.toolstack import DomainInfo
+
+POLL_EVERY = 0.05
+MAX_ROUNDS = 16      # process() calls per serve: each handles a bounded number of requests
+
+
+class XenstoreBackend:
+    def __init__(self, domid: int, page: Page):
+        self._lock = threading.RLock()
+        self.notify: Callable[[], None] = lambda: None     # tells the guest (set when bound)
+        self.server = XenstoreServer(domid, page, lambda: self.notify())
+
+    def serve(self) -> None:
+        with self._lock:
+            for _ in range(MAX_ROUNDS):
+                try:
+                    res = self.server.process()
+                except GuestMemoryError:
+                    return       # the ring's page is not memory now (ballooned out)
+                if not res.again:
+                    return
+
+    def call(self, method: str, *args: Any) -> Any:
+        """An operator call into the server (read, write, mkdir, rm, ls, get/set_perms)."""
+        with self._lock:
+            return getattr(self.server, method)(*args)
+
+    def write_domain_tree(self, info: DomainInfo) -> None:
+        with self._lock:
+            self.server.write_domain_tree(info)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.server.reset()
+
+    def save(self) -> XenstoreState:
+        with self._lock:
+            return self.server.save()
+
+    def prepare_load(self, state: XenstoreState) -> Callable[[], None]:
+        """Check a saved state (SnapshotError if bad); the returned call puts it in place."""
+        from xend_lite.xen.xenstore.state import prepare
+
+        with self._lock:
+            apply = prepare(self.server, state)
+
+        def put() -> None:
+            with self._lock:
+                apply()
+        return put
