@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from xend_lite.errors import InvalidArgument, NotFound, SnapshotError, StateError
+from xend_lite.machine.owner import VmOwner
 
 INVALID_GPA = (1 << 64) - 1
 PAGES = ("shared_info", "grant0", "grant1")
@@ -53,6 +54,7 @@ class FakeDomain:
         self.slow_close = float(os.environ.get("FAKE_DOMAIN_CLOSE_SECONDS", "0"))
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
+        self.owner = VmOwner()         # the real owner: the daemon submits its commands here
         FakeDomain.instances.append(self)
 
     def _call(self, name: str) -> None:
@@ -118,6 +120,7 @@ class FakeDomain:
 
     def close(self) -> None:
         self._call("close")
+        self.owner.close()
         if self.slow_close:
             time.sleep(self.slow_close)  # vCPUs that take their time to stop
         if self._timer is not None:

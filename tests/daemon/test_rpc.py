@@ -8,7 +8,7 @@ import json
 import pytest
 
 from xend_lite.cli.ctl import RpcError
-from xend_lite.daemon import rpc
+from xend_lite.daemon import params, rpc
 from xend_lite.errors import (ConfigError, GuestMemoryError, InternalError, InvalidArgument, LoaderError,
                               NotFound, NotSupported, SnapshotError, StateError, XendLiteError)
 
@@ -67,7 +67,7 @@ async def test_overlay_map_and_unmap(daemon):
     # address 0 is an address, not "none"
     assert (await call(daemon, "xen-overlay-map", {"page": "grant0", "gpa": 0}))["gpa"] == 0
     assert (await call(daemon, "xen-overlay-unmap", {"page": "shared_info"}))["gpa"] is None
-    r = await call(daemon, "xen-overlay-map", {"page": "grant0", "gpa": rpc.U64_MAX})
+    r = await call(daemon, "xen-overlay-map", {"page": "grant0", "gpa": params.U64_MAX})
     assert r["gpa"] is None
 
 
@@ -293,12 +293,12 @@ def test_error_codes_are_distinct():
 
 
 def test_bind_params_unit():
-    params = (rpc.Param("a", rpc.u64), rpc.opt("b", rpc.boolean, False))
-    assert rpc.bind_params(params, (), {"a": 3}) == {"a": 3, "b": False}
-    with pytest.raises(rpc.ParamError, match="missing parameter 'a'"):
-        rpc.bind_params(params, (), {})
-    with pytest.raises(rpc.ParamError, match="unknown parameter 'c'"):
-        rpc.bind_params(params, (), {"a": 1, "c": 2})
+    want = (params.Param("a", params.u64), params.opt("b", params.boolean, False))
+    assert params.bind_params(want, (), {"a": 3}) == {"a": 3, "b": False}
+    with pytest.raises(params.ParamError, match="missing parameter 'a'"):
+        params.bind_params(want, (), {})
+    with pytest.raises(params.ParamError, match="unknown parameter 'c'"):
+        params.bind_params(want, (), {"a": 1, "c": 2})
 
 
 from hypothesis import given, settings  # noqa: E402

@@ -1,11 +1,11 @@
-"""The controller: the one thread that owns the VM, its command queue, and the run-state
-machine.
+"""The controller: the run-state machine, and the bridge from the event loop to the VM owner.
 
-The event loop never touches the Domain. It calls the controller's async methods (the upper
-half), which refuse at once when the run state does not allow the command, then queue one
-command for the VM-owner thread and await its one reply (a concurrent.futures.Future wrapped
-for asyncio). The command (the bottom half, the ``_``-prefixed methods) checks the state
-again where it runs, calls the Domain and moves the state machine.
+The event loop never touches the VM. It calls the controller's async methods (the upper
+half), which refuse at once when the run state does not allow the command, then submit one
+command to the VM's owner thread (machine/owner.py) and await its one reply (a
+concurrent.futures.Future wrapped for asyncio). The command (the bottom half, the
+``_``-prefixed methods) checks the state again where it runs, calls the VM (vmm.api.VmApi)
+and moves the state machine. Building and closing the VM run on a worker thread.
 
 Events from the Domain arrive on vCPU threads (or on the owner thread); they are stamped
 where they happen and handed to the loop with ``call_soon_threadsafe``, in order. A guest
@@ -15,10 +15,8 @@ shutdown also moves the state and asks the loop to apply the poweroff/reboot pol
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -26,12 +24,13 @@ from typing import Any, Callable
 
 from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
 from xend_lite.daemon.snapdir import SnapshotDir
-from xend_lite.errors import InvalidArgument, XendLiteError
+from xend_lite.errors import InvalidArgument, StateError
+from xend_lite.vmm.api import VmApi, VmFactory
 
 log = logging.getLogger("xend_lite.controller")
 
 R = RunState
-DomainFactory = Callable[[Any, Callable[[str, dict], None]], Any]
+DomainFactory = VmFactory
 
 # The Domain's read-only methods the control plane may call.
 QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_hypercalls",
@@ -74,14 +73,11 @@ class Controller:
         self._on_guest_stop = on_guest_stop or (lambda _s: None)
         self._on_state = on_state or (lambda _s: None)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()     # the run state, set on the owner and the loop
         self._state = R.CREATED
         self.transitions: list[tuple[RunState, RunState]] = []
-        self.domain: Any = None
+        self.domain: VmApi | None = None
         self._closing = False
-        self.busy: str | None = None
 
     # -- state ---------------------------------------------------------------------------
 
@@ -105,48 +101,25 @@ class Controller:
         self._set_state(RunState.from_domain(self.domain.run_state()))
         return self._state
 
-    # -- the owner thread ----------------------------------------------------------------
+    # -- the VM owner ---------------------------------------------------------------------
 
-    def start_thread(self) -> None:
+    def attach_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._serve, name="vm-owner", daemon=True)
-        self._thread.start()
 
-    def _serve(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fn, args, fut = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            self.busy = getattr(fn, "action", fn.__name__)
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-                fut.set_exception(exc)
-            finally:
-                self.busy = None
+    @property
+    def busy(self) -> str | None:
+        """What the VM owner is doing now, for diagnostics."""
+        return None if self.domain is None else self.domain.owner.busy
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Queue one command for the owner thread and await its reply. Refuses up front
-        when the command's allowed states exclude the current one."""
+        """Submit one command to the VM owner and await its reply. Refuses up front when
+        the command's allowed states exclude the current one."""
         allowed = getattr(fn, "allowed_states", None)
         if allowed is not None:
             check_state(self._state, allowed, fn.action)
-        if self._thread is None or not self._thread.is_alive():
-            raise XendLiteError("the VM owner is not running")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((fn, args, fut))
-        return await asyncio.wrap_future(fut)
-
-    async def stop_thread(self, timeout: float = 10.0) -> None:
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
-        if self._thread.is_alive():
-            log.error("the VM owner thread did not stop within %.0f s", timeout)
+        if self.domain is None or not self.domain.owner.alive:
+            raise StateError("the VM is not running: it was not built or is closed", self._state.value)
+        return await asyncio.wrap_future(self.domain.owner.submit(fn, *args))
 
     # -- reaching the loop from any thread -----------------------------------------------
 
@@ -181,7 +154,11 @@ class Controller:
     # -- upper half: called on the event loop -------------------------------------------
 
     async def build(self) -> None:
-        await self._call(self._build)
+        """Build the VM on a worker thread (the loop never blocks)."""
+        check_state(self._state, (R.CREATED,), "build")
+        if self.domain is None:
+            self.attach_loop()
+            self.domain = await asyncio.to_thread(self._factory, self._spec, self._domain_event)
 
     async def restore_at_start(self, path: str) -> dict:
         """Load ``path`` before boot: the operator's --restore path as it is, or a
@@ -219,22 +196,16 @@ class Controller:
         return await self._call(self._snapshot_describe, self.snapshots.for_load(path))
 
     async def close(self) -> None:
-        """Stop the vCPUs and release the VM (console flushed); the owner thread ends."""
+        """Stop the vCPUs and release the VM (console flushed); its owner thread ends."""
         self._closing = True
-        if self._thread is not None and self._thread.is_alive():
+        if self.domain is not None:
             try:
-                await self._call(self._close)
+                await asyncio.to_thread(self.domain.close)
             except Exception:  # noqa: BLE001 - closing goes on whatever failed
                 log.exception("closing the VM failed")
-        await self.stop_thread()
+        self._set_state(R.SHUTDOWN)
 
     # -- bottom half: runs on the VM owner thread ----------------------------------------
-
-    @requires(R.CREATED)
-    def _build(self) -> None:
-        if self.domain is not None:
-            return
-        self.domain = self._factory(self._spec, self._domain_event)
 
     @requires(R.CREATED)
     def _restore_at_start(self, path: str) -> dict:
@@ -278,7 +249,7 @@ class Controller:
 
     @property
     def owner_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.domain is not None and self.domain.owner.alive
 
     @requires(R.RUNNING, R.PAUSED)
     def _overlay_map(self, page: str, gpa: int, force: bool) -> Any:
@@ -351,11 +322,6 @@ class Controller:
     @requires(*ALL_STATES)
     def _snapshot_describe(self, path: str) -> dict:
         return type(self.domain).snapshot_describe(path)
-
-    def _close(self) -> None:
-        if self.domain is not None:
-            self.domain.close()
-        self._set_state(R.SHUTDOWN)
 
 
 def _file_size(path: str, info: Any) -> int:

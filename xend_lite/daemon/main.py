@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None 
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.version:
-        from xend_lite.daemon.rpc import xend_lite_version
+        from xend_lite.daemon.methods import xend_lite_version
 
         print(f"xend-lite {xend_lite_version()}")
         return ExitCode.OK

@@ -25,6 +25,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from xend_lite.daemon.config import TcpAddress
 from xend_lite.daemon.connections import BACKLOG, hold, on_response_prepare
 from xend_lite.daemon.events import EventBus
+from xend_lite.daemon.methods import METHODS
 from xend_lite.daemon.rpc import INVALID_REQUEST, MAX_BODY, Dispatcher, RpcContext, error_reply
 from xend_lite.daemon.tokens import token_matches
 
@@ -198,15 +199,6 @@ async def bearer_auth(request: web.Request, handler):
     return await handler(request)
 
 
-# How much a connection's socket transport reads at a time (asyncio's default is 256 KiB). Each
-# read gets a fresh buffer of this size, shrunk to what arrived and freed with the request.
-# Above glibc's mmap threshold (128 KiB until a larger block happens to be freed) that buffer
-# is mapped, remapped and unmapped on every request: three system calls and a page fault, and
-# the unmap interrupts the CPU running the vCPU thread to flush its TLB. That was about half of
-# a control request's time. 64 KiB buffers come from the heap; a 1 MiB body takes 16 reads.
-READ_SIZE = 64 * 1024
-
-
 def rpc_handler_for(dispatcher: Dispatcher, controller: Any, daemon: Any,
                     token: str | None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """POST /rpc. With a token the app's middleware checks TCP clients; without one no TCP
@@ -215,9 +207,6 @@ def rpc_handler_for(dispatcher: Dispatcher, controller: Any, daemon: Any,
     check_tcp = token is None
 
     async def rpc_handler(request: web.Request) -> web.StreamResponse:
-        transport = request.transport
-        if getattr(transport, "max_size", 0) > READ_SIZE:
-            transport.max_size = READ_SIZE  # type: ignore[union-attr]
         if check_tcp and _is_tcp(request):
             return _refusal(request, None)  # type: ignore[return-value]
         length = request.content_length
@@ -305,7 +294,7 @@ def make_app(controller: Any, events: EventBus, daemon: Any = None, token: str |
     # a middleware costs every request a few microseconds, Unix-socket ones too.
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[bearer_auth] if token is not None else [])
-    dispatcher = Dispatcher()
+    dispatcher = Dispatcher(METHODS)
     app[DISPATCHER] = dispatcher
     app[EVENTS] = events
     app[CONTROLLER] = controller

@@ -13,6 +13,7 @@ CDEF = r"""
 int xl_map_shared_fixed(uintptr_t addr, size_t length, int fd, int64_t offset);
 int64_t xl_written_runs(uintptr_t addr, uint64_t pages, uint64_t *runs, uint64_t max_runs);
 int xl_punch_hole(int fd, int64_t offset, int64_t length);
+int xl_mmap_threshold(int bytes);
 int64_t xl_lz4_legacy(const uint8_t *in, size_t n, uint8_t *out, size_t cap, uint64_t *trailer,
                       uint64_t *err_at);
 """
@@ -25,6 +26,7 @@ SOURCE = r"""
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
+#include <malloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -79,6 +81,11 @@ static int64_t xl_written_runs(uintptr_t addr, uint64_t pages, uint64_t *runs, u
     }
     close(fd);
     return n;
+}
+
+/* glibc's threshold above which an allocation gets a mapping of its own (mallopt). */
+static int xl_mmap_threshold(int bytes) {
+    return mallopt(M_MMAP_THRESHOLD, bytes);
 }
 
 /* Release the pages of [offset, offset + length) of fd (they read back as zeros). */

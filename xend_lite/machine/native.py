@@ -10,7 +10,7 @@ import os
 from xend_lite.machine._machine import ffi as _ffi
 from xend_lite.machine._machine import lib as _lib
 
-__all__ = ["DecompressError", "buffer_address", "lz4_legacy_decompress", "map_shared_fixed",
+__all__ = ["DecompressError", "buffer_address", "lz4_legacy_decompress", "map_shared_fixed", "set_mmap_threshold",
            "punch_hole", "written_runs"]
 
 _E2BIG = 7
@@ -35,6 +35,12 @@ def buffer_address(buf) -> int:
 def map_shared_fixed(addr: int, length: int, fd: int, offset: int) -> None:
     """Map ``fd`` at ``offset`` over the host pages at ``addr`` (MAP_SHARED | MAP_FIXED)."""
     _check(_lib.xl_map_shared_fixed(addr, length, fd, offset))
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Allocations of at least ``nbytes`` get a mapping of their own; smaller ones come from
+    the heap (glibc's M_MMAP_THRESHOLD, which otherwise moves with what was freed)."""
+    return bool(_lib.xl_mmap_threshold(nbytes))
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

@@ -23,6 +23,7 @@ from xend_lite.machine.console import ConsoleSink
 from xend_lite.machine.kernel import unpack_kernel
 from xend_lite.machine.loader import BootInfo, load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
+from xend_lite.machine.owner import VmOwner
 from xend_lite.vmm.spec import DomainSpec, read_image
 from xend_lite.xen.hypercall_patch import patch_xen_hypercalls
 from xend_lite.xen.overlay import OverlayDevice
@@ -85,6 +86,10 @@ class Domain:
                     self._patch_logged = True
                 image = patched.image
         return load_image(self.machine, image, self.spec.cmdline, initrd=self.initrd)
+
+    @property
+    def owner(self) -> VmOwner:
+        return self.machine.owner
 
     @property
     def overlay(self) -> OverlayDevice | None:

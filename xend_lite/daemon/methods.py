@@ -1,0 +1,129 @@
+"""The control plane's methods, by QMP's names. Each only names its parameters and asks the
+controller; the controller runs the work on the VM owner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import xend_lite
+from xend_lite.daemon.params import Param, boolean, int_range, opt, string, u64
+from xend_lite.daemon.rpc import METHODS, RpcContext, method
+
+__all__ = ["METHODS", "xend_lite_version"]
+
+
+@method("query-version")
+async def query_version(ctx: RpcContext) -> dict:
+    """The daemon's version and the Xen version the guest sees."""
+    parts = [int(p) if p.isdigit() else 0 for p in (xend_lite_version().split(".") + ["0", "0"])[:3]]
+    spec = getattr(ctx.controller, "_spec", None)
+    return {"xend-lite": {"major": parts[0], "minor": parts[1], "micro": parts[2]},
+            "package": f"xend-lite {xend_lite_version()}",
+            "xen": getattr(spec, "xen_version", None)}
+
+
+def xend_lite_version() -> str:
+    v = getattr(xend_lite, "__version__", None)
+    if v:
+        return str(v)
+    try:
+        from importlib.metadata import version
+
+        return version("xend-lite")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "0.0.0"
+
+
+@method("query-status")
+async def query_status(ctx: RpcContext) -> dict:
+    """The run state, answered from the loop so it is seen even during a save."""
+    state = ctx.controller.state
+    return {"status": state.value, "running": state.value == "running", "singlestep": False}
+
+
+@method("query-capabilities")
+async def query_capabilities(ctx: RpcContext) -> Any:
+    return await ctx.controller.query("query_capabilities")
+
+
+@method("query-vcpus")
+async def query_vcpus(ctx: RpcContext) -> Any:
+    return await ctx.controller.query("query_vcpus")
+
+
+@method("query-memory-map")
+async def query_memory_map(ctx: RpcContext) -> Any:
+    return await ctx.controller.query("query_memory_map")
+
+
+@method("query-console", opt("max_bytes", int_range(0, 1 << 20), 4096))
+async def query_console(ctx: RpcContext, max_bytes: int) -> Any:
+    """The last max_bytes of guest console output (UTF-8, invalid bytes replaced)."""
+    return {"data": await ctx.controller.query("query_console", max_bytes)}
+
+
+@method("query-hypercalls")
+async def query_hypercalls(ctx: RpcContext) -> Any:
+    return await ctx.controller.query("query_hypercalls")
+
+
+@method("stop")
+async def stop(ctx: RpcContext) -> None:
+    await ctx.controller.stop()
+
+
+@method("cont")
+async def cont(ctx: RpcContext) -> None:
+    await ctx.controller.cont()
+
+
+@method("system_reset")
+async def system_reset(ctx: RpcContext) -> None:
+    await ctx.controller.system_reset()
+
+
+@method("quit")
+async def quit_(ctx: RpcContext) -> None:
+    """Stop the daemon (exit status 0) once this reply has been sent."""
+    if ctx.daemon is not None:
+        ctx.after_reply.append(lambda: ctx.daemon.request_exit(0, "quit requested over RPC"))
+
+
+@method("query-xen-overlay")
+async def query_xen_overlay(ctx: RpcContext) -> Any:
+    return await ctx.controller.query("query_xen_overlay")
+
+
+@method("xen-overlay-map", Param("page", string), Param("gpa", u64), opt("force", boolean, False))
+async def xen_overlay_map(ctx: RpcContext, page: str, gpa: int, force: bool) -> Any:
+    """Map or move a page; one the guest mapped itself needs force=true (it is not told)."""
+    return await ctx.controller.overlay_map(page, gpa, force)
+
+
+@method("xen-overlay-unmap", Param("page", string), opt("force", boolean, False))
+async def xen_overlay_unmap(ctx: RpcContext, page: str, force: bool) -> Any:
+    return await ctx.controller.overlay_unmap(page, force)
+
+
+@method("snapshot-save", Param("path", string), opt("paused", boolean, False))
+async def snapshot_save(ctx: RpcContext, path: str, paused: bool) -> Any:
+    """Pause, save, and resume unless paused=true (or it was paused already)."""
+    return await ctx.controller.snapshot_save(path, paused)
+
+
+@method("snapshot-load", Param("path", string), opt("verify", boolean, True))
+async def snapshot_load(ctx: RpcContext, path: str, verify: bool) -> Any:
+    """Load a snapshot; verify=false skips the guest-memory checksums (the fastest restore)."""
+    return await ctx.controller.snapshot_load(path, verify)
+
+
+@method("query-snapshot", Param("path", string))
+async def query_snapshot(ctx: RpcContext, path: str) -> Any:
+    return await ctx.controller.snapshot_describe(path)
+
+
+@method("query-commands")
+async def query_commands(ctx: RpcContext) -> list[dict]:
+    """Every method with its parameters (QMP has the same)."""
+    return [{"name": m.name, "params": [{"name": p.name, "required": p.required} for p in m.params]}
+            for m in sorted(METHODS.values(), key=lambda m: m.name)]
