@@ -283,9 +283,9 @@ def test_verify_memory_finds_corrupt_memory(tmp_path):
 def test_verify_memory_reports_the_first_bad_chunk_whichever_thread_finds_it(tmp_path):
     """Chunks with data are checked on several threads: with two bad chunks, the one first
     in the file is reported, every time."""
-    from xend_lite.snapshot import reader
+    from xend_lite.snapshot import verify
 
-    n = 4 * reader.VERIFY_THREADS                    # enough chunks to be shared out
+    n = 4 * verify.VERIFY_THREADS                    # enough chunks to be shared out
     size = n * MiB
     fd = memfd(size)
     try:
@@ -439,7 +439,7 @@ def test_data_chunks_walk_finds_exactly_the_chunks_with_data(tmp_path, seed):
     """Memory verification reads only the chunks the data-extent walk finds."""
     import random
 
-    from xend_lite.snapshot.reader import _data_chunks
+    from xend_lite.snapshot.verify import _data_chunks
 
     rng = random.Random(seed)
     chunk, chunks, start = 16 * PAGE, 64, 3 * PAGE       # a region that starts mid-file

@@ -346,7 +346,7 @@ class Daemon:
         # files replaced by this run's saves are freed in the background: finish that here,
         # so no temporary file is left behind in the snapshot directory (a run that never
         # saved never loaded the writer, and has nothing to wait for)
-        writer = sys.modules.get("xend_lite.snapshot.writer")
+        writer = sys.modules.get("xend_lite.snapshot.target")
         if writer is not None and not await asyncio.to_thread(writer.wait_reclaimed, RECLAIM_WAIT):
             log.warning("old snapshot files are still being freed; the next save removes them")
         self.notifier.close()

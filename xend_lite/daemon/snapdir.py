@@ -58,7 +58,7 @@ class SnapshotDir:
     def for_save(self, name: str) -> ConfinedPath:
         """The target of a save, checked now: a name, beneath the directory, in a directory
         that exists, and replacing nothing but a snapshot."""
-        from xend_lite.snapshot.writer import check_target
+        from xend_lite.snapshot.target import check_target
 
         path = self.name(name)
         self.ensure()
@@ -111,7 +111,7 @@ class SnapshotDir:
         if not os.path.isdir(self.path):
             return 0
         self._warn_if_shared()
-        from xend_lite.snapshot.writer import remove_stale_temps
+        from xend_lite.snapshot.target import remove_stale_temps
 
         removed = 0
         try:

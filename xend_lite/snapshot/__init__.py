@@ -38,7 +38,7 @@ _LAZY = {
     "SnapshotHeader": "reader", "describe": "reader", "load_snapshot": "reader",
     "State": "state", "registered_states": "state", "section_name": "state",
     "MemoryRegion": "writer", "SnapshotInfo": "writer", "save_snapshot": "writer",
-    "wait_reclaimed": "writer", "check_target": "writer", "remove_stale_temps": "writer",
+    "wait_reclaimed": "target", "check_target": "target", "remove_stale_temps": "target",
     "ConfinedPath": "confine",
 }
 
