@@ -11,7 +11,8 @@ from tests.xen.xenstore.helpers import Guest, msg, z
 from xend_lite.errors import SnapshotError
 from xend_lite.snapshot.state import decode_state, encode_state, registered_states
 from xend_lite.xen.xenstore.protocol import XsType
-from xend_lite.xen.xenstore.state import NodeData, OutRecord, WatchRecord, XenstoreState
+from xend_lite.xen.xenstore.state import (NodeData, OutRecord, WatchRecord, XenstoreState, capture,
+                                           restore)
 from xend_lite.xen.xenstore.toolstack import DomainInfo
 
 
@@ -43,15 +44,15 @@ def busy_guest() -> Guest:
 def clone(g: Guest) -> Guest:
     """A second server loaded from the first one's state through the codec, on a copy of
     its page (the page is guest memory, saved with RAM)."""
-    state = g.server.save()
+    state = capture(g.server)
     raw = encode_state(state)
     back = decode_state(XenstoreState, "xenstore", XenstoreState.VERSION, raw)
     assert back == state
     h = Guest(g.domid)
     h.page.buf[:] = g.page.buf
     h.next_id, h.rx = g.next_id, bytearray(g.rx)        # the guest's side, as it was
-    h.server.load(back)
-    assert h.server.save() == state
+    restore(h.server, back)
+    assert capture(h.server) == state
     return h
 
 
@@ -74,7 +75,7 @@ def test_save_load_compare_and_carry_on_alike():
         assert x.error(XsType.READ, z("data/t1/x")) == "ENOENT"
         x.server.write("data/z", "1")
     assert sorted(g.take_events()) == sorted(h.take_events())
-    assert g.server.save() == h.server.save()
+    assert capture(g.server) == capture(h.server)
     assert g.page.buf == h.page.buf
 
 
@@ -91,11 +92,11 @@ def test_conflict_detection_survives_a_restore():
 
 def test_empty_store_round_trips():
     g = Guest(3)
-    assert clone(g).server.save() == g.server.save()
+    assert capture(clone(g).server) == capture(g.server)
 
 
 def bad_states():
-    base = busy_guest().server.save()
+    base = capture(busy_guest().server)
 
     def change(fn):
         s = copy.deepcopy(base)
@@ -145,14 +146,14 @@ def bad_states():
                          isinstance(v, str) else "")
 def test_a_bad_state_is_refused_and_changes_nothing(what, state):
     g = busy_guest()
-    before = g.server.save()
+    before = capture(g.server)
     with pytest.raises(SnapshotError):
-        g.server.load(state)
-    assert g.server.save() == before
+        restore(g.server, state)
+    assert capture(g.server) == before
 
 
 def test_fields_are_plain_data():
-    state = busy_guest().server.save()
+    state = capture(busy_guest().server)
     for f in dataclasses.fields(state):
         assert f.name in ("domid", "generation", "nodes", "watches", "transactions", "next_tx",
                           "partial", "out", "out_offset", "events_dropped", "broken")

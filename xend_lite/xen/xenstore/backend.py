@@ -15,7 +15,7 @@ from typing import Any, Callable
 from xend_lite.errors import GuestMemoryError
 from xend_lite.xen.page import Page
 from xend_lite.xen.xenstore.server import XenstoreServer
-from xend_lite.xen.xenstore.state import XenstoreState
+from xend_lite.xen.xenstore.state import XenstoreState, capture, prepare
 from xend_lite.xen.xenstore.toolstack import DomainInfo
 
 POLL_EVERY = 0.05
@@ -53,12 +53,10 @@ class XenstoreBackend:
 
     def save(self) -> XenstoreState:
         with self._lock:
-            return self.server.save()
+            return capture(self.server)
 
     def prepare_load(self, state: XenstoreState) -> Callable[[], None]:
         """Check a saved state (SnapshotError if bad); the returned call puts it in place."""
-        from xend_lite.xen.xenstore.state import prepare
-
         with self._lock:
             apply = prepare(self.server, state)
 

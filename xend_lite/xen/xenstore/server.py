@@ -22,7 +22,6 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from xend_lite.errors import InvalidArgument, XendLiteError
 from xend_lite.xen.page import Page
@@ -53,9 +52,6 @@ from xend_lite.xen.xenstore.ring import (
 from xend_lite.xen.xenstore.store import Edit, Quotas, Store, format_perms, parse_perms
 from xend_lite.xen.xenstore.toolstack import DomainInfo, write_domain_tree
 from xend_lite.xen.xenstore.watches import Connection
-
-if TYPE_CHECKING:
-    from xend_lite.xen.xenstore.state import XenstoreState
 
 __all__ = ["XenstoreServer", "ProcessResult", "Outgoing", "MAX_REQUESTS"]
 
@@ -307,19 +303,6 @@ class XenstoreServer:
     def write_domain_tree(self, info: DomainInfo) -> None:
         """Write what a toolstack writes for this guest (see toolstack.py), atomically."""
         self.run("domain tree", lambda e: write_domain_tree(e, self.domid, info))
-
-    # -- snapshots ----------------------------------------------------------------------
-
-    def save(self) -> XenstoreState:
-        from xend_lite.xen.xenstore.state import capture
-        return capture(self)
-
-    def load(self, state: XenstoreState) -> None:
-        """Replace everything with a saved state; a bad one raises SnapshotError and
-        changes nothing."""
-        from xend_lite.xen.xenstore.state import restore
-        restore(self, state)
-
 
 def _entry(node) -> dict:
     return {"value": escape(node.value), "perms": format_perms(node.perms), "children": {}}
