@@ -25,16 +25,17 @@ from xend_lite.machine.backing import HIGH_RAM_BASE, LOW_RAM_TOP, PAGE_SIZE, Bac
 from xend_lite.machine.console import DEBUG_PORTS, LSR_THR_EMPTY, UART_BASE, UART_LSR, ConsoleSink
 from xend_lite.machine.exitmap import ExitMap, MsrReadHandler, MsrWriteHandler
 from xend_lite.machine.guestmem import GuestMemory
+from xend_lite.machine.halts import HALT_CHECK_EVERY, HaltWatch
 from xend_lite.machine.memmap import MemoryMap, RamRegion
 from xend_lite.machine.msrfilter import msr_filter_ranges
 from xend_lite.machine.owner import VmOwner
+from xend_lite.machine.power import VcpuPowerOn, VmPowerOn
 from xend_lite.machine.vcpu import VcpuRunner, VcpuState
 
 log = logging.getLogger("xend_lite.machine")
 
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
-RFLAGS_IF = 1 << 9
 PAUSE_TIMEOUT = 10.0
 
 
@@ -96,8 +97,8 @@ class Machine:
             for r in self.runners:
                 r.vcpu.set_cpuid2(self.cpuid)
                 r.on_failure = self._runner_failed
-            self._power_on = [self._capture_power_on(r) for r in self.runners]
-            self._vm_power_on = self._capture_vm_state()
+            self._power_on = [VcpuPowerOn.capture(r.vcpu, irqchip) for r in self.runners]
+            self._vm_power_on = VmPowerOn.capture(self.vm) if irqchip else None
         except BaseException:
             if self.owner is not None:
                 self.owner.close()
@@ -112,8 +113,7 @@ class Machine:
         self._done = threading.Event()
         self._shutdown_listeners: list[Callable[[ShutdownStatus], None]] = []
         self._install_console()
-        self._quiet: dict[int, tuple[int, int]] = {}
-        self.owner.every(0.25, self._watch_halts)
+        self.owner.every(HALT_CHECK_EVERY, HaltWatch(self).check)
 
     # -- set-up (before start) -----------------------------------------------------------
 
@@ -160,19 +160,6 @@ class Machine:
 
     # -- power-on state (for reset) ------------------------------------------------------
 
-    def _capture_power_on(self, r: VcpuRunner) -> dict:
-        v = r.vcpu
-        return {"regs": v.get_regs(), "sregs": v.get_sregs(), "fpu": v.get_fpu(),
-                "lapic": v.get_lapic() if self.irqchip else None, "mp": v.get_mp_state(),
-                "events": v.get_vcpu_events(), "xcrs": v.get_xcrs()}
-
-    def _capture_vm_state(self) -> dict:
-        if not self.irqchip:
-            return {}
-        return {"pic0": self.vm.get_irqchip(K.KVM_IRQCHIP_PIC_MASTER),
-                "pic1": self.vm.get_irqchip(K.KVM_IRQCHIP_PIC_SLAVE),
-                "ioapic": self.vm.get_irqchip(K.KVM_IRQCHIP_IOAPIC), "pit": self.vm.get_pit2()}
-
     def reset_hardware(self) -> None:
         """Power-on state for every vCPU and the irqchip, RAM zeroed, overlays and balloon
         undone. With the machine paused (or not started); the caller reloads the image."""
@@ -181,23 +168,10 @@ class Machine:
     def _reset_hardware(self) -> None:
         self._require_still()
         for r, st in zip(self.runners, self._power_on):
-            v = r.vcpu
-            v.discard_dirty_regs()
-            v.set_sregs(st["sregs"])
-            v.set_regs(st["regs"])
-            v.set_fpu(st["fpu"])
-            v.set_xcrs(st["xcrs"])
-            if st["lapic"] is not None:
-                v.set_lapic(st["lapic"])
-            v.set_vcpu_events(st["events"])
-            v.set_mp_state(st["mp"])
-            v.reload_synced()
+            st.apply(r.vcpu)
             r.started = False
-        vs = self._vm_power_on
-        if vs:
-            for key in ("pic0", "pic1", "ioapic"):
-                self.vm.set_irqchip(vs[key])
-            self.vm.set_pit2(vs["pit"])
+        if self._vm_power_on is not None:
+            self._vm_power_on.apply(self.vm)
         self.memmap.clear()
         self.ram.zero()
 
@@ -235,7 +209,7 @@ class Machine:
         for r in self.runners:
             r.start(paused=paused)
         if paused:
-            self._wait_runners(lambda r: r.state in (VcpuState.PAUSED, VcpuState.STOPPED))
+            self.wait_runners(lambda r: r.state in (VcpuState.PAUSED, VcpuState.STOPPED))
         self.state = "paused" if paused else "running"
 
     def pause(self) -> None:
@@ -248,7 +222,7 @@ class Machine:
             return
         for r in self.runners:
             r.request_pause()
-        self._wait_runners(lambda r: r.state in (VcpuState.PAUSED, VcpuState.STOPPED))
+        self.wait_runners(lambda r: r.state in (VcpuState.PAUSED, VcpuState.STOPPED))
         if self.state == "running":
             self.state = "paused"
 
@@ -305,9 +279,9 @@ class Machine:
                 r.request_pause()
                 self._transient.append(r)
         if self._transient:
-            self._wait_runners(lambda r: r.out_of_guest)
+            self.wait_runners(lambda r: r.out_of_guest)
 
-    def _wait_runners(self, ok: Callable[[VcpuRunner], bool], timeout: float = PAUSE_TIMEOUT) -> None:
+    def wait_runners(self, ok: Callable[[VcpuRunner], bool], timeout: float = PAUSE_TIMEOUT) -> None:
         """On the owner: wait until ok(runner) holds for every runner, serving vCPU requests
         meanwhile and kicking the laggards again now and then."""
         owner = self.owner
@@ -406,37 +380,6 @@ class Machine:
             r.vcpu.close()
         self.vm.close()
         self.console.flush()
-
-    # -- halted with interrupts off ------------------------------------------------------
-
-    def _watch_halts(self) -> None:
-        """On the owner, every 0.25 s. With the in-kernel irqchip a HLT never exits: a vCPU
-        that made no exit for a while is paused and looked at; halted with IF clear means
-        the guest is dead."""
-        if self.state != "running" or self._pause_depth:
-            return
-        for r in self.runners:
-            last, quiet = self._quiet.get(r.index, (-1, 0))
-            if r.state != VcpuState.RUNNING or r.exits_total != last:
-                self._quiet[r.index] = (r.exits_total, 0)
-                continue
-            self._quiet[r.index] = (last, quiet + 1)
-            if quiet + 1 >= 2:
-                self._quiet[r.index] = (last, -8)  # look again in a few seconds
-                self._check_halted(r)
-
-    def _check_halted(self, r: VcpuRunner) -> None:
-        r.request_pause()
-        try:
-            self._wait_runners(lambda x: x is not r or x.state in (VcpuState.PAUSED, VcpuState.STOPPED), 2.0)
-            if r.state != VcpuState.PAUSED:
-                return
-            v = r.vcpu
-            if v.get_mp_state() == K.KVM_MP_STATE_HALTED and not v.get_regs().rflags & RFLAGS_IF:
-                self.request_shutdown("halted", 0, f"vcpu{r.index} halted with interrupts disabled")
-        finally:
-            r.release()
-            r.exits_total += 1
 
     # -- introspection -------------------------------------------------------------------
 
