@@ -228,6 +228,7 @@ class XenPlatform:
                                                               c.vcpu))
 
     def _guest_shutdown(self, runner: VcpuRunner, name: str, reason: int) -> None:
+        self.console.flush_output()
         code = self.sched.shutdown_code if self.sched.shutdown_code is not None else 0
         detail = f"vcpu{runner.index}: SCHEDOP_shutdown({name}" + \
                  (f" reason {reason})" if name == "unknown" else ")")
