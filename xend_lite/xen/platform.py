@@ -260,6 +260,7 @@ class XenPlatform:
         self.hypercall_page = None
         self.sched.shutdown_code = None
         self.grants.frames_in_use = 1
+        self.memory.guest_map = None
         self.clock.set_now(0)
         self.time.forget()
         self.hypercalls.reset_counters()
