@@ -107,7 +107,7 @@ def test_bench_guest_carries_the_same_stub_page(guest_image):
 
 def test_cpuid_leaves_replace_kvms():
     kvm = [CpuidEntry(0x40000000, 0, 0, 0x40000001, 1, 2, 3), CpuidEntry(1, 0, 0, 0, 0, 0, 0)]
-    cfg = cpuid.XenCpuidConfig(4, 16, 3, 2_000_000, 42)
+    cfg = cpuid.XenCpuidConfig(4, 16, 3, 2_000_000)
     out = cpuid.build_cpuid(kvm, cfg, vcpu_id=2)
     base = [e for e in out if e.function == 0x40000000]
     assert len(base) == 1 and (base[0].ebx, base[0].ecx, base[0].edx) == cpuid.SIGNATURE

@@ -121,7 +121,7 @@ class XenPlatform:
 
     def _install(self) -> None:
         m = self.machine
-        cfg = xcpuid.XenCpuidConfig(*self.version_tuple, self.domid, self.time.tsc_khz, m.phys_bits)
+        cfg = xcpuid.XenCpuidConfig(*self.version_tuple, self.domid, self.time.tsc_khz)
         for r in m.runners:
             r.vcpu.set_cpuid2(xcpuid.build_cpuid(m.cpuid, cfg, r.index))
         m.register_msr(xcpuid.HYPERCALL_MSR, write=self._write_hypercall_msr)
