@@ -22,7 +22,7 @@ DONE_PORT = 0xF0
 OP_SIZE = 32
 
 XS_WRITE, CONS_WRITE, POKE32, SEND_STORE, SEND_CONSOLE, WAIT_REPLIES, WAIT32, SIGNAL, \
-    HCALL = range(1, 10)
+    HCALL, CPUID = range(1, 11)
 
 # ring offsets a test pokes
 XS_REQ_CONS, XS_REQ_PROD, XS_RSP_CONS, XS_RSP_PROD, XS_FEATURES, XS_CONNECTION, XS_ERROR = \
@@ -39,8 +39,9 @@ def xs_msg(type_: int, *args: bytes, req_id: int = 0, tx_id: int = 0, raw: bytes
 
 
 class RingGuest:
-    def __init__(self, image: str, memory_mib: int = 64):
-        self.domain = Domain(DomainSpec(image=image, memory_mib=memory_mib))
+    def __init__(self, image: str, **spec):
+        spec.setdefault("memory_mib", 64)
+        self.domain = Domain(DomainSpec(image=image, **spec))
         self.machine = self.domain.machine
         self.mem = self.machine.mem
         self.xen = self.domain.xen
@@ -77,9 +78,19 @@ class RingGuest:
     def result(self) -> int:
         return struct.unpack("<q", self.mem.read(CTL + 72, 8))[0]
 
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        """The guest runs CPUID: (eax, ebx, ecx, edx) as it sees them."""
+        self.run((CPUID, leaf, subleaf))
+        return struct.unpack("<4I", self.mem.read(CTL + 80, 16))
+
+    def hcall(self, nr: int, rdi: int, rsi: int = 0) -> int:
+        """The guest makes a hypercall; its RAX."""
+        self.run((HCALL, nr, rdi, rsi))
+        return self.result
+
     def start(self, timeout: float = 10.0) -> None:
         self.domain.start()
-        self.wait(lambda: self.ctl(7) > 0, timeout, "the guest to read its params")
+        self.wait(lambda: self.ctl(8) > 0, timeout, "the guest to read its params")
 
     def wait(self, cond, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -46,11 +46,8 @@ _next_id = iter(range(50_000, 1 << 31))
 
 
 @pytest.fixture
-def guest(guest_path):
-    g = RingGuest(str(guest_path("xen/guests/ringclient64.S")))
-    g.start()
-    yield g
-    g.close()
+def guest(ring_guest):
+    return ring_guest()
 
 
 def u32(g: RingGuest, gpa: int) -> int:

@@ -15,8 +15,10 @@
  *       7 WAIT32 a=address b=value     until the u32 there is the value (yielding)
  *       8 SIGNAL                       outb to port 0xf0
  *       9 HCALL a=number b=rdi c=rsi   any hypercall; RAX to CTL.result
+ *      10 CPUID a=leaf b=subleaf       EAX, EBX, ECX, EDX to CTL.cpuid (u32 each)
  * CTL: +0 count, +8 ops done, +16 reply bytes consumed, +24 bytes captured, +32 store page,
- *      +40 store port, +48 console page, +56 console port, +64 loop count, +72 result.
+ *      +40 store port, +48 console page, +56 console port, +64 loop count, +72 result,
+ *      +80 cpuid.
  */
 #include "guest.h"
 
@@ -39,6 +41,7 @@
 #define C_CPORT (CTL + 56)
 #define C_LOOPS (CTL + 64)
 #define C_RESULT (CTL + 72)
+#define C_CPUID (CTL + 80)
 
 #define HC_SCHED 29
 #define HC_EVTCHN 32
@@ -101,6 +104,8 @@ run:
     je op_signal
     cmpq $9, %rax
     je op_hcall
+    cmpq $10, %rax
+    je op_cpuid
 next:
     incq C_PC
     jmp run
@@ -155,6 +160,16 @@ op_hcall:
     movq 24(%r15), %rsi
     call *%rax
     movq %rax, C_RESULT
+    jmp next
+
+op_cpuid:
+    movl 8(%r15), %eax
+    movl 16(%r15), %ecx
+    cpuid
+    movl %eax, C_CPUID
+    movl %ebx, C_CPUID + 4
+    movl %ecx, C_CPUID + 8
+    movl %edx, C_CPUID + 12
     jmp next
 
 /* rax = HVMOP_get_param(DOMID_SELF, index edi) */
