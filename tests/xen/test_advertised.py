@@ -1,8 +1,9 @@
 """Nothing is advertised to a guest that is not served.
 
-What a guest is told comes from four places in the code: the HVM params it may read
+What a guest is told comes from five places in the code: the HVM params it may read
 (hvm.GUEST_READABLE), the Xen CPUID leaves (cpuid.xen_leaves), the XENVER_get_features
-bits (version.FEATURES) and the hvm_start_info the loader fills (loader.write_start_info).
+bits (version.FEATURES), the hvm_start_info the loader fills (loader.write_start_info) and
+the platform features the toolstack's xenstore tree claims (xenstore/toolstack.py).
 The first test reads each of them from that code and requires a proof for every item; the
 proofs are the tests below, each a guest of ours using the item and getting its answer.
 A param that holds 0 for "not present" must be 0 as Xen answers it for a PVH domU; a param
@@ -26,7 +27,10 @@ from xend_lite.vmm.spec import DomainSpec
 from xend_lite.xen import cpuid, hvm, version
 from xend_lite.xen.timekeeping import scale_delta
 from xend_lite.xen.xenabi import X
+from xend_lite.xen.page import BytesPage
 from xend_lite.xen.xenstore.protocol import XsType
+from xend_lite.xen.xenstore.server import XenstoreServer
+from xend_lite.xen.xenstore.toolstack import DomainInfo
 
 pytestmark = pytest.mark.kvm
 
@@ -76,6 +80,10 @@ FLAG_REGISTERS = {(1, 0, "ecx"), (L4, 0, "eax")}
 START_INFO_FIELDS = ("magic", "version", "flags", "nr_modules", "modlist_paddr",
                      "cmdline_paddr", "rsdp_paddr", "memmap_paddr", "memmap_entries",
                      "reserved")
+XENSTORE_FEATURE_PROOFS = {
+    "platform-feature-xs_reset_watches": "test_xs_reset_watches_is_served",
+}
+
 START_INFO_PROOFS = dict.fromkeys(
     ("magic", "version", "nr_modules", "modlist_paddr", "cmdline_paddr", "memmap_paddr",
      "memmap_entries"), "test_start_info_is_what_the_guest_finds")
@@ -106,12 +114,22 @@ def advertised_start_info() -> set[str]:
     return {name for name, v in zip(START_INFO_FIELDS, values) if v}
 
 
+def advertised_xenstore_features() -> set[str]:
+    srv = XenstoreServer(1, BytesPage(), lambda: None)
+    srv.write_domain_tree(DomainInfo(name="x", memory_kib=65536, store_port=1,
+                                     store_ring_ref=2, console_port=3, console_ring_ref=4))
+    control = srv.ls("/local/domain/1/control")["children"]
+    return {name for name, node in control.items()
+            if "feature" in name and node["value"] not in ("", "0")}
+
+
 def test_every_advertised_item_has_a_proof():
     features = {b for b in range(32) if version.FEATURES >> b & 1}
     for advertised, proofs in ((set(hvm.GUEST_READABLE), PARAM_PROOFS),
                                (features, FEATURE_PROOFS),
                                (advertised_cpuid(), CPUID_PROOFS),
-                               (advertised_start_info(), START_INFO_PROOFS)):
+                               (advertised_start_info(), START_INFO_PROOFS),
+                               (advertised_xenstore_features(), XENSTORE_FEATURE_PROOFS)):
         assert advertised == set(proofs), "advertised without a proof, or a proof of nothing"
         for name in proofs.values():
             assert callable(globals().get(name)), name
@@ -169,6 +187,22 @@ def test_store_params_reach_a_working_xenstore(ring_guest):
     g.xen.xenstore.call("write", "data/p", "from the toolstack")
     g.wait(lambda: g.replies().count(event) == 2, 5, "the event for the toolstack's write")
     assert g.ask(XsType.READ, b"data/p", req_id=4) == (XsType.READ, b"from the toolstack")
+
+
+def test_xs_reset_watches_is_served(ring_guest):
+    """The tree claims control/platform-feature-xs_reset_watches: the guest's watches go
+    when it asks, and no event comes for them after."""
+    g = ring_guest()
+    event = (XsType.WATCH_EVENT, 0, 0, b"data/r\0tok\0")
+    assert g.ask(XsType.READ, b"control/platform-feature-xs_reset_watches", req_id=1) == \
+        (XsType.READ, b"1")
+    assert g.ask(XsType.WATCH, b"data/r", b"tok", req_id=2) == (XsType.WATCH, b"OK\0")
+    g.wait(lambda: g.replies().count(event) == 1, 5, "the event a new watch fires")
+    assert g.ask(XsType.RESET_WATCHES, b"", req_id=3) == (XsType.RESET_WATCHES, b"OK\0")
+    assert not g.xen.xenstore.server.conn.watches
+    g.xen.xenstore.call("write", "data/r", "changed")
+    assert g.ask(XsType.READ, b"data/r", req_id=4) == (XsType.READ, b"changed")
+    assert g.replies().count(event) == 1
 
 
 def test_console_params_carry_output_and_input(ring_guest):
