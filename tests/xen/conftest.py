@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from tests.xen.ringclient import RingGuest
 from xend_lite.xen.xenabi import X
 from xend_lite.vmm.domain import Domain
 from xend_lite.vmm.spec import DomainSpec
@@ -153,3 +154,20 @@ def run_to_done(guest_image, tmp_path):
     yield run
     for d in made:
         d.close()
+
+
+@pytest.fixture
+def ring_guest(guest_path):
+    """ring_guest(**spec) -> RingGuest: guests/ringclient64.S started and ready for ops
+    (see ringclient.py); closed at teardown."""
+    made = []
+
+    def make(**spec) -> RingGuest:
+        g = RingGuest(str(guest_path("xen/guests/ringclient64.S")), **spec)
+        made.append(g)
+        g.start()
+        return g
+
+    yield make
+    for g in made:
+        g.close()

@@ -51,7 +51,10 @@ def test_compat_layouts_match_gcc_m32(tmp_path):
     body.append("char off__vcpu_info__evtchn_pending_sel[offsetof(struct vcpu_info, evtchn_pending_sel) + 1];")
     body.append("char off__vcpu_info__time[offsetof(struct vcpu_info, time) + 1];")
     body.append("char size__vcpu_info[sizeof(struct vcpu_info)];")
+    # memory.py reads struct xen_foreign_memory_map's map at the pointer's alignment
+    body.append("char off__foreign_map[offsetof(struct xen_foreign_memory_map, map) + 1];")
     got = _compile32(tmp_path, "\n".join(body) + "\n")
+    assert got["off__foreign_map"] - 1 == 4
     for name in abi._COMPAT:
         lay = abi.guest_layout(name, False)
         assert lay.size == got[f"size__{name}"], name
@@ -67,6 +70,10 @@ def test_compat_layouts_match_gcc_m32(tmp_path):
     assert s.pending_sel == got["off__vcpu_info__evtchn_pending_sel"] - 1
     assert s.time == got["off__vcpu_info__time"] - 1
     assert got["size__vcpu_info"] == s.vcpu_info_size
+
+
+def test_64bit_foreign_memory_map_puts_the_map_at_8():
+    assert layout("xen_foreign_memory_map").offset("map") == 8
 
 
 def test_64bit_shared_info_offsets_match_the_headers():
@@ -100,7 +107,7 @@ def test_bench_guest_carries_the_same_stub_page(guest_image):
 
 def test_cpuid_leaves_replace_kvms():
     kvm = [CpuidEntry(0x40000000, 0, 0, 0x40000001, 1, 2, 3), CpuidEntry(1, 0, 0, 0, 0, 0, 0)]
-    cfg = cpuid.XenCpuidConfig(4, 16, 3, 2_000_000, 42)
+    cfg = cpuid.XenCpuidConfig(4, 16, 3, 2_000_000)
     out = cpuid.build_cpuid(kvm, cfg, vcpu_id=2)
     base = [e for e in out if e.function == 0x40000000]
     assert len(base) == 1 and (base[0].ebx, base[0].ecx, base[0].edx) == cpuid.SIGNATURE

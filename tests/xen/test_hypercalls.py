@@ -138,6 +138,49 @@ def test_memory_map_reservation_and_params(harness):
     assert harness.xen.params[X.HVM_PARAM_CALLBACK_IRQ] == 2 << 56 | 0xf3
 
 
+def _foreign_map(h, domid: int, n: int, buf: int) -> bytes:
+    """struct xen_foreign_memory_map: domid, then the map at the pointer's alignment."""
+    if h.bits == 32:
+        return struct.pack("<HHII", domid, 0, n, buf)
+    return struct.pack("<HHIIIQ", domid, 0, 0, n, 0, buf)
+
+
+def test_a_guest_sets_its_own_memory_map(harness):
+    """XENMEM_set_memory_map on itself replaces what XENMEM_memory_map answers (GRUB does
+    this); too many entries, another domain or a bad buffer are refused and change nothing;
+    a reset forgets the guest's map."""
+    p, m, h = harness.ptr, harness.mem, harness
+    mine = [(0, 0x9F000, 1), (0x100000, 0x1000000, 1), (0x1100000, 0x1000, 2)]
+    m.write(SCRATCH + 0x400, b"".join(struct.pack("<QQI", *e) for e in mine))
+    m.write(SCRATCH, _foreign_map(h, X.DOMID_SELF, 3, p(SCRATCH + 0x400)))
+    m.write(SCRATCH + 0x40, _foreign_map(h, X.DOMID_SELF, 1025, p(SCRATCH + 0x400)))
+    m.write(SCRATCH + 0x80, _foreign_map(h, 0, 1, p(SCRATCH + 0x400)))
+    m.write(SCRATCH + 0xc0, _foreign_map(h, X.DOMID_SELF, 2, 0xFFFFF000))
+    get = lambda buf: struct.pack("<II", 8, p(buf)) if h.bits == 32 else \
+        struct.pack("<IIQ", 8, 0, p(buf))
+    m.write(SCRATCH + 0x100, get(SCRATCH + 0x800))
+    m.write(SCRATCH + 0x140, get(SCRATCH + 0xa00))
+    ours = h.xen.memory._e820()
+    res = h.run([
+        (HC["memory_op"], X.XENMEM_set_memory_map, p(SCRATCH + 0x40)),
+        (HC["memory_op"], X.XENMEM_set_memory_map, p(SCRATCH + 0x80)),
+        (HC["memory_op"], X.XENMEM_set_memory_map, p(SCRATCH + 0xc0)),
+        (HC["memory_op"], X.XENMEM_memory_map, p(SCRATCH + 0x140)),
+        (HC["memory_op"], X.XENMEM_set_memory_map, p(SCRATCH)),
+        (HC["memory_op"], X.XENMEM_memory_map, p(SCRATCH + 0x100)),
+    ])
+    assert [r for r, _ in res] == [errno("EINVAL"), errno("EPERM"), errno("EFAULT"), 0, 0, 0]
+    before = [struct.unpack("<QQI", m.read(SCRATCH + 0xa00 + 20 * i, 20))
+              for i in range(struct.unpack("<I", m.read(SCRATCH + 0x140, 4))[0])]
+    assert before == ours[:8]          # the refused calls left our map in place
+    n = struct.unpack("<I", m.read(SCRATCH + 0x100, 4))[0]
+    assert n == 3 and h.xen.memory.guest_map == mine
+    h.domain.pause()
+    assert h.xen.persist.save()["xen"].guest_memory_map == [list(e) for e in mine]
+    h.domain.reset()
+    assert h.xen.memory.guest_map is None
+
+
 def test_shutdown_reasons_reach_the_host(harness_factory, bits):
     for reason, name in [(X.SHUTDOWN_poweroff, "poweroff"), (X.SHUTDOWN_reboot, "reboot"),
                          (X.SHUTDOWN_crash, "crash"), (X.SHUTDOWN_watchdog, "watchdog"),

@@ -42,7 +42,7 @@ XENFEAT_NR_SUBMAPS
 XENMEM_increase_reservation XENMEM_decrease_reservation XENMEM_populate_physmap
 XENMEM_maximum_ram_page XENMEM_current_reservation XENMEM_maximum_reservation
 XENMEM_add_to_physmap XENMEM_add_to_physmap_batch XENMEM_memory_map XENMEM_machine_memory_map
-XENMEM_remove_from_physmap XENMEM_maximum_gpfn
+XENMEM_remove_from_physmap XENMEM_maximum_gpfn XENMEM_set_memory_map
 XENMAPSPACE_shared_info XENMAPSPACE_grant_table XENMAPSPACE_gmfn XENMAPSPACE_gmfn_range
 XENMAPSPACE_gmfn_foreign XENMAPSPACE_dev_mmio XENMAPIDX_grant_table_status
 XENMEMF_populate_on_demand
@@ -53,7 +53,8 @@ HVM_PARAM_CALLBACK_IRQ HVM_PARAM_STORE_PFN HVM_PARAM_STORE_EVTCHN
 HVM_PARAM_IOREQ_PFN HVM_PARAM_BUFIOREQ_PFN HVM_PARAM_TIMER_MODE HVM_PARAM_HPET_ENABLED
 HVM_PARAM_CONSOLE_PFN HVM_PARAM_CONSOLE_EVTCHN HVM_PARAM_NR_IOREQ_SERVER_PAGES
 HVM_NR_PARAMS HVM_PARAM_CALLBACK_TYPE_GSI HVM_PARAM_CALLBACK_TYPE_PCI_INTX
-HVM_PARAM_CALLBACK_TYPE_VECTOR 
+HVM_PARAM_CALLBACK_TYPE_VECTOR HVM_PARAM_VM86_TSS HVM_PARAM_ACPI_IOPORTS_LOCATION
+HVM_PARAM_VM_GENERATION_ID_ADDR HVM_PARAM_ALTP2M HVM_PARAM_X87_FIP_WIDTH HVM_PARAM_VM86_TSS_SIZED
 
 CONSOLEIO_write CONSOLEIO_read
 
@@ -109,6 +110,7 @@ struct xen_add_to_physmap { domid_t domid; uint16_t size; unsigned int space;
 struct xen_memory_reservation { void *extent_start; unsigned long nr_extents;
     unsigned int extent_order; unsigned int mem_flags; domid_t domid; ...; };
 struct xen_memory_map { unsigned int nr_entries; void *buffer; ...; };
+struct xen_foreign_memory_map { domid_t domid; struct xen_memory_map map; ...; };
 
 struct xen_hvm_param { domid_t domid; uint32_t index; uint64_t value; ...; };
 struct xen_hvm_evtchn_upcall_vector { uint32_t vcpu; uint8_t vector; ...; };

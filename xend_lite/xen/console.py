@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 CONSOLE_CHUNK = 4096
 POLL_EVERY = 0.05
 MAX_PENDING_INPUT = 64 * 1024
+DRAIN_ROUNDS = 8
 
 
 class GuestPage:
@@ -56,17 +57,33 @@ class Console:
 
     # -- the ring ------------------------------------------------------------------------
 
+    def _drain(self) -> bool:
+        """Move what the guest wrote into the sink (``_lock`` held); True if any. At most
+        DRAIN_ROUNDS rings' worth: a guest writing on another vCPU as fast as we read must
+        not keep this thread here."""
+        moved = False
+        for _ in range(DRAIN_ROUNDS):
+            data = self.ring.drain()
+            if not data:
+                break
+            moved = True
+            self.sink.write(data)
+        return moved
+
+    def flush_output(self) -> None:
+        """Take what the guest wrote without telling it (its last words before it stops:
+        a guest may write its ring and shut down before the ring is served)."""
+        with self._lock:
+            try:
+                self._drain()
+            except GuestMemoryError:
+                pass
+
     def serve(self) -> None:
         """Drain what the guest wrote, feed it waiting input, and tell it if anything moved."""
         with self._lock:
-            moved = False
             try:
-                while True:
-                    data = self.ring.drain()
-                    if not data:
-                        break
-                    moved = True
-                    self.sink.write(data)
+                moved = self._drain()
                 if self._input:
                     n = self.ring.push_input(bytes(self._input))
                     if n:

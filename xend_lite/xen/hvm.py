@@ -23,15 +23,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("xend_lite.xen")
 
 U32 = (1 << 32) - 1
-# HVM params a guest may read / set on itself (the rest are the toolstack's: -EPERM).
-# Numbers without a name in our compiled headers: PAE_ENABLED 4, VM86_TSS 15,
-# ACPI_IOPORTS_LOCATION 19, BUFIOREQ_EVTCHN 26, VM_GENERATION_ID_ADDR 34, ALTP2M 35,
-# X87_FIP_WIDTH 36, VM86_TSS_SIZED 37.
-GUEST_READABLE = {X.HVM_PARAM_CALLBACK_IRQ, X.HVM_PARAM_STORE_PFN, X.HVM_PARAM_STORE_EVTCHN,
-                  X.HVM_PARAM_CONSOLE_PFN, X.HVM_PARAM_CONSOLE_EVTCHN, 4, X.HVM_PARAM_IOREQ_PFN,
-                  X.HVM_PARAM_BUFIOREQ_PFN, 26, 35, 36}
-GUEST_WRITABLE = {X.HVM_PARAM_CALLBACK_IRQ, 15, 37, 19, 34, X.HVM_PARAM_STORE_EVTCHN,
-                  X.HVM_PARAM_CONSOLE_EVTCHN, 36}
+# The HVM params a guest may read on itself, as Xen lets it. For a PVH domain these hold
+# 0 except the ones we serve (callback, store, console) and X87_FIP_WIDTH: VM86_TSS(_SIZED)
+# (real-mode helper, which KVM does itself), ACPI_IOPORTS_LOCATION (no ACPI PM timer),
+# VM_GENERATION_ID_ADDR (set only by a guest's firmware) and ALTP2M (off).
+GUEST_READABLE = frozenset({
+    X.HVM_PARAM_CALLBACK_IRQ, X.HVM_PARAM_VM86_TSS, X.HVM_PARAM_VM86_TSS_SIZED,
+    X.HVM_PARAM_ACPI_IOPORTS_LOCATION, X.HVM_PARAM_VM_GENERATION_ID_ADDR,
+    X.HVM_PARAM_STORE_PFN, X.HVM_PARAM_STORE_EVTCHN, X.HVM_PARAM_CONSOLE_PFN,
+    X.HVM_PARAM_CONSOLE_EVTCHN, X.HVM_PARAM_ALTP2M, X.HVM_PARAM_X87_FIP_WIDTH})
+GUEST_WRITABLE = frozenset({
+    X.HVM_PARAM_CALLBACK_IRQ, X.HVM_PARAM_VM86_TSS, X.HVM_PARAM_VM86_TSS_SIZED,
+    X.HVM_PARAM_ACPI_IOPORTS_LOCATION, X.HVM_PARAM_VM_GENERATION_ID_ADDR,
+    X.HVM_PARAM_STORE_EVTCHN, X.HVM_PARAM_CONSOLE_EVTCHN, X.HVM_PARAM_X87_FIP_WIDTH})
+# Deprecated, "meaning undefined" (params.h, visible only to Xen and its tools): -EOPNOTSUPP
+# to anyone. PAE_ENABLED, DM_DOMAIN, MEMORY_EVENT_CR0/CR3/CR4/INT3, NESTEDHVM,
+# MEMORY_EVENT_SINGLE_STEP, BUFIOREQ_EVTCHN, MEMORY_EVENT_MSR.
+DEPRECATED = frozenset({4, 13, 20, 21, 22, 23, 24, 25, 26, 30})
+# The x87 FIP/FDP width the vCPU state keeps: KVM saves the FPU in the 64-bit XSAVE layout,
+# full 64-bit FIP/FDP and no FCS/FDS, which is what 8 means; 4 and 0 are not offered.
+X87_FIP_WIDTH = 8
+X87_FIP_WIDTHS = (0, 4, 8)
+
 MIN_VECTOR = 0x10
 IOAPIC_PINS = 24
 MSI_BASE = 0xFEE00000
@@ -110,10 +123,14 @@ class HvmOps:
         if index >= X.HVM_NR_PARAMS:
             raise inval("no such HVM param")
         self_domain(p["domid"], self.domid)
+        if index in DEPRECATED:
+            raise XenError(X.XEN_EOPNOTSUPP, "deprecated HVM param")
         if op == X.HVMOP_get_param:
             if index not in GUEST_READABLE:
                 raise XenError(X.XEN_EPERM, "param is the toolstack's")
-            c.view.write_fields(lay, arg, {"value": self.params.get(index, 0)})
+            value = X87_FIP_WIDTH if index == X.HVM_PARAM_X87_FIP_WIDTH \
+                else self.params.get(index, 0)
+            c.view.write_fields(lay, arg, {"value": value})
             return 0
         if index not in GUEST_WRITABLE:
             raise XenError(X.XEN_EPERM, "param is the toolstack's")
@@ -122,5 +139,13 @@ class HvmOps:
             if value >> 56 > X.HVM_PARAM_CALLBACK_TYPE_VECTOR:
                 raise inval("unknown callback type")
             self.overlay.long_mode = c.vcpu.in_long_mode()
+        elif index == X.HVM_PARAM_ACPI_IOPORTS_LOCATION:
+            raise XenError(X.XEN_ENODEV, "no ACPI PM timer to move")
+        elif index == X.HVM_PARAM_X87_FIP_WIDTH:
+            if value not in X87_FIP_WIDTHS:
+                raise inval("x87 FIP width is 0, 4 or 8")
+            if value != X87_FIP_WIDTH:
+                raise XenError(X.XEN_EOPNOTSUPP, "the FPU state keeps 64-bit FIP/FDP only")
+            return 0
         self.params[index] = value
         return 0

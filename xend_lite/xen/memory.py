@@ -8,6 +8,7 @@ Every change of the memory map is a VM-wide change: the handler asks the VM owne
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, Callable
 
 from xend_lite.errors import XendLiteError
@@ -30,6 +31,8 @@ MEMOP_CMD_MASK = (1 << MEMOP_EXTENT_SHIFT) - 1
 MAX_EXTENT_ORDER = 9
 MAX_GFN = 1 << 52
 BALLOON_BUDGET = 4096    # frames per call; the guest gets the count done and asks again
+E820MAX = 1024           # the most entries Xen keeps for a domain's memory map
+E820_ENTRY = struct.Struct("<QQI")     # struct e820entry (packed): addr, size, type
 
 #: (call, page, gpa) -> None: map, move or unmap an overlay page for the guest
 MapOverlay = Callable[["Call", str, int], None]
@@ -45,6 +48,8 @@ class MemoryOps:
         self.grants = grants
         self._map_overlay = map_overlay
         self._e820 = e820
+        # the map the guest gave itself with XENMEM_set_memory_map, answered from then on
+        self.guest_map: list[tuple[int, int, int]] | None = None
 
     def max_ram_gfn(self) -> int:
         return max(r.end for r in self.machine.memmap.ram) // (1 << PAGE_SHIFT) - 1
@@ -63,6 +68,8 @@ class MemoryOps:
             return self._remove_from_physmap(c, arg)
         if cmd == X.XENMEM_memory_map:
             return self._memory_map(c, arg)
+        if cmd == X.XENMEM_set_memory_map:
+            return self._set_memory_map(c, arg)
         if cmd == X.XENMEM_maximum_ram_page:
             return self.max_ram_gfn() + 1
         if cmd in (X.XENMEM_current_reservation, X.XENMEM_maximum_reservation,
@@ -134,13 +141,30 @@ class MemoryOps:
     def _memory_map(self, c: Call, arg: int) -> int:
         lay = c.lay("xen_memory_map")
         mmap_ = c.view.read_struct(lay, arg)
-        entries = self._e820()
+        entries = self._e820() if self.guest_map is None else self.guest_map
+        if not entries:
+            raise XenError(X.XEN_ENOSYS, "the domain's memory map is empty")
         n = min(mmap_["nr_entries"], len(entries))
-        buf = b"".join(a.to_bytes(8, "little") + s.to_bytes(8, "little") + t.to_bytes(4, "little")
-                       for a, s, t in entries[:n])
+        buf = b"".join(E820_ENTRY.pack(a, s, t) for a, s, t in entries[:n])
         if n:
             c.view.write(mmap_["buffer"], buf)
         c.view.write_fields(lay, arg, {"nr_entries": n})
+        return 0
+
+    def _set_memory_map(self, c: Call, arg: int) -> int:
+        """A domain may replace the memory map XENMEM_memory_map gives it (Xen lets a domain
+        do this to itself; GRUB does, after reserving the pages it mapped). Nothing else
+        changes: it is the answer to later XENMEM_memory_map calls, and no more."""
+        # struct xen_foreign_memory_map: domid_t, then a struct xen_memory_map aligned as
+        # its pointer is (at 8 in 64-bit mode, at 4 in 32-bit mode)
+        domid = c.view.read_uint(arg, 2)
+        m = c.view.read_struct(c.lay("xen_memory_map"), arg + c.ulong)
+        n = m["nr_entries"]
+        if n > E820MAX:
+            raise inval(f"more than {E820MAX} memory map entries")
+        self_domain(domid, self.domid)
+        raw = c.view.read(m["buffer"], n * E820_ENTRY.size) if n else b""
+        self.guest_map = [E820_ENTRY.unpack_from(raw, i * E820_ENTRY.size) for i in range(n)]
         return 0
 
     def _reservation(self, c: Call, cmd: int, start: int, arg: int) -> int:

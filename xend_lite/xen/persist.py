@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from xend_lite.errors import InvalidArgument
 from xend_lite.machine.backing import Backing
 from xend_lite.xen.abi import PERIODIC_MAX_NS, PERIODIC_MIN_NS
+from xend_lite.xen.memory import E820MAX
 from xend_lite.xen.overlay import OverlayState
 from xend_lite.xen.state import XenState
 from xend_lite.xen.xenstore.state import XenstoreState
@@ -53,7 +54,9 @@ class XenPersist:
                 counters={"calls": list(p.hypercalls.calls), "errors": list(p.hypercalls.errors)},
                 console=p.machine.console.tail(64 * 1024),
                 periodic={str(k): list(v) for k, v in p.timers.periodics().items()},
-                grant_frames_in_use=p.grants.frames_in_use),
+                grant_frames_in_use=p.grants.frames_in_use,
+                guest_memory_map=None if p.memory.guest_map is None
+                else [list(e) for e in p.memory.guest_map]),
             "xen_overlay": p.overlay.save(),
             "xenstore": p.xenstore.save(),
         }
@@ -86,6 +89,11 @@ class XenPersist:
         for key in ("ports", "daemon_ports"):
             if not isinstance(st.evtchn.get(key), dict):
                 raise InvalidArgument("xen state: event channel table malformed")
+        gm = st.guest_memory_map
+        if gm is not None and (len(gm) > E820MAX or any(
+                len(e) != 3 or not (0 <= e[0] < 1 << 64 and 0 <= e[1] < 1 << 64
+                                    and 0 <= e[2] < 1 << 32) for e in gm)):
+            raise InvalidArgument("xen state: guest memory map malformed")
 
     def apply(self, prep: PreparedLoad) -> None:
         """Put a checked state in place (the VM paused, RAM already replaced)."""
@@ -104,6 +112,8 @@ class XenPersist:
         p.sched.shutdown_code = None if st.shutdown_code < 0 else st.shutdown_code
         p.hypercalls.load_counters(st.counters.get("calls", []), st.counters.get("errors", []))
         p.grants.frames_in_use = st.grant_frames_in_use
+        p.memory.guest_map = None if st.guest_memory_map is None \
+            else [(a, n, t) for a, n, t in st.guest_memory_map]
         for k, v in st.timers.items():
             p.timers.set(int(k), v)
         for k, (period, expiry) in st.periodic.items():

@@ -121,7 +121,7 @@ class XenPlatform:
 
     def _install(self) -> None:
         m = self.machine
-        cfg = xcpuid.XenCpuidConfig(*self.version_tuple, self.domid, self.time.tsc_khz, m.phys_bits)
+        cfg = xcpuid.XenCpuidConfig(*self.version_tuple, self.domid, self.time.tsc_khz)
         for r in m.runners:
             r.vcpu.set_cpuid2(xcpuid.build_cpuid(m.cpuid, cfg, r.index))
         m.register_msr(xcpuid.HYPERCALL_MSR, write=self._write_hypercall_msr)
@@ -228,6 +228,7 @@ class XenPlatform:
                                                               c.vcpu))
 
     def _guest_shutdown(self, runner: VcpuRunner, name: str, reason: int) -> None:
+        self.console.flush_output()
         code = self.sched.shutdown_code if self.sched.shutdown_code is not None else 0
         detail = f"vcpu{runner.index}: SCHEDOP_shutdown({name}" + \
                  (f" reason {reason})" if name == "unknown" else ")")
@@ -259,6 +260,7 @@ class XenPlatform:
         self.hypercall_page = None
         self.sched.shutdown_code = None
         self.grants.frames_in_use = 1
+        self.memory.guest_map = None
         self.clock.set_now(0)
         self.time.forget()
         self.hypercalls.reset_counters()
