@@ -167,6 +167,11 @@ class Vcpu:
     def synced_sregs(self) -> Sregs:
         return sregs_from_c(self._ssregs)
 
+    def set_synced_sregs(self, sregs: Sregs) -> None:
+        """Replace the synced segment and control registers; KVM loads them on the next run."""
+        sregs_to_c(sregs, self._ssregs)
+        self._run.kvm_dirty_regs |= SYNC_SREGS
+
     def synced_rax(self) -> int:
         return self._sregs.rax
 
@@ -290,6 +295,25 @@ class Vcpu:
 
     def set_fpu(self, blob: bytes) -> None:
         self._set_blob("KVM_SET_FPU", lib.KVM_SET_FPU, "struct kvm_fpu", blob)
+
+    def fpu_status(self) -> tuple[int, int]:
+        """(x87 status word, MXCSR) from KVM_GET_FPU."""
+        p = ffi.new("struct kvm_fpu *")
+        check("KVM_GET_FPU", lib.xl_ioctl(self.fd, lib.KVM_GET_FPU, p))
+        return p.fsw, p.mxcsr
+
+    def set_mxcsr(self, value: int) -> None:
+        """Load MXCSR, keeping the rest of the FPU state."""
+        p = ffi.new("struct kvm_fpu *")
+        check("KVM_GET_FPU", lib.xl_ioctl(self.fd, lib.KVM_GET_FPU, p))
+        p.mxcsr = value & 0xFFFFFFFF
+        check("KVM_SET_FPU", lib.xl_ioctl(self.fd, lib.KVM_SET_FPU, p))
+
+    def mxcsr_mask(self) -> int:
+        """The MXCSR bits this vCPU may set: the FXSAVE area's MXCSR_MASK (bytes 28-31 of the
+        XSAVE legacy region), or 0xFFBF where it reads 0, as the architecture says."""
+        mask = int.from_bytes(self.get_xsave()[28:32], "little")
+        return mask or 0xFFBF
 
     def get_xsave(self) -> bytes:
         return self._get_blob("KVM_GET_XSAVE", lib.KVM_GET_XSAVE, "struct kvm_xsave")
