@@ -160,7 +160,7 @@ struct kvm_sregs { struct kvm_segment cs; struct kvm_segment ds; struct kvm_segm
                    struct kvm_segment tr; struct kvm_segment ldt; struct kvm_dtable gdt;
                    struct kvm_dtable idt; __u64 cr0; __u64 cr2; __u64 cr3; __u64 cr4; __u64 cr8;
                    __u64 efer; __u64 apic_base; __u64 interrupt_bitmap[...]; };
-struct kvm_fpu { __u16 fcw; __u16 fsw; __u32 mxcsr; ...; };
+struct kvm_fpu { ...; };
 struct kvm_xsave { ...; };
 struct kvm_xcrs { ...; };
 struct kvm_lapic_state { ...; };
