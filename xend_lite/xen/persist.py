@@ -53,7 +53,8 @@ class XenPersist:
                 counters={"calls": list(p.hypercalls.calls), "errors": list(p.hypercalls.errors)},
                 console=p.machine.console.tail(64 * 1024),
                 periodic={str(k): list(v) for k, v in p.timers.periodics().items()},
-                grant_frames_in_use=p.grants.frames_in_use),
+                grant_frames_in_use=p.grants.frames_in_use,
+                runstate=p.runstates.to_state()),
             "xen_overlay": p.overlay.save(),
             "xenstore": p.xenstore.save(),
         }
@@ -83,6 +84,12 @@ class XenPersist:
         for v in st.periodic.values():
             if len(v) != 2 or not PERIODIC_MIN_NS <= v[0] <= PERIODIC_MAX_NS:
                 raise InvalidArgument("xen state: periodic timer malformed")
+        if not isinstance(st.runstate, dict):
+            raise InvalidArgument("xen state: runstate table malformed")
+        try:
+            self.p.runstates.parse_state(st.runstate, n)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument("xen state: runstate table malformed") from exc
         for key in ("ports", "daemon_ports"):
             if not isinstance(st.evtchn.get(key), dict):
                 raise InvalidArgument("xen state: event channel table malformed")
@@ -104,6 +111,7 @@ class XenPersist:
         p.sched.shutdown_code = None if st.shutdown_code < 0 else st.shutdown_code
         p.hypercalls.load_counters(st.counters.get("calls", []), st.counters.get("errors", []))
         p.grants.frames_in_use = st.grant_frames_in_use
+        p.runstates.from_state(st.runstate, p.nr_vcpus)
         for k, v in st.timers.items():
             p.timers.set(int(k), v)
         for k, (period, expiry) in st.periodic.items():

@@ -12,7 +12,7 @@ from xend_lite.snapshot.state import State
 @dataclass
 class XenState(State):
     NAME = "xen"
-    VERSION = 3
+    VERSION = 4
     MIN_VERSION = 1
     hypercall_page: int = -1
     params: dict[str, int] = field(default_factory=dict)
@@ -29,6 +29,8 @@ class XenState(State):
     # per vCPU: [period, next expiry] of its periodic timer, in ns of Xen system time
     periodic: dict[str, list[int]] = field(default_factory=dict)
     grant_frames_in_use: int = 1
+    # per vCPU: [[[gpa, bytes]...], long mode, state, entry time, [4 times]] (runstate.py)
+    runstate: dict[str, list] = field(default_factory=dict)
 
     @classmethod
     def upgrade(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
@@ -36,4 +38,6 @@ class XenState(State):
             fields = fields | {"periodic": {}}
         if version < 3:              # saved before the grant table's size was kept
             fields = fields | {"grant_frames_in_use": 1}
+        if version < 4:              # saved before runstate areas were kept
+            fields = fields | {"runstate": {}}
         return fields
