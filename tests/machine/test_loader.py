@@ -180,13 +180,14 @@ def test_start_info_layout_matches_xens_header(tmp_path):
 # -- hostile images (no KVM: a fake machine over real memory) -----------------------------
 
 class FakeMachine:
-    """What the loader touches: guest memory, its size and the memory map."""
+    """What the loader touches: guest memory, its size, the memory map and the RSDP."""
 
     def __init__(self, memory: int = 4 * MIB):
         self.backing = Backing.anonymous("ram", memory)
         self.memory_bytes = memory
         self.memmap = MemoryMap(FakeSink(), [RamRegion(0, memory, self.backing, 0)])
         self.mem = GuestMemory(self.memmap)
+        self.acpi_rsdp = 0
 
     def close(self):
         self.backing.close()

@@ -73,6 +73,21 @@ class InternalError:
     suberror: int
     data: tuple[int, ...]
 
+    @property
+    def emulation_failure(self) -> bool:
+        """KVM's instruction emulator gave up on the instruction at RIP."""
+        return self.suberror == _EMULATION
+
+    def instruction_bytes(self) -> bytes | None:
+        """For an emulation failure that carries them, the instruction's bytes as KVM
+        fetched them (struct kvm_run's emulation_failure: flags in the first data word,
+        then a size byte and up to 15 bytes); None otherwise."""
+        if self.suberror != _EMULATION or len(self.data) < 3 or not self.data[0] & _INSN_BYTES:
+            return None
+        raw = b"".join((w & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") for w in self.data[1:3])
+        size = raw[0]
+        return raw[1:1 + size] if 0 < size <= 15 else None
+
 
 @dataclass(frozen=True, slots=True)
 class FailEntry:
@@ -113,6 +128,8 @@ INTERRUPTED = Interrupted()
 IRQ_WINDOW_OPEN = IrqWindowOpen()
 
 _EXIT_IO = lib.KVM_EXIT_IO
+_EMULATION = lib.KVM_INTERNAL_ERROR_EMULATION
+_INSN_BYTES = lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 _EXIT_IO_OUT = lib.KVM_EXIT_IO_OUT
 
 

@@ -167,6 +167,11 @@ class Vcpu:
     def synced_sregs(self) -> Sregs:
         return sregs_from_c(self._ssregs)
 
+    def set_synced_sregs(self, sregs: Sregs) -> None:
+        """Replace the synced segment and control registers; KVM loads them on the next run."""
+        sregs_to_c(sregs, self._ssregs)
+        self._run.kvm_dirty_regs |= SYNC_SREGS
+
     def synced_rax(self) -> int:
         return self._sregs.rax
 
@@ -290,6 +295,32 @@ class Vcpu:
 
     def set_fpu(self, blob: bytes) -> None:
         self._set_blob("KVM_SET_FPU", lib.KVM_SET_FPU, "struct kvm_fpu", blob)
+
+    # The FXSAVE layout at the start of KVM_GET_XSAVE's region (struct kvm_xsave), and the
+    # XSAVE header's XSTATE_BV. KVM_GET_FPU is not used for these: some KVMs leave its MXCSR
+    # at 0 and ignore it on KVM_SET_FPU.
+    _FSW, _MXCSR, _MXCSR_MASK, _XSTATE_BV = 2, 24, 28, 512
+    _XSTATE_SSE = 1 << 1
+
+    def fpu_status(self) -> tuple[int, int]:
+        """(x87 status word, MXCSR)."""
+        x = self.get_xsave()
+        return (int.from_bytes(x[self._FSW:self._FSW + 2], "little"),
+                int.from_bytes(x[self._MXCSR:self._MXCSR + 4], "little"))
+
+    def set_mxcsr(self, value: int) -> None:
+        """Load MXCSR, keeping the rest of the FPU state. The SSE bit of XSTATE_BV is set, as
+        an ldmxcsr leaves it (KVM takes MXCSR from the buffer only with it)."""
+        x = bytearray(self.get_xsave())
+        x[self._MXCSR:self._MXCSR + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+        x[self._XSTATE_BV] |= self._XSTATE_SSE
+        self.set_xsave(bytes(x))
+
+    def mxcsr_mask(self) -> int:
+        """The MXCSR bits this vCPU may set: the FXSAVE area's MXCSR_MASK, or 0xFFBF where
+        it reads 0, as the architecture says."""
+        x = self.get_xsave()
+        return int.from_bytes(x[self._MXCSR_MASK:self._MXCSR_MASK + 4], "little") or 0xFFBF
 
     def get_xsave(self) -> bytes:
         return self._get_blob("KVM_GET_XSAVE", lib.KVM_GET_XSAVE, "struct kvm_xsave")

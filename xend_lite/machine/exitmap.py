@@ -7,7 +7,7 @@ happens while the VM is built, before any vCPU runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from xend_lite.kvm import exits
 
@@ -26,6 +26,12 @@ ExitHandler = Callable[["VcpuRunner", object], bool]
 StopRun = Callable[["VcpuRunner", str, str], None]
 
 
+class QuirkHandler(Protocol):
+    """Handles the emulation failures of a host's KVM it recognises (machine.quirks)."""
+
+    def handle(self, runner: VcpuRunner, ex: exits.InternalError) -> bool: ...
+
+
 class ExitMap:
     def __init__(self, stop_run: StopRun):
         self._stop_run = stop_run
@@ -36,6 +42,7 @@ class ExitMap:
         self.msr_read: dict[int, MsrReadHandler] = {}
         self.msr_write: dict[int, MsrWriteHandler] = {}
         self.custom: dict[type, ExitHandler] = {}
+        self.quirks: QuirkHandler | None = None
 
     # -- registration --------------------------------------------------------------------
 
@@ -114,5 +121,14 @@ class ExitMap:
             reason = {1: "poweroff", 2: "reboot", 3: "crash"}.get(ex.type, "internal-error")
             self._stop_run(runner, reason, f"system event {ex.type}")
             return False
+        if isinstance(ex, exits.InternalError):
+            if self.quirks is not None and self.quirks.handle(runner, ex):
+                return True
+            insn = ex.instruction_bytes()
+            if insn:
+                self._stop_run(runner, "internal-error",
+                               f"KVM could not emulate the instruction at rip "
+                               f"{v.synced_rip():#x} (bytes {insn.hex(' ')})")
+                return False
         self._stop_run(runner, "internal-error", f"{ex!r} at rip {v.synced_rip():#x}")
         return False

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from xend_lite.kvm import CAPABILITIES, Kvm, KvmError
+from xend_lite.machine.quirks import QUIRKS
 
 # Capabilities the userspace Xen backend cannot work without, and why.
 REQUIRED = {
@@ -29,13 +30,31 @@ class HostReport:
     problems: list[str] = field(default_factory=list)
     capabilities: dict[str, int] = field(default_factory=dict)
     backend: str | None = None
+    #: quirk name -> True (this host has it), False (KVM runs the instruction), None (unknown)
+    quirks: dict[str, bool | None] = field(default_factory=dict)
+    quirk_details: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"kvm": self.kvm_path, "ok": self.ok, "problems": self.problems,
-                "capabilities": self.capabilities, "backend": self.backend}
+                "capabilities": self.capabilities, "backend": self.backend,
+                "quirks": self.quirks}
+
+    def quirks_line(self) -> str:
+        """One line: which instructions this KVM cannot emulate and what xend-lite does."""
+        if not self.quirks:
+            return "quirks: not probed"
+        have = [n for n, v in self.quirks.items() if v]
+        unknown = [n for n, v in self.quirks.items() if v is None]
+        parts = [f"{n} ({QUIRKS[n].instruction}: {QUIRKS[n].handling})" for n in have]
+        text = "quirks: " + ("; ".join(parts) if parts else "none, KVM emulates "
+                             + ", ".join(QUIRKS[n].instruction for n in self.quirks))
+        if unknown:
+            text += f" (probe inconclusive: {', '.join(unknown)})"
+        return text
 
 
-def check_host(kvm_path: str = "/dev/kvm", backend: str = "auto") -> HostReport:
+def check_host(kvm_path: str = "/dev/kvm", backend: str = "auto",
+               probe_quirks: bool = True) -> HostReport:
     report = HostReport(kvm_path, ok=False)
     if not os.path.exists(kvm_path):
         report.problems.append(f"{kvm_path} does not exist: load the kvm module (modprobe kvm_intel "
@@ -64,4 +83,10 @@ def check_host(kvm_path: str = "/dev/kvm", backend: str = "auto") -> HostReport:
     # kernel's Xen support is only used when asked for by name.
     report.backend = "kvm-xen" if backend == "kvm-xen" else "userspace"
     report.ok = not report.problems
+    if probe_quirks and report.ok:
+        from xend_lite.machine.quirkprobe import probe_all
+
+        for result in probe_all(kvm_path, quiet=True):
+            report.quirks[result.name] = result.applies
+            report.quirk_details.append(result.detail)
     return report

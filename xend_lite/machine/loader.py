@@ -150,6 +150,10 @@ def load_elf(machine: Machine, image: bytes, cmdline: str = "", initrd: bytes | 
                 or not machine.mem.is_backed(p.paddr, p.memsz):
             raise _err(f"segment at {p.paddr:#x}+{p.memsz:#x} does not fit in guest RAM "
                        f"({LOW_RESERVED_END:#x}..{machine.memory_bytes:#x})")
+        for g, n, name in machine.memmap.reserved:
+            if p.paddr < g + n and g < p.paddr + p.memsz:
+                raise _err(f"segment at {p.paddr:#x}+{p.memsz:#x} covers the {name} page at "
+                           f"{g:#x}")
     entry = pvh_entry if pvh_entry is not None else e_entry
     if entry >= 1 << 32:
         raise _err(f"entry point {entry:#x} is not reachable from 32-bit protected mode")
@@ -246,8 +250,8 @@ def write_start_info(machine: Machine, cmdline: str, modules: tuple[LoadSegment,
     mem.write(MEMMAP_GPA, b"".join(MEMMAP_ENTRY.pack(a, s, t, 0) for a, s, t in entries))
     mem.write(MODLIST_GPA, b"".join(MODLIST_ENTRY.pack(m.gpa, m.filesz, 0, 0) for m in modules))
     mem.write(START_INFO_GPA, START_INFO.pack(HVM_START_MAGIC, 1, 0, len(modules),
-                                              MODLIST_GPA if modules else 0, CMDLINE_GPA, 0,
-                                              MEMMAP_GPA, len(entries), 0))
+                                              MODLIST_GPA if modules else 0, CMDLINE_GPA,
+                                              machine.acpi_rsdp, MEMMAP_GPA, len(entries), 0))
     return START_INFO_GPA
 
 

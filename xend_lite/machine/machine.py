@@ -29,7 +29,11 @@ from xend_lite.machine.halts import HALT_CHECK_EVERY, HaltWatch
 from xend_lite.machine.memmap import MemoryMap, RamRegion
 from xend_lite.machine.msrfilter import msr_filter_ranges
 from xend_lite.machine.owner import VmOwner
+<<<<<<< HEAD
 from xend_lite.machine.power import VcpuPowerOn, VmPowerOn
+=======
+from xend_lite.machine.quirks import HostQuirks
+>>>>>>> linux
 from xend_lite.machine.vcpu import VcpuRunner, VcpuState
 
 log = logging.getLogger("xend_lite.machine")
@@ -59,7 +63,7 @@ class BootCpu:
 
 class Machine:
     def __init__(self, kvm: Kvm, memory_bytes: int, vcpus: int = 1, console: ConsoleSink | None = None,
-                 irqchip: bool = True):
+                 irqchip: bool = True, quirks: bool = True):
         if memory_bytes < 2 * 1024 * 1024 or memory_bytes % PAGE_SIZE:
             raise InvalidArgument("guest memory must be at least 2 MiB and a multiple of 4 KiB")
         if not 1 <= vcpus <= 64:
@@ -91,6 +95,9 @@ class Machine:
             self.memmap = MemoryMap(self.vm, regions, phys_bits=self.phys_bits, remap_overlays=True,
                                     before_slot_change=self._vcpus_out)
             self.mem = GuestMemory(self.memmap, self.ram_lock)
+            # what this host's KVM cannot emulate, carried out where the result is exact
+            self.quirks = HostQuirks(self.mem) if quirks else None
+            self.exits.quirks = self.quirks
             self.owner = VmOwner()
             self.runners = [VcpuRunner(self.vm.create_vcpu(i), self.owner, self.exits)
                             for i in range(vcpus)]
@@ -105,6 +112,7 @@ class Machine:
             self.vm.close()
             raise
         self.xen_mode = False  # set by the Xen emulation; devices such as xen_overlay need it
+        self.acpi_rsdp = 0     # where machine.acpi laid the RSDP (0: no ACPI tables)
         self._closed = False
         self._user_msr_enabled = False
         self.state = "created"

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from xend_lite.errors import InvalidArgument, NotFound, NotSupported, StateError
 from xend_lite.kvm import CAPABILITIES, Kvm
+from xend_lite.machine.acpi import install as install_acpi
 from xend_lite.machine.backing import INVALID_GPA
 from xend_lite.machine.console import ConsoleSink
 from xend_lite.machine.kernel import unpack_kernel
@@ -85,6 +86,8 @@ class Domain:
                                                     for p in patched.patched))
                     self._patch_logged = True
                 image = patched.image
+        if self.xen is not None:
+            install_acpi(self.machine)     # the tables a PVH guest finds its vCPUs in
         return load_image(self.machine, image, self.spec.cmdline, initrd=self.initrd)
 
     @property

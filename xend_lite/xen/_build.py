@@ -78,6 +78,7 @@ GNTTABOP_cache_flush
 GNTST_okay GNTST_general_error GNTST_bad_domain GNTST_permission_denied
 
 VCPUOP_initialise VCPUOP_up VCPUOP_down VCPUOP_is_up VCPUOP_get_runstate_info
+RUNSTATE_running RUNSTATE_runnable RUNSTATE_blocked RUNSTATE_offline
 VCPUOP_register_runstate_memory_area VCPUOP_set_periodic_timer VCPUOP_stop_periodic_timer
 VCPUOP_set_singleshot_timer VCPUOP_stop_singleshot_timer VCPUOP_register_vcpu_info
 VCPUOP_send_nmi VCPUOP_get_physid VCPUOP_register_vcpu_time_memory_area
@@ -140,6 +141,7 @@ struct grant_entry_v1 { uint16_t flags; domid_t domid; uint32_t frame; ...; };
 struct vcpu_register_vcpu_info { uint64_t mfn; uint32_t offset; uint32_t rsvd; ...; };
 struct vcpu_set_singleshot_timer { uint64_t timeout_abs_ns; uint32_t flags; ...; };
 struct vcpu_set_periodic_timer { uint64_t period_ns; ...; };
+struct vcpu_runstate_info { int state; uint64_t state_entry_time; uint64_t time[4]; ...; };
 
 struct xen_feature_info { unsigned int submap_idx; uint32_t submap; ...; };
 struct xen_platform_parameters { unsigned long virt_start; ...; };

@@ -18,7 +18,7 @@ __all__ = ["Layout", "X", "guest_layout", "SharedInfoLayout", "SHINFO64", "SHINF
 # (size, alignment, signed) of each C type in the i386 ABI
 _I386 = {"u8": (1, 1, False), "s8": (1, 1, True), "u16": (2, 2, False), "s16": (2, 2, True),
          "u32": (4, 4, False), "s32": (4, 4, True), "u64": (8, 4, False), "u64a": (8, 8, False), "ulong": (4, 4, False),
-         "ptr": (4, 4, False)}
+         "ptr": (4, 4, False), "u64x4": (32, 4, False)}
 
 # The i386 declarations of the structs whose layout differs by mode (or that are read in
 # both modes); field names as in the public headers.
@@ -32,6 +32,8 @@ _COMPAT = {
     "xen_hvm_param": [("domid", "u16"), ("index", "u32"), ("value", "u64")],
     "xen_hvm_evtchn_upcall_vector": [("vcpu", "u32"), ("vector", "u8")],
     "sched_shutdown": [("reason", "u32")],
+    "vcpu_runstate_info": [("state", "s32"), ("state_entry_time", "u64"),
+                           ("time", "u64x4")],
     "sched_poll": [("ports", "ptr"), ("nr_ports", "u32"), ("timeout", "u64")],
     "evtchn_alloc_unbound": [("dom", "u16"), ("remote_dom", "u16"), ("port", "u32")],
     "evtchn_bind_interdomain": [("remote_dom", "u16"), ("remote_port", "u32"), ("local_port", "u32")],

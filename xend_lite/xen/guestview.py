@@ -73,6 +73,14 @@ class GuestView:
             yield self._gpa_page(page) + (pos - page), n
             pos += n
 
+    def physical(self, gva: int, length: int) -> list[tuple[int, int]]:
+        """Where ``length`` bytes at ``gva`` are now: (guest-physical address, bytes) pieces."""
+        pieces = list(self._pieces(gva, length))
+        for gpa, n in pieces:
+            if not self.mem.is_backed(gpa, n):
+                raise fault(f"guest-physical {gpa:#x} is not memory")
+        return pieces
+
     def read(self, gva: int, length: int) -> bytes:
         out = bytearray()
         try:

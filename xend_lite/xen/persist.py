@@ -56,7 +56,8 @@ class XenPersist:
                 periodic={str(k): list(v) for k, v in p.timers.periodics().items()},
                 grant_frames_in_use=p.grants.frames_in_use,
                 guest_memory_map=None if p.memory.guest_map is None
-                else [list(e) for e in p.memory.guest_map]),
+                else [list(e) for e in p.memory.guest_map],
+                runstate=p.runstates.to_state()),
             "xen_overlay": p.overlay.save(),
             "xenstore": p.xenstore.save(),
         }
@@ -86,6 +87,12 @@ class XenPersist:
         for v in st.periodic.values():
             if len(v) != 2 or not PERIODIC_MIN_NS <= v[0] <= PERIODIC_MAX_NS:
                 raise InvalidArgument("xen state: periodic timer malformed")
+        if not isinstance(st.runstate, dict):
+            raise InvalidArgument("xen state: runstate table malformed")
+        try:
+            self.p.runstates.parse_state(st.runstate, n)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument("xen state: runstate table malformed") from exc
         for key in ("ports", "daemon_ports"):
             if not isinstance(st.evtchn.get(key), dict):
                 raise InvalidArgument("xen state: event channel table malformed")
@@ -114,6 +121,7 @@ class XenPersist:
         p.grants.frames_in_use = st.grant_frames_in_use
         p.memory.guest_map = None if st.guest_memory_map is None \
             else [(a, n, t) for a, n, t in st.guest_memory_map]
+        p.runstates.from_state(st.runstate, p.nr_vcpus)
         for k, v in st.timers.items():
             p.timers.set(int(k), v)
         for k, (period, expiry) in st.periodic.items():

@@ -31,6 +31,7 @@ from xend_lite.xen.memory import MemoryOps
 from xend_lite.xen.native import DECODE_CALL
 from xend_lite.xen.overlay import SHARED_INFO, OverlayDevice
 from xend_lite.xen.persist import XenPersist
+from xend_lite.xen.runstate import Runstates
 from xend_lite.xen.sched import SchedOps
 from xend_lite.xen.shinfo import SharedInfo
 from xend_lite.xen.timekeeping import Clock
@@ -101,6 +102,7 @@ class XenPlatform:
         self.evtchn = EventChannels(machine, self.shinfo, self.upcalls)
         self.time = VcpuTime(machine, self.shinfo, self.clock, self.nr_vcpus)
         self.timers = Timers(machine, self.clock, self.evtchn, self.time.refresh)
+        self.runstates = Runstates(machine.mem, self.clock)
         self.store_gpa, self.console_gpa = self._reserve_special_pages()
         self.console = Console(machine.console, machine.mem, self.console_gpa)
         self.xenstore = XenstoreBackend(self.domid, GuestPage(machine.mem, self.store_gpa))
@@ -110,9 +112,10 @@ class XenPlatform:
                                 self._guest_map_overlay, lambda: e820_map(machine))
         self.hvm = HvmOps(self.domid, self.nr_vcpus, self.params, self.upcalls, self.overlay, self.clock)
         self.sched = SchedOps(self.clock, self.timers, self.evtchn, self.shinfo,
-                              self._guest_shutdown, self._guest_soft_reset)
+                              self._guest_shutdown, self._guest_soft_reset, self.runstates)
         self.evtchn_ops = EvtchnOps(self.domid, self.nr_vcpus, self.evtchn, machine.memmap)
-        self.vcpu_ops = VcpuOps(machine, self.shinfo, self.time, self.clock, self.timers)
+        self.vcpu_ops = VcpuOps(machine, self.shinfo, self.time, self.clock, self.timers,
+                                self.runstates)
         self.hypercalls = Hypercalls(machine.mem, hypercall_table(self))
         self.persist = XenPersist(self)
         self._install()
@@ -243,6 +246,7 @@ class XenPlatform:
         guest memory is left alone. On the owner."""
         self.timers.stop_all()
         self.time.forget()
+        self.runstates.reset()
         self.evtchn.reset()
         self.shinfo.reset()
         self.upcalls.vectors.clear()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from xend_lite.machine.vcpu import VcpuRunner
     from xend_lite.xen.evtchn import EventChannels
     from xend_lite.xen.hypercall import Call
+    from xend_lite.xen.runstate import Runstates
     from xend_lite.xen.shinfo import SharedInfo
     from xend_lite.xen.timekeeping import Clock
     from xend_lite.xen.timers import Timers
@@ -34,7 +35,8 @@ ShutdownFn = Callable[["VcpuRunner", str, int], None]
 
 class SchedOps:
     def __init__(self, clock: Clock, timers: Timers, evtchn: EventChannels, shinfo: SharedInfo,
-                 shutdown: ShutdownFn, soft_reset: Callable[["VcpuRunner"], None]):
+                 shutdown: ShutdownFn, soft_reset: Callable[["VcpuRunner"], None],
+                 runstates: Runstates | None = None):
         self.clock = clock
         self.timers = timers
         self.evtchn = evtchn
@@ -42,15 +44,18 @@ class SchedOps:
         self._shutdown = shutdown
         self._soft_reset = soft_reset
         self.shutdown_code: int | None = None
+        self.runstates = runstates
 
     def sched_op(self, c: Call, cmd: int, arg: int) -> int:
         if cmd == X.SCHEDOP_yield:
             time.sleep(0)
             return 0
-        if cmd == X.SCHEDOP_block:
-            return self._block(c)
-        if cmd == X.SCHEDOP_poll:
-            return self._poll(c, arg)
+        if cmd in (X.SCHEDOP_block, X.SCHEDOP_poll):
+            self._runstate(c, X.RUNSTATE_blocked)
+            try:
+                return self._block(c) if cmd == X.SCHEDOP_block else self._poll(c, arg)
+            finally:
+                self._runstate(c, X.RUNSTATE_running)
         if cmd in (X.SCHEDOP_shutdown, X.SCHEDOP_shutdown_code):
             reason = c.view.read_uint(arg, 4)
             if cmd == X.SCHEDOP_shutdown_code:
@@ -78,6 +83,10 @@ class SchedOps:
         else:
             self.timers.set(c.index, timeout)
         return 0
+
+    def _runstate(self, c: Call, state: int) -> None:
+        if self.runstates is not None:
+            self.runstates.set_state(c.index, state)
 
     def _shutdown_as_xen(self, c: Call, reason: int) -> int:
         """As Xen: the reason is taken as a u8 and any value shuts the domain down; one

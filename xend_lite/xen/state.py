@@ -31,6 +31,8 @@ class XenState(State):
     grant_frames_in_use: int = 1
     # the memory map the guest set for itself (XENMEM_set_memory_map): [addr, size, type]
     guest_memory_map: list[list[int]] | None = None
+    # per vCPU: [[[gpa, bytes]...], long mode, state, entry time, [4 times]] (runstate.py)
+    runstate: dict[str, list] = field(default_factory=dict)
 
     @classmethod
     def upgrade(cls, version: int, fields: dict[str, Any]) -> dict[str, Any]:
@@ -38,6 +40,6 @@ class XenState(State):
             fields = fields | {"periodic": {}}
         if version < 3:              # saved before the grant table's size was kept
             fields = fields | {"grant_frames_in_use": 1}
-        if version < 4:              # saved before a guest could set its memory map
-            fields = fields | {"guest_memory_map": None}
+        if version < 4:              # saved before guest memory maps and runstate areas
+            fields = fields | {"guest_memory_map": None, "runstate": {}}
         return fields

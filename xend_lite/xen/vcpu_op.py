@@ -13,6 +13,7 @@ from xend_lite.xen.xenabi import X
 if TYPE_CHECKING:
     from xend_lite.machine.machine import Machine
     from xend_lite.xen.hypercall import Call
+    from xend_lite.xen.runstate import Runstates
     from xend_lite.xen.shinfo import SharedInfo
     from xend_lite.xen.timekeeping import Clock
     from xend_lite.xen.timers import Timers
@@ -23,13 +24,14 @@ MAX_GFN = 1 << 40
 
 class VcpuOps:
     def __init__(self, machine: Machine, shinfo: SharedInfo, time: VcpuTime, clock: Clock,
-                 timers: Timers):
+                 timers: Timers, runstates: Runstates):
         self.machine = machine
         self.nr_vcpus = len(machine.runners)
         self.shinfo = shinfo
         self.time = time
         self.clock = clock
         self.timers = timers
+        self.runstates = runstates
 
     def is_up(self, vcpu: int) -> bool:
         return vcpu == 0 or self.machine.runners[vcpu].started
@@ -39,6 +41,8 @@ class VcpuOps:
             raise XenError(X.XEN_ENOENT, "no such vcpu")
         if cmd == X.VCPUOP_register_vcpu_info:
             return self._register_vcpu_info(c, vcpuid, arg)
+        if cmd == X.VCPUOP_register_runstate_memory_area:
+            return self.runstates.register(c, vcpuid, arg)
         if cmd == X.VCPUOP_is_up:
             return 1 if self.is_up(vcpuid) else 0
         if cmd == X.VCPUOP_set_singleshot_timer:
