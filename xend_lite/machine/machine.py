@@ -29,11 +29,8 @@ from xend_lite.machine.halts import HALT_CHECK_EVERY, HaltWatch
 from xend_lite.machine.memmap import MemoryMap, RamRegion
 from xend_lite.machine.msrfilter import msr_filter_ranges
 from xend_lite.machine.owner import VmOwner
-<<<<<<< HEAD
 from xend_lite.machine.power import VcpuPowerOn, VmPowerOn
-=======
 from xend_lite.machine.quirks import HostQuirks
->>>>>>> linux
 from xend_lite.machine.vcpu import VcpuRunner, VcpuState
 
 log = logging.getLogger("xend_lite.machine")
