@@ -20,7 +20,7 @@ import pytest
 
 from tests.machine.test_loader import FakeMachine
 from tests.xen.conftest import SCRATCH
-from xend_lite.machine import loader
+from xend_lite.machine import acpi, loader
 from xend_lite.machine.loader import E820_RAM, E820_RESERVED, e820_map
 from xend_lite.vmm.domain import Domain
 from xend_lite.vmm.spec import DomainSpec
@@ -317,7 +317,8 @@ def test_start_info_is_what_the_guest_finds(guest_path, tmp_path):
     """startinfo32 reads hvm_start_info as a PVH guest does: the magic and version, the
     command line, the module (the initrd's bytes), and a memory map that is the one
     XENMEM_memory_map gives, whose RAM is memory (the guest's markers are there) and whose
-    reserved entries are exactly the xenstore and console rings."""
+    reserved entries are exactly the ACPI tables (where rsdp_paddr points) and the xenstore
+    and console rings."""
     initrd = bytes((i * 7 + 3) & 0xFF for i in range(5000))
     (tmp_path / "initrd").write_bytes(initrd)
     cmdline = "console=hvc0 xend-lite start_info proof"
@@ -330,8 +331,9 @@ def test_start_info_is_what_the_guest_finds(guest_path, tmp_path):
         assert done.wait(10), d.machine.status
         m, out = d.machine.mem, 0x300000
         si = dict(zip(START_INFO_FIELDS, loader.START_INFO.unpack(m.read(out, 56))))
-        assert (si["magic"], si["version"], si["flags"], si["rsdp_paddr"]) == \
-            (loader.HVM_START_MAGIC, 1, 0, 0)
+        assert (si["magic"], si["version"], si["flags"]) == (loader.HVM_START_MAGIC, 1, 0)
+        assert si["rsdp_paddr"] == d.machine.acpi_rsdp != 0
+        assert m.read(si["rsdp_paddr"], 8) == b"RSD PTR "
         assert m.read(out + 0x1000, len(cmdline) + 1) == cmdline.encode() + b"\0"
         assert si["nr_modules"] == 1
         paddr, size, _cmd, _r = struct.unpack("<QQQQ", m.read(out + 0x40, 32))
@@ -346,7 +348,7 @@ def test_start_info_is_what_the_guest_finds(guest_path, tmp_path):
             if t == E820_RAM:
                 assert struct.unpack("<I", m.read(a + size_ - 4, 4))[0] == 0x5A5A0000 | i
         reserved = {a for a, size_, t in table if t == E820_RESERVED}
-        assert reserved == {d.xen.params[X.HVM_PARAM_STORE_PFN] << 12,
+        assert reserved == {acpi.ACPI_GPA, d.xen.params[X.HVM_PARAM_STORE_PFN] << 12,
                             d.xen.params[X.HVM_PARAM_CONSOLE_PFN] << 12}
         assert paddr + size <= max(a + s for a, s, t in table if t == E820_RAM)
     finally:
