@@ -1,5 +1,8 @@
 """The State protocol: how a component declares what it saves.
 
+(Longer than most modules: the protocol, its type checker and the section-name rules are
+one contract that every saved component relies on; read together they are the reference.)
+
 A component declares its saved state as a dataclass that subclasses :class:`State`::
 
     @dataclass

@@ -1,5 +1,8 @@
 """Writing a snapshot: states and sparse guest memory into one file, published atomically.
 
+(Longer than most modules: the copy loop, its writeback pacing and the atomic publish share
+one open file and one error path; split, each half would need the other's internals.)
+
 ``save_snapshot`` writes to a temporary file in the target's directory (``.NAME.PID.RAND.tmp``,
 locked with flock while it is written), fsyncs it, renames it over the target and fsyncs the
 directory. Whatever happens before the rename (SIGKILL, disk full, an exception), an earlier
