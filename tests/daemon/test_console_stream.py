@@ -76,3 +76,14 @@ async def test_console_endpoint_streams_output_and_refuses_a_second_writer(daemo
         with pytest.raises(RpcError) as e:
             await c.websocket("/console?mode=sideways", "the console")
         assert e.value.data["http_status"] == 400
+
+
+async def test_an_oversized_key_message_closes_the_writer(daemon):
+    """A message past console-write's 64 KiB bound is not taken: the socket closes (1009)."""
+    async with daemon.client() as c:
+        ws = await c.websocket("/console?mode=write", "the console")
+        await ws.send_bytes(b"k" * (64 * 1024 + 1))
+        msg = await asyncio.wait_for(ws.receive(), 5)
+        assert msg.type.name in ("CLOSE", "CLOSED", "CLOSING")
+        await wait_for(lambda: daemon.controller.console.writer is None, what="detached")
+        assert ws.close_code == 1009 or msg.data == 1009

@@ -308,7 +308,8 @@ async def console_handler(request: web.Request) -> web.StreamResponse:
     except WriterBusy as exc:
         return web.json_response(error_reply(-32000, f"Conflict: {exc}"), status=409)
     hold(request)  # like the event stream, never closed for a newcomer
-    ws = web.WebSocketResponse(heartbeat=30.0)
+    # a message over console-write's bound closes the socket (1009) rather than being cut
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=CONSOLE_WRITE_MAX)
     try:
         await ws.prepare(request)
     except BaseException:
@@ -328,7 +329,7 @@ async def console_handler(request: web.Request) -> web.StreamResponse:
                 continue
             data = msg.data if msg.type == WSMsgType.BINARY else msg.data.encode("utf-8")
             try:
-                await controller.console_write(data[:CONSOLE_WRITE_MAX])
+                await controller.console_write(data)
             except XendLiteError as exc:
                 await ws.send_str(json.dumps({"error": {
                     "code": exc.code, "message": str(exc), "class": exc.error_class}}))
