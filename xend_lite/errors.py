@@ -12,6 +12,9 @@ class XendLiteError(Exception):
     """Base of every error a user or client can cause. Subclasses set a stable ``code``."""
 
     code: int = 1000
+    # Machine-readable detail a client sees next to the class (e.g. a xenstore errno name);
+    # set per instance, never holds internal text.
+    extra: dict = {}
 
     @property
     def error_class(self) -> str:
@@ -56,6 +59,12 @@ class GuestMemoryError(XendLiteError):
         super().__init__(message)
         self.gpa = gpa
         self.length = length
+
+
+class AccessDenied(XendLiteError):
+    """The request was understood but its target refuses it (a xenstore node's permissions)."""
+
+    code = 1007
 
 
 class LoaderError(XendLiteError):

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from xend_lite.errors import InvalidArgument, NotFound, SnapshotError, StateError
+from xend_lite.errors import InvalidArgument, NotFound, NotSupported, SnapshotError, StateError
 from xend_lite.machine.owner import VmOwner
 
 INVALID_GPA = (1 << 64) - 1
@@ -162,6 +162,18 @@ class FakeDomain:
     def query_console(self, max_bytes: int = 4096) -> str:
         self._call("query_console")
         return bytes(self.console[-max_bytes:] if max_bytes else b"").decode("utf-8", "replace")
+
+    def add_console_listener(self, fn: Callable[[bytes], None]) -> None:
+        self.console_listeners = getattr(self, "console_listeners", []) + [fn]
+
+    def console_write(self, data: bytes) -> dict:
+        raise NotSupported("this VM is not in Xen mode: it has no Xen emulation")
+
+    def xenstore(self, op: str, *args: Any) -> Any:
+        raise NotSupported("this VM is not in Xen mode: it has no Xen emulation")
+
+    def system_powerdown(self) -> None:
+        raise NotSupported("this VM is not in Xen mode: it has no Xen emulation")
 
     def query_hypercalls(self) -> dict:
         self._call("query_hypercalls")

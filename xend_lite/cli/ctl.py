@@ -4,6 +4,8 @@
     xend-lite-ctl xen-overlay-map page=shared_info gpa=0x400000
     xend-lite-ctl snapshot-save path=before.snap paused=true
     xend-lite-ctl events                 # follow the event stream, one JSON object a line
+    xend-lite-ctl console                # attach to the guest console (Ctrl-] leaves)
+    xend-lite-ctl console read-only=true # watch it while another client types
     xend-lite-ctl --tcp http://127.0.0.1:8405 --token-file token query-status
 
 Values are parsed as JSON when they parse (numbers, true/false, null, quoted strings,
@@ -102,15 +104,21 @@ class Client:
             raise RpcError(err.get("code", 0), err.get("message", ""), err.get("data"))
         return reply.get("result")
 
-    async def events(self) -> AsyncIterator[dict]:
-        """Events as they come, until the daemon closes the stream."""
+    async def websocket(self, path: str, what: str) -> aiohttp.ClientWebSocketResponse:
+        """A WebSocket to ``path`` (/events, /console?...); RpcError if refused."""
         assert self._session is not None
         try:
-            ws = await self._session.ws_connect(f"{self.base}/events", timeout=aiohttp.ClientWSTimeout(ws_close=5))
+            return await self._session.ws_connect(f"{self.base}{path}",
+                                                  timeout=aiohttp.ClientWSTimeout(ws_close=5))
         except aiohttp.WSServerHandshakeError as exc:
-            raise RpcError(-32000, f"the event stream was refused: HTTP {exc.status} {exc.message}") from None
+            raise RpcError(-32000, f"{what} was refused: HTTP {exc.status} {exc.message}",
+                           {"http_status": exc.status}) from None
         except aiohttp.ClientConnectionError as exc:
             raise ConnectError(f"cannot reach the daemon at {self.where}: {exc}") from None
+
+    async def events(self) -> AsyncIterator[dict]:
+        """Events as they come, until the daemon closes the stream."""
+        ws = await self.websocket("/events", "the event stream")
         async with ws:
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
@@ -144,7 +152,7 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xend-lite-ctl", description="Talk to a running xend-lite.",
                                 epilog="Methods: query-commands lists them. `events` follows the "
-                                       "event stream.")
+                                       "event stream; `console` attaches to the guest console.")
     p.add_argument("--socket", help="the daemon's Unix socket (default: the daemon's default)")
     p.add_argument("--tcp", metavar="URL", help="reach the daemon over TCP, e.g. http://127.0.0.1:8405")
     p.add_argument("--token-file", help="file with the bearer token (TCP)")
@@ -159,6 +167,10 @@ async def _run(ns: argparse.Namespace, params: dict, token: str | None) -> int:
     client = Client(ns.socket, ns.tcp, token, timeout=ns.timeout)
     indent = None if ns.compact else 2
     async with client:
+        if ns.method == "console":
+            from xend_lite.cli.console import attach
+
+            return await attach(client, read_only=params.get("read-only") is True)
         if ns.method == "events":
             async for event in client.events():
                 print(json.dumps(event), flush=True)
@@ -177,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if ns.method == "events" and params:
         print("xend-lite-ctl: events takes no parameters", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.method == "console" and not set(params) <= {"read-only"}:
+        print("xend-lite-ctl: console takes only read-only=true", file=sys.stderr)
         return EXIT_USAGE
     token = None
     if ns.token_file:

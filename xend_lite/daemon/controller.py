@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from xend_lite.daemon.console_stream import ConsoleHub
 from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
 from xend_lite.daemon.snapdir import SnapshotDir
 from xend_lite.errors import InvalidArgument, StateError
@@ -78,6 +79,7 @@ class Controller:
         self.transitions: list[tuple[RunState, RunState]] = []
         self.domain: VmApi | None = None
         self._closing = False
+        self.console = ConsoleHub()       # console output to attached clients (loop only)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -159,6 +161,8 @@ class Controller:
         if self.domain is None:
             self.attach_loop()
             self.domain = await asyncio.to_thread(self._factory, self._spec, self._domain_event)
+            self.domain.add_console_listener(
+                lambda data: self._to_loop(self.console.publish, bytes(data)))
 
     async def restore_at_start(self, path: str) -> dict:
         """Load ``path`` before boot: the operator's --restore path as it is, or a
@@ -195,6 +199,16 @@ class Controller:
     async def snapshot_describe(self, path: str) -> dict:
         return await self._call(self._snapshot_describe, self.snapshots.for_load(path))
 
+    async def console_write(self, data: bytes) -> dict:
+        return await self._call(self._console_write, data)
+
+    async def xenstore(self, op: str, *args: Any) -> Any:
+        fn = self._xenstore_read if op in ("read", "ls") else self._xenstore_change
+        return await self._call(fn, op, *args)
+
+    async def system_powerdown(self) -> None:
+        await self._call(self._system_powerdown)
+
     async def close(self) -> None:
         """Stop the vCPUs and release the VM (console flushed); its owner thread ends."""
         self._closing = True
@@ -204,6 +218,7 @@ class Controller:
             except Exception:  # noqa: BLE001 - closing goes on whatever failed
                 log.exception("closing the VM failed")
         self._set_state(R.SHUTDOWN)
+        self.console.close()
 
     # -- bottom half: runs on the VM owner thread ----------------------------------------
 
@@ -258,6 +273,23 @@ class Controller:
     @requires(R.RUNNING, R.PAUSED)
     def _overlay_unmap(self, page: str, force: bool) -> Any:
         return self.domain.overlay_unmap(page, force)
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _console_write(self, data: bytes) -> dict:
+        return self.domain.console_write(data)
+
+    @requires(*ALL_STATES)
+    def _xenstore_read(self, op: str, *args: Any) -> Any:
+        return self.domain.xenstore(op, *args)
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _xenstore_change(self, op: str, *args: Any) -> Any:
+        return self.domain.xenstore(op, *args)
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _system_powerdown(self) -> None:
+        self.domain.system_powerdown()
+        self.emit("POWERDOWN")
 
     def _pause_for(self) -> bool:
         """Pause a running VM for a save or a load; True if it was running."""

@@ -3,11 +3,15 @@ controller; the controller runs the work on the VM owner."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 import xend_lite
 from xend_lite.daemon.params import Param, boolean, int_range, opt, string, u64
 from xend_lite.daemon.rpc import METHODS, RpcContext, method
+from xend_lite.errors import InvalidArgument
+from xend_lite.xen.xenstore.server import escape
 
 __all__ = ["METHODS", "xend_lite_version"]
 
@@ -127,3 +131,102 @@ async def query_commands(ctx: RpcContext) -> list[dict]:
     """Every method with its parameters (QMP has the same)."""
     return [{"name": m.name, "params": [{"name": p.name, "required": p.required} for p in m.params]}
             for m in sorted(METHODS.values(), key=lambda m: m.name)]
+
+
+# -- the guest's console and xenstore -----------------------------------------------------
+# The operator types into the PV console ring and acts on the guest's xenstore as domain 0,
+# the toolstack. xenstore errors keep xenstored's name in the error's data ("errno").
+
+CONSOLE_WRITE_MAX = 64 * 1024          # bytes of input one console-write takes at most
+XS_VALUE_MAX = 4096                    # XENSTORE_PAYLOAD_MAX: a value never exceeds it
+
+
+def _console_text(v: Any) -> bytes:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    data = v.encode("utf-8", "surrogatepass")
+    if len(data) > CONSOLE_WRITE_MAX:
+        raise ValueError(f"must be at most {CONSOLE_WRITE_MAX} bytes")
+    return data
+
+
+def _console_base64(v: Any) -> bytes:
+    if not isinstance(v, str) or len(v) > CONSOLE_WRITE_MAX * 4 // 3 + 4:
+        raise ValueError(f"must be base64 of at most {CONSOLE_WRITE_MAX} bytes")
+    try:
+        data = base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64") from None
+    if len(data) > CONSOLE_WRITE_MAX:
+        raise ValueError(f"must be at most {CONSOLE_WRITE_MAX} bytes")
+    return data
+
+
+def _xs_path(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("must be a non-empty string (a xenstore path)")
+    return v
+
+
+def _xs_value(v: Any) -> bytes:
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    data = v.encode("utf-8")
+    if len(data) > XS_VALUE_MAX:
+        raise ValueError(f"must be at most {XS_VALUE_MAX} bytes (UTF-8)")
+    return data
+
+
+@method("console-write", opt("data", _console_text, None), opt("data-base64", _console_base64, None))
+async def console_write(ctx: RpcContext, **kw: Any) -> Any:
+    """Type into the guest's PV console (data: UTF-8 text, or data-base64: bytes; one of
+    them, at most 64 KiB). Returns {"taken": bytes queued, "pending": bytes the guest has not
+    read yet}; taken < the length given means the input queue is full."""
+    text, raw = kw["data"], kw["data-base64"]
+    if (text is None) == (raw is None):
+        raise InvalidArgument("give exactly one of 'data' and 'data-base64'")
+    return await ctx.controller.console_write(text if raw is None else raw)
+
+
+def _decode_value(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return escape(value)
+
+
+@method("xenstore-read", Param("path", _xs_path))
+async def xenstore_read(ctx: RpcContext, path: str) -> Any:
+    """A node's value (UTF-8; other bytes as \\xNN). Relative paths are under the guest's
+    /local/domain/<domid>."""
+    return {"value": _decode_value(await ctx.controller.xenstore("read", path))}
+
+
+@method("xenstore-write", Param("path", _xs_path), Param("value", _xs_value))
+async def xenstore_write(ctx: RpcContext, path: str, value: bytes) -> None:
+    """Write a node as domain 0 (parents are created); the guest's watches fire."""
+    await ctx.controller.xenstore("write", path, value)
+
+
+@method("xenstore-rm", Param("path", _xs_path))
+async def xenstore_rm(ctx: RpcContext, path: str) -> None:
+    """Remove a node and everything under it; the guest's watches fire."""
+    await ctx.controller.xenstore("rm", path)
+
+
+@method("xenstore-ls", Param("path", _xs_path), opt("recursive", boolean, False))
+async def xenstore_ls(ctx: RpcContext, path: str, recursive: bool) -> Any:
+    """{"value", "perms", "children": {name: {...}}} at path: its children, or with
+    recursive=true the whole subtree."""
+    tree = await ctx.controller.xenstore("ls", path)
+    if not recursive:
+        for child in tree["children"].values():
+            child["children"] = {}
+    return tree
+
+
+@method("system_powerdown")
+async def system_powerdown(ctx: RpcContext) -> None:
+    """Ask the guest to power off (control/shutdown = "poweroff", as a toolstack does) and
+    return at once; the guest stops later, with reason poweroff, if it acts on the request."""
+    await ctx.controller.system_powerdown()

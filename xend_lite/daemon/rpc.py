@@ -87,6 +87,8 @@ def error_for(exc: BaseException) -> JsonRpcError:
         elif isinstance(exc, GuestMemoryError):
             data["gpa"] = exc.gpa
             data["length"] = exc.length
+        if exc.extra:
+            data.update({k: v for k, v in exc.extra.items() if k != "class"})
         return JsonRpcError(exc.code, str(exc) or exc.error_class, data)
     log.error("internal error in a control method", exc_info=exc)
     return JsonRpcError(INTERNAL_ERROR, "Internal error: see the daemon's log", {"class": "InternalError"})

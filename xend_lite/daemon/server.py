@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import socket
@@ -24,10 +25,12 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from xend_lite.daemon.config import TcpAddress
 from xend_lite.daemon.connections import BACKLOG, hold, on_response_prepare
+from xend_lite.daemon.console_stream import WriterBusy
 from xend_lite.daemon.events import EventBus
-from xend_lite.daemon.methods import METHODS
+from xend_lite.daemon.methods import CONSOLE_WRITE_MAX, METHODS
 from xend_lite.daemon.rpc import INVALID_REQUEST, MAX_BODY, Dispatcher, RpcContext, error_reply
 from xend_lite.daemon.tokens import token_matches
+from xend_lite.errors import XendLiteError
 
 log = logging.getLogger("xend_lite.server")
 
@@ -289,6 +292,63 @@ async def events_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def console_handler(request: web.Request) -> web.StreamResponse:
+    """GET /console: a WebSocket carrying the guest's console output as binary messages from
+    the moment of attaching. With ?mode=write the client is also the one writer: its binary
+    (or text) messages are typed into the console (console-write); a second writer gets 409.
+    Errors of a write come back as a text message {"error": {...}}."""
+    if request.app[TOKEN] is None and _is_tcp(request):
+        return _refusal(request, None)  # type: ignore[return-value]
+    mode = request.query.get("mode", "read")
+    if mode not in ("read", "write"):
+        return web.json_response(error_reply(-32602, "mode must be read or write"), status=400)
+    controller = request.app[CONTROLLER]
+    try:
+        reader = controller.console.attach(write=mode == "write")
+    except WriterBusy as exc:
+        return web.json_response(error_reply(-32000, f"Conflict: {exc}"), status=409)
+    hold(request)  # like the event stream, never closed for a newcomer
+    # a message over console-write's bound closes the socket (1009) rather than being cut
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=CONSOLE_WRITE_MAX)
+    try:
+        await ws.prepare(request)
+    except BaseException:
+        controller.console.detach(reader)
+        raise
+    request.app[WEBSOCKETS].add(ws)
+
+    async def pump() -> None:
+        while (data := await reader.get()) is not None:
+            await ws.send_bytes(data)
+
+    async def incoming() -> None:
+        async for msg in ws:
+            if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                return
+            if mode != "write":
+                continue
+            data = msg.data if msg.type == WSMsgType.BINARY else msg.data.encode("utf-8")
+            try:
+                await controller.console_write(data)
+            except XendLiteError as exc:
+                await ws.send_str(json.dumps({"error": {
+                    "code": exc.code, "message": str(exc), "class": exc.error_class}}))
+
+    sender, receiver = asyncio.create_task(pump()), asyncio.create_task(incoming())
+    try:
+        await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (sender, receiver):
+            t.cancel()
+        await asyncio.gather(sender, receiver, return_exceptions=True)
+        reason = reader.reason or "detached"
+        controller.console.detach(reader)
+        request.app[WEBSOCKETS].discard(ws)
+        if not ws.closed:
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=reason.encode()[:120])
+    return ws
+
+
 def make_app(controller: Any, events: EventBus, daemon: Any = None, token: str | None = None) -> web.Application:
     # The bearer-token middleware only where TCP clients are expected (a token is given):
     # a middleware costs every request a few microseconds, Unix-socket ones too.
@@ -303,6 +363,7 @@ def make_app(controller: Any, events: EventBus, daemon: Any = None, token: str |
     app[WEBSOCKETS] = set()
     app.router.add_post("/rpc", rpc_handler_for(dispatcher, controller, daemon, token))
     app.router.add_get("/events", events_handler)
+    app.router.add_get("/console", console_handler)
     app.on_response_prepare.append(on_response_prepare)  # connections.py: idle again
     return app
 

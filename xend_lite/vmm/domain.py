@@ -191,6 +191,28 @@ class Domain:
     def query_xen_overlay(self) -> list[dict]:
         return self._xen().overlay.list()
 
+    # -- the guest's console and xenstore, for the operator --------------------------------
+
+    def add_console_listener(self, fn: Callable[[bytes], None]) -> None:
+        """fn(bytes) gets every chunk of console output, on the thread that wrote it."""
+        self.machine.console.add_listener(fn)
+
+    def console_write(self, data: bytes) -> dict:
+        """Operator input into the console ring's ``in`` (and an event to the guest): what
+        the bounded input queue took of ``data``."""
+        console = self._xen().console
+        return {"taken": console.write_input(bytes(data)), "pending": console.pending_input()}
+
+    def xenstore(self, op: str, *args: Any) -> Any:
+        """A store operation as domain 0 (read, write, rm, ls), firing the guest's watches."""
+        if op not in ("read", "write", "rm", "ls"):
+            raise InvalidArgument(f"no xenstore operation named {op}")
+        return self._xen().xenstore.call(op, *args)
+
+    def system_powerdown(self) -> None:
+        """Ask the guest to power off as a toolstack does: "poweroff" in control/shutdown."""
+        self._xen().xenstore.call("write", "control/shutdown", b"poweroff")
+
     # -- overlay control -----------------------------------------------------------------
 
     def overlay_map(self, page: str, gpa: int, force: bool = False) -> dict:

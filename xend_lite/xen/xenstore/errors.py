@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xend_lite.errors import InvalidArgument, NotFound, XendLiteError
+from xend_lite.errors import AccessDenied, InvalidArgument, NotFound, XendLiteError
 
 __all__ = ["ERROR_NAMES", "XsError", "to_domain_error"]
 
@@ -23,8 +23,12 @@ class XsError(Exception):
 
 
 def to_domain_error(err: XsError, what: str) -> XendLiteError:
-    """The error an operator sees for a failed store request about ``what``."""
+    """The error an operator sees for a failed store request about ``what``: ENOENT is
+    NotFound, EACCES and EPERM AccessDenied, every other name InvalidArgument; the name
+    itself travels in ``extra["errno"]``."""
     message = f"xenstore {what}: {err.name}" + (f" ({err.detail})" if err.detail else "")
-    if err.name == "ENOENT":
-        return NotFound(message)
-    return InvalidArgument(message)
+    cls = {"ENOENT": NotFound, "EACCES": AccessDenied, "EPERM": AccessDenied}.get(err.name,
+                                                                              InvalidArgument)
+    exc = cls(message)
+    exc.extra = {"errno": err.name}
+    return exc

@@ -243,8 +243,10 @@ class XenstoreServer:
             raise InvalidArgument("xenstore: a path must be a string")
         try:
             return canonical(path, self.domid, allow_special=special)[0]
-        except XsError:
-            raise InvalidArgument(f"xenstore: {path[:80]!r} is not a valid path") from None
+        except XsError as err:
+            exc = InvalidArgument(f"xenstore: {path[:80]!r} is not a valid path: {err.name}")
+            exc.extra = {"errno": err.name}
+            raise exc from None
 
     def read(self, path: str) -> bytes:
         p = self.path(path)
