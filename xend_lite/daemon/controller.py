@@ -34,7 +34,7 @@ DomainFactory = VmFactory
 
 # The Domain's read-only methods the control plane may call.
 QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_hypercalls",
-                     "query_capabilities", "query_xen_overlay"})
+                     "query_capabilities", "query_xen_overlay", "xen_event_list"})
 
 # Reasons a guest run ends that the reboot policy handles; every other reason but "stopped"
 # (the daemon's own stop) goes to the poweroff policy.
@@ -186,6 +186,20 @@ class Controller:
     async def overlay_unmap(self, page: str, force: bool = False) -> Any:
         return await self._call(self._overlay_unmap, page, force)
 
+    async def query_registers(self) -> list[dict]:
+        return await self._call(self._query_registers)
+
+    async def xen_event_inject(self, port: int) -> None:
+        await self._call(self._xen_event_inject, port)
+
+    async def read_memory(self, addr: int, size: int, cpu: int | None) -> bytes:
+        return await self._call(self._read_memory, addr, size, cpu)
+
+    async def memory_dump(self, filename: str, addr: int, size: int, cpu: int | None) -> dict:
+        path = self.snapshots.name(filename)
+        self.snapshots.ensure()
+        return await self._call(self._memory_dump, path, addr, size, cpu)
+
     async def snapshot_save(self, path: str, paused: bool = False) -> dict:
         return await self._call(self._snapshot_save, self.snapshots.for_save(path), paused)
 
@@ -258,6 +272,26 @@ class Controller:
     @requires(R.RUNNING, R.PAUSED)
     def _overlay_unmap(self, page: str, force: bool) -> Any:
         return self.domain.overlay_unmap(page, force)
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _query_registers(self) -> list[dict]:
+        return self.domain.query_registers()
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _xen_event_inject(self, port: int) -> None:
+        self.domain.xen_event_inject(port)
+
+    @requires(R.RUNNING, R.PAUSED, R.SHUTDOWN, R.CREATED)
+    def _read_memory(self, addr: int, size: int, cpu: int | None) -> bytes:
+        if cpu is not None:
+            check_state(self._state, (R.RUNNING, R.PAUSED), "a guest-virtual read")
+        return self.domain.read_memory(addr, size, cpu)
+
+    @requires(R.RUNNING, R.PAUSED, R.SHUTDOWN, R.CREATED)
+    def _memory_dump(self, path: Any, addr: int, size: int, cpu: int | None) -> dict:
+        if cpu is not None:
+            check_state(self._state, (R.RUNNING, R.PAUSED), "a guest-virtual dump")
+        return self.domain.memory_dump(path, addr, size, cpu)
 
     def _pause_for(self) -> bool:
         """Pause a running VM for a save or a load; True if it was running."""

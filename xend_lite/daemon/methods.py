@@ -46,9 +46,15 @@ async def query_capabilities(ctx: RpcContext) -> Any:
     return await ctx.controller.query("query_capabilities")
 
 
-@method("query-vcpus")
-async def query_vcpus(ctx: RpcContext) -> Any:
-    return await ctx.controller.query("query_vcpus")
+@method("query-vcpus", opt("registers", boolean, False))
+async def query_vcpus(ctx: RpcContext, registers: bool) -> Any:
+    """Each vCPU's state; registers=true adds its general, segment and control registers
+    (read with the vCPUs held out of the guest for a moment)."""
+    vcpus = await ctx.controller.query("query_vcpus")
+    if registers:
+        for v, regs in zip(vcpus, await ctx.controller.query_registers()):
+            v.update(regs)
+    return vcpus
 
 
 @method("query-memory-map")
@@ -127,3 +133,8 @@ async def query_commands(ctx: RpcContext) -> list[dict]:
     """Every method with its parameters (QMP has the same)."""
     return [{"name": m.name, "params": [{"name": p.name, "required": p.required} for p in m.params]}
             for m in sorted(METHODS.values(), key=lambda m: m.name)]
+
+
+# -- looking inside the guest, metrics (their own modules register their methods) ------------
+
+from xend_lite.daemon import inspect as _inspect  # noqa: E402,F401
