@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import deque
+from typing import Callable
 
 log = logging.getLogger("xend_lite.events")
 
@@ -88,6 +89,7 @@ class EventBus:
         self.history: deque[dict] = deque(maxlen=HISTORY)
         self.closed = False
         self.dropped = 0
+        self.observers: list[Callable[[dict], None]] = []   # told of every event (metrics)
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber(self, self._queue_size)
@@ -113,6 +115,8 @@ class EventBus:
             event["data"] = {}
             text = json.dumps(event)
         self.history.append(event)
+        for observe in self.observers:
+            observe(event)
         log.debug("event %s", text)
         for sub in list(self._subs):
             if not sub._offer(text):

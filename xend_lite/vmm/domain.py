@@ -193,6 +193,14 @@ class Domain:
     def query_xen_overlay(self) -> list[dict]:
         return self._xen().overlay.list()
 
+    def query_counters(self) -> dict:
+        """Exit counts per vCPU and the Xen counters, read without the owner (plain counters
+        the vCPUs keep; a scrape sees each as it is at that moment)."""
+        out: dict = {"exits": [dict(r.exit_counts) for r in self.machine.runners]}
+        if self.xen is not None:
+            out["hypercalls"] = self.xen.counters()
+        return out
+
     def query_registers(self) -> list[dict]:
         return inspect.registers(self.machine)
 
