@@ -53,7 +53,8 @@ async def wait_mapped(d):
 
 async def test_default_guest_through_every_query(start_daemon):
     d = await booted(start_daemon)
-    assert (await call(d, "query-status")) == {"status": "running", "running": True, "singlestep": False}
+    assert (await call(d, "query-status")) == {"status": "running", "running": True, "singlestep": False,
+                                                "qmp-status": "running"}
     assert (await call(d, "query-version"))["xen"] == "4.16"
     caps = await call(d, "query-capabilities")
     assert caps["backend"] in ("userspace", "kvm-xen") and caps["domid"] == 1

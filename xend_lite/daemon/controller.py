@@ -78,6 +78,7 @@ class Controller:
         self.transitions: list[tuple[RunState, RunState]] = []
         self.domain: VmApi | None = None
         self._closing = False
+        self.stop_reason: str | None = None     # why the guest last stopped by itself
 
     # -- state ---------------------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class Controller:
             by_guest = reason != "stopped"
             data = {"guest": by_guest, **data}
             if by_guest and not self._closing:
+                self.stop_reason = reason
                 self._set_state(R.INTERNAL_ERROR if reason == "internal-error" else R.SHUTDOWN)
                 self.emit(name, data)
                 code = data.get("code", 0)
@@ -238,14 +240,20 @@ class Controller:
         self.domain.start(paused=paused)
         return self._sync_state()
 
-    @requires(R.RUNNING)
+    @requires(R.RUNNING, R.PAUSED)
     def _stop(self) -> None:
+        """Pause; on a paused VM nothing happens (as QMP's stop)."""
+        if self._state == R.PAUSED:
+            return
         self.domain.pause()
         if self._sync_state() == R.PAUSED:
             self.emit("STOP")
 
-    @requires(R.PAUSED)
+    @requires(R.PAUSED, R.RUNNING)
     def _cont(self) -> None:
+        """Resume; on a running VM nothing happens (as QMP's cont)."""
+        if self._state == R.RUNNING:
+            return
         self.domain.resume()
         if self._sync_state() == R.RUNNING:
             self.emit("RESUME")

@@ -8,6 +8,7 @@ from typing import Any
 import xend_lite
 from xend_lite.daemon.params import Param, boolean, int_range, opt, string, u64
 from xend_lite.daemon.rpc import METHODS, RpcContext, method
+from xend_lite.daemon.runstate import qmp_name
 
 __all__ = ["METHODS", "xend_lite_version"]
 
@@ -36,9 +37,12 @@ def xend_lite_version() -> str:
 
 @method("query-status")
 async def query_status(ctx: RpcContext) -> dict:
-    """The run state, answered from the loop so it is seen even during a save."""
-    state = ctx.controller.state
-    return {"status": state.value, "running": state.value == "running", "singlestep": False}
+    """The run state, answered from the loop so it is seen even during a save: ``status``
+    is the daemon's name, ``qmp-status`` QMP's (prelaunch, save-vm, restore-vm...)."""
+    c = ctx.controller
+    state = c.state
+    return {"status": state.value, "running": state.value == "running", "singlestep": False,
+            "qmp-status": qmp_name(state, getattr(c, "stop_reason", None))}
 
 
 @method("query-capabilities")
