@@ -157,9 +157,15 @@ def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None 
             extra["restore"] = os.path.abspath(ns.restore)
         if debug:
             extra["log_level"] = "debug"
-        cfg = load_config(ns.config, options_from(ns), **extra)
+        options = options_from(ns)
+        cfg = load_config(ns.config, options, **extra)
+        # the real Domain's snapshots hold the VM's shape (a stand-in's have their own format)
+        if cfg.restore is not None and domain_factory is None and os.path.isfile(cfg.restore):
+            cfg = shape_from_snapshot(cfg, ns.config, options)
     except ConfigError as exc:
         return _start_failed(StartError(ExitCode.CONFIG, str(exc)), debug)
+    except StartError as exc:
+        return _start_failed(exc, debug)
     debug = debug or cfg.log_level == "debug"
     setup_logging(cfg.log_level)
     if ns.check:
@@ -173,6 +179,22 @@ def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None 
         return _start_failed(exc, debug)
     except KeyboardInterrupt:
         return ExitCode.OK
+
+
+def shape_from_snapshot(cfg: Any, config_file: str | None, options: dict[str, Any]) -> Any:
+    """The configuration with the --restore snapshot's VM shape (restoreshape.py)."""
+    from xend_lite.daemon.config import read_toml
+    from xend_lite.daemon.restoreshape import with_shape
+    from xend_lite.errors import SnapshotError
+    from xend_lite.vmm.shape import read_shape
+
+    explicit = set(options) | set(read_toml(config_file) if config_file else ())
+    try:
+        shape = read_shape(cfg.restore)
+    except (SnapshotError, OSError) as exc:
+        raise StartError(ExitCode.SNAPSHOT, f"snapshot {cfg.restore} cannot be loaded: {exc}: "
+                                            "check the path given with --restore") from exc
+    return with_shape(cfg, shape, explicit)
 
 
 def _start_failed(exc: StartError, debug: bool) -> int:
