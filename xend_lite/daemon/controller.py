@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from xend_lite.daemon.jobs import IDLE, SnapshotJob
 from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
 from xend_lite.daemon.snapdir import SnapshotDir
 from xend_lite.errors import InvalidArgument, StateError
@@ -79,6 +80,7 @@ class Controller:
         self.domain: VmApi | None = None
         self._closing = False
         self.stop_reason: str | None = None     # why the guest last stopped by itself
+        self.job: SnapshotJob | None = None      # the save or load running now
 
     # -- state ---------------------------------------------------------------------------
 
@@ -211,6 +213,11 @@ class Controller:
     async def snapshot_describe(self, path: str) -> dict:
         return await self._call(self._snapshot_describe, self.snapshots.for_load(path))
 
+    def snapshot_job(self) -> dict:
+        """The save or load running now (answered on the loop: the owner is busy with it)."""
+        job = self.job
+        return dict(IDLE) if job is None else job.describe()
+
     async def close(self) -> None:
         """Stop the vCPUs and release the VM (console flushed); its owner thread ends."""
         self._closing = True
@@ -327,12 +334,14 @@ class Controller:
         was_running = self._pause_for()
         self._set_state(R.SAVING)
         t0 = time.monotonic()
-        progress = _ProgressLog(path)
+        self.job = progress = SnapshotJob("save", str(path), self.emit)
         try:
             info = self.domain.snapshot_save(path, progress) or {}
         except BaseException:
             self._back_from(was_running, stay_paused=False)
             raise
+        finally:
+            self.job = None
         seconds = round(time.monotonic() - t0, 6)
         size = _file_size(path, info)
         log.info("snapshot saved to %s: %d bytes in %.2f s", path, size, seconds)
@@ -346,14 +355,20 @@ class Controller:
         was_running = self._pause_for()
         self._set_state(R.RESTORING)
         t0 = time.monotonic()
+        self.job = job = SnapshotJob("load", str(path), self.emit)
+        size = _memory_size(self.domain, path)
+        job(0, size)
         try:
             if verify:
                 self.domain.snapshot_load(path)
             else:
                 self.domain.snapshot_load(path, verify=False)
+            job.finish()
         except BaseException:
             self._back_from(was_running, stay_paused=False)
             raise
+        finally:
+            self.job = None
         seconds = round(time.monotonic() - t0, 6)
         log.info("snapshot %s loaded in %.2f s", path, seconds)
         self._back_from(was_running, stay_paused=False)
@@ -379,17 +394,10 @@ def _file_size(path: str, info: Any) -> int:
         return 0
 
 
-class _ProgressLog:
-    """A save's progress callback: logs at most once a second, and the end."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._last = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last < 1.0 and done < total:
-            return
-        self._last = now
-        pct = 100 * done // total if total else 100
-        log.info("saving %s: %d%% (%d of %d MiB)", self.path, pct, done >> 20, total >> 20)
+def _memory_size(domain: Any, path: Any) -> int:
+    """The guest memory a snapshot holds, for a load's progress (0 if it cannot be told)."""
+    try:
+        size = type(domain).snapshot_describe(path).get("memory_size", 0)
+    except Exception:  # noqa: BLE001 - the load itself reports what is wrong with the file
+        return 0
+    return size if isinstance(size, int) else 0

@@ -22,7 +22,7 @@ HISTORY = 64
 
 # The events the daemon sends, for documentation and for clients to check against.
 EVENT_NAMES = ("STOP", "RESUME", "RESET", "SHUTDOWN", "GUEST_PANICKED", "XEN_OVERLAY_MAPPED",
-               "XEN_OVERLAY_UNMAPPED", "SNAPSHOT_SAVED", "SNAPSHOT_LOADED")
+               "XEN_OVERLAY_UNMAPPED", "SNAPSHOT_SAVED", "SNAPSHOT_LOADED", "SNAPSHOT_PROGRESS")
 
 
 def make_event(name: str, data: dict | None, timestamp: float | None = None) -> dict:

@@ -139,6 +139,13 @@ async def query_commands(ctx: RpcContext) -> list[dict]:
             for m in sorted(METHODS.values(), key=lambda m: m.name)]
 
 
-# -- looking inside the guest, metrics (their own modules register their methods) ------------
+# -- long jobs, looking inside the guest (inspect.py registers its own methods) --------------
+
+@method("query-snapshot-job")
+async def query_snapshot_job(ctx: RpcContext) -> dict:
+    """The snapshot save or load running now: status "active" with kind, path, percent,
+    bytes, total and seconds; status "none" when there is none. Answered from the loop."""
+    return ctx.controller.snapshot_job()
+
 
 from xend_lite.daemon import inspect as _inspect  # noqa: E402,F401
