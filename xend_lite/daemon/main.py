@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vcpus", dest="vcpus", metavar="N", default=S, help="vCPUs (1)")
     g.add_argument("--xen-version", dest="xen_version", metavar="X.Y", default=S, help="Xen version shown (4.16)")
     g.add_argument("--domid", dest="domid", metavar="N", default=S, help="domain id (1)")
-    g.add_argument("--backend", dest="backend", metavar="auto|userspace|kvm-xen", default=S,
-                   help="Xen emulation backend (auto)")
+    g.add_argument("--backend", dest="backend", metavar="auto|userspace", default=S,
+                   help="Xen emulation backend (auto = userspace; kvm-xen is not driven yet)")
     g.add_argument("--grant-frames", dest="grant_frames", metavar="N", default=S, help="grant frames (64)")
     g.add_argument("--console-log", dest="console_log", metavar="FILE", default=S, help="append the console here")
     g.add_argument("--console-stdout", dest="console_stdout", action=argparse.BooleanOptionalAction,
@@ -228,12 +228,29 @@ def preflight(cfg: Any, check_kvm: bool = True) -> None:
         raise StartError(ExitCode.SNAPSHOT, f"snapshot {cfg.restore} does not exist: check --restore")
 
 
+def usable_backend(report: Any, requested: str) -> None:
+    """Name in ``report`` the backend the daemon will really use, as the Domain chooses it;
+    one it would refuse is a problem, not a usable backend."""
+    from xend_lite.errors import XendLiteError
+    from xend_lite.xen.overlay import choose_backend
+
+    if not report.ok and report.backend is None:
+        return
+    try:
+        report.backend = choose_backend(requested, report.capabilities.get("xen_hvm", 0) > 0)
+    except XendLiteError as exc:
+        report.backend = None
+        report.problems.append(str(exc))
+        report.ok = False
+
+
 def run_check(cfg: Any) -> int:
     import json
 
     from xend_lite.machine.hostcheck import check_host
 
     report = check_host(cfg.kvm_path, cfg.backend)
+    usable_backend(report, cfg.backend)
     d = report.as_dict()
     print(f"kvm device: {d['kvm']}")
     print(f"backend:    {d['backend'] or '-'}")
