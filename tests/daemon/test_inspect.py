@@ -169,3 +169,23 @@ async def test_query_vcpus_with_registers(waiting):
     pml4e = await word(d, ctrl["cr3"] & ~0xFFF)
     assert pml4e & 1
     assert (await call(d, "query-status"))["status"] == "running"    # reading left it running
+
+
+async def test_writes_only_while_paused_and_the_guest_sees_them(waiting):
+    d = waiting
+    one = base64.b64encode(struct.pack("<Q", 1)).decode()
+    err = await error_of(d, "x-write-memory", {"gpa": COUNT, "data": one})
+    assert err.error_class == "StateError" and err.data["allowed"] == ["paused"]
+    await call(d, "stop")
+    for bad in ("not base64!", "", base64.b64encode(bytes(4097)).decode(), 7):
+        assert (await error_of(d, "x-write-memory", {"gpa": COUNT, "data": bad})).code == -32602
+    err = await error_of(d, "x-write-memory", {"gpa": 1 << 40, "data": one})
+    assert err.error_class == "GuestMemoryError"
+    assert await word(d, STATE) == 1
+    assert await call(d, "x-write-memory", {"gpa": COUNT, "data": one}) == {"gpa": COUNT, "size": 8}
+    assert await word(d, COUNT) == 1
+    await call(d, "cont")
+
+    async def woke():
+        return await word(d, STATE) == 2
+    await until(woke, "the guest to see its counter set")     # it looks again after a block

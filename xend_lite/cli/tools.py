@@ -19,6 +19,7 @@ Looking inside the guest:
   xen-event-list                       event channel ports (type, vcpu, pending, masked)
   xen-event-inject port=N              set a port pending and deliver its upcall
   x-read-memory gpa=ADDR size=N        up to 4096 bytes, base64 (or gva=ADDR cpu-index=N)
+  x-write-memory gpa=ADDR data=B64     write up to 4096 bytes (only while paused)
   pmemsave val=GPA size=N filename=F   guest-physical memory to a new file in the snapshot dir
   memsave val=GVA size=N filename=F cpu-index=N   guest-virtual memory, likewise
   query-vcpus registers=true           general, segment and control registers

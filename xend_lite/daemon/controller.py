@@ -199,6 +199,9 @@ class Controller:
     async def read_memory(self, addr: int, size: int, cpu: int | None) -> bytes:
         return await self._call(self._read_memory, addr, size, cpu)
 
+    async def write_memory(self, gpa: int, data: bytes) -> None:
+        await self._call(self._write_memory, gpa, data)
+
     async def memory_dump(self, filename: str, addr: int, size: int, cpu: int | None) -> dict:
         path = self.snapshots.name(filename)
         self.snapshots.ensure()
@@ -301,6 +304,11 @@ class Controller:
         if cpu is not None:
             check_state(self._state, (R.RUNNING, R.PAUSED), "a guest-virtual read")
         return self.domain.read_memory(addr, size, cpu)
+
+    @requires(R.PAUSED)
+    def _write_memory(self, gpa: int, data: bytes) -> None:
+        """Only while paused: no vCPU is in the middle of reading what changes."""
+        self.domain.write_memory(gpa, data)
 
     @requires(R.RUNNING, R.PAUSED, R.SHUTDOWN, R.CREATED)
     def _memory_dump(self, path: Any, addr: int, size: int, cpu: int | None) -> dict:

@@ -1,10 +1,11 @@
 """Control methods that look inside the guest: event channels (QMP's xen-event-list and
-xen-event-inject), guest memory (QMP's pmemsave and memsave, and x-read-memory for a few
-bytes inline) and registers (query-vcpus with registers=true, in methods.py)."""
+xen-event-inject), guest memory (QMP's pmemsave and memsave, and x-read-memory and
+x-write-memory for a few bytes inline) and registers (query-vcpus with registers=true, in methods.py)."""
 
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import Any
 
 from xend_lite.daemon.params import Param, ParamError, int_range, opt, string, u64
@@ -55,3 +56,23 @@ async def x_read_memory(ctx: RpcContext, gpa: int | None, gva: int | None, size:
     out = {"size": len(data), "data": base64.b64encode(data).decode("ascii")}
     out["gpa" if gva is None else "gva"] = addr
     return out
+
+
+def base64_data(v: Any) -> bytes:
+    if not isinstance(v, str):
+        raise ValueError("must be a base64 string")
+    try:
+        data = base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("must be valid base64") from None
+    if not 1 <= len(data) <= 4096:
+        raise ValueError("must decode to 1..4096 bytes")
+    return data
+
+
+@method("x-write-memory", Param("gpa", u64), Param("data", base64_data))
+async def x_write_memory(ctx: RpcContext, gpa: int, data: bytes) -> Any:
+    """Write up to 4096 bytes (base64) at a guest-physical address, as the guest would see
+    them (an overlay page included); only while the VM is paused."""
+    await ctx.controller.write_memory(gpa, data)
+    return {"gpa": gpa, "size": len(data)}

@@ -216,6 +216,9 @@ class Domain:
             return inspect.read_physical(self.machine, addr, size)
         return inspect.read_virtual(self.machine, cpu, addr, size)
 
+    def write_memory(self, gpa: int, data: bytes) -> None:
+        inspect.write_physical(self.machine, gpa, data)
+
     def memory_dump(self, path: Any, addr: int, size: int, cpu: int | None = None) -> dict:
         return inspect.dump(self.machine, path, addr, size, cpu)
 

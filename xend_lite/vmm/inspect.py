@@ -82,6 +82,11 @@ def read_physical(machine: Machine, gpa: int, size: int) -> bytes:
     return machine.mem.read(gpa, size)
 
 
+def write_physical(machine: Machine, gpa: int, data: bytes) -> None:
+    check_size(len(data), MAX_INLINE)
+    machine.mem.write(gpa, data)
+
+
 def read_virtual(machine: Machine, index: int, gva: int, size: int, limit: int = MAX_INLINE) -> bytes:
     """``size`` bytes at ``gva`` in vCPU ``index``'s paging, page by page."""
     check_size(size, limit)
