@@ -167,12 +167,14 @@ class Hypercalls:
         return _EINVAL
 
     def counters(self) -> dict:
+        """Calls and errors per hypercall (any thread: vCPUs may count meanwhile)."""
         out = {}
+        errnos = sorted(dict(self.errnos).items())
         for nr in range(TABLE_SIZE + 1):
             if self.calls[nr]:
                 name = HYPERCALL_NAMES.get(nr, f"hypercall_{nr}") if nr < TABLE_SIZE else "unknown"
                 out[name] = {"calls": self.calls[nr], "errors": self.errors[nr]}
-                by_errno = {str(e): n for (slot, e), n in sorted(self.errnos.items()) if slot == nr}
+                by_errno = {str(e): n for (slot, e), n in errnos if slot == nr}
                 if by_errno:
                     out[name]["errnos"] = by_errno
         return {"hypercalls": out, "total": sum(self.calls), "internal_errors": self.internal_errors}
