@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from xend_lite.daemon.jobs import IDLE, SnapshotJob
+from xend_lite.daemon.jobs import IDLE, SnapshotJob, memory_size
 from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
 from xend_lite.daemon.snapdir import SnapshotDir
 from xend_lite.errors import InvalidArgument, StateError
@@ -364,7 +364,7 @@ class Controller:
         self._set_state(R.RESTORING)
         t0 = time.monotonic()
         self.job = job = SnapshotJob("load", str(path), self.emit)
-        size = _memory_size(self.domain, path)
+        size = memory_size(self.domain, path)
         job(0, size)
         try:
             if verify:
@@ -401,11 +401,3 @@ def _file_size(path: str, info: Any) -> int:
     except OSError:
         return 0
 
-
-def _memory_size(domain: Any, path: Any) -> int:
-    """The guest memory a snapshot holds, for a load's progress (0 if it cannot be told)."""
-    try:
-        size = type(domain).snapshot_describe(path).get("memory_size", 0)
-    except Exception:  # noqa: BLE001 - the load itself reports what is wrong with the file
-        return 0
-    return size if isinstance(size, int) else 0

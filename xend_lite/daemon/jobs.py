@@ -69,3 +69,12 @@ class SnapshotJob:
 
 
 IDLE = {"status": "none"}
+
+
+def memory_size(domain: Any, path: Any) -> int:
+    """The guest memory a snapshot holds, for a load's progress (0 if it cannot be told)."""
+    try:
+        size = type(domain).snapshot_describe(path).get("memory_size", 0)
+    except Exception:  # noqa: BLE001 - the load itself reports what is wrong with the file
+        return 0
+    return size if isinstance(size, int) else 0
