@@ -66,23 +66,64 @@ async def status(daemon):
 
 # -- refusals ------------------------------------------------------------------------------
 
-async def test_state_refusals_name_current_and_allowed_states(daemon):
+async def shut_down(start_daemon):
+    d = await start_daemon(on_poweroff="pause")
+    d.domain.guest_shutdown("poweroff", 0)
+    await wait_for(lambda: d.controller.state == R.SHUTDOWN)
+    return d
+
+
+async def test_state_refusals_name_current_and_allowed_states(start_daemon):
+    d = await shut_down(start_daemon)
     with pytest.raises(RpcError) as e:
-        await call(daemon, "cont")
+        await call(d, "cont")
     assert e.value.code == 1003 and e.value.error_class == "StateError"
-    assert e.value.data["state"] == "running" and e.value.data["allowed"] == ["paused"]
-    assert "running" in e.value.message and "paused" in e.value.message
-    await call(daemon, "stop")
-    with pytest.raises(RpcError) as e:
-        await call(daemon, "stop")
-    assert e.value.data == {"class": "StateError", "state": "paused", "allowed": ["running"]}
+    assert e.value.data == {"class": "StateError", "state": "shutdown", "allowed": ["paused", "running"]}
+    assert "shutdown" in e.value.message and "paused" in e.value.message
 
 
-async def test_refusal_happens_before_the_vm_owner_is_asked(daemon):
-    before = list(daemon.domain.calls)
-    with pytest.raises(RpcError):
+async def test_stop_when_paused_and_cont_when_running_are_no_ops(daemon):
+    """As in QMP: they succeed, change nothing and send no event."""
+    async with Events(daemon.client()) as ev:
         await call(daemon, "cont")
-    assert daemon.domain.calls == before
+        await call(daemon, "stop")
+        calls = list(daemon.domain.calls)
+        await call(daemon, "stop")
+        assert await status(daemon) == "paused" and daemon.domain.calls == calls
+        await call(daemon, "cont")
+        calls = list(daemon.domain.calls)
+        await call(daemon, "cont")
+        assert await status(daemon) == "running" and daemon.domain.calls == calls
+        await asyncio.sleep(0.1)
+    assert [e["event"] for e in ev.items] == ["STOP", "RESUME"]
+    assert daemon.controller.transitions[-2:] == [(R.RUNNING, R.PAUSED), (R.PAUSED, R.RUNNING)]
+
+
+async def test_query_status_names_the_state_as_qmp_does(start_daemon):
+    d = await start_daemon(start_paused=True)
+    st = await call(d, "query-status")
+    assert st == {"status": "paused", "running": False, "singlestep": False, "qmp-status": "paused"}
+    await call(d, "cont")
+    assert (await call(d, "query-status"))["qmp-status"] == "running"
+    d.domain.guest_shutdown("crash", 1)
+    await wait_for(lambda: d.controller.state == R.SHUTDOWN)
+    assert (await call(d, "query-status"))["qmp-status"] == "guest-panicked"
+
+
+def test_every_run_state_has_a_qmp_name():
+    from xend_lite.daemon.runstate import QMP_NAMES, qmp_name
+
+    assert set(QMP_NAMES) == set(R)
+    assert qmp_name(R.CREATED) == "prelaunch" and qmp_name(R.SAVING) == "save-vm"
+    assert qmp_name(R.RESTORING) == "restore-vm" and qmp_name(R.SHUTDOWN, "poweroff") == "shutdown"
+
+
+async def test_refusal_happens_before_the_vm_owner_is_asked(start_daemon):
+    d = await shut_down(start_daemon)
+    before = list(d.domain.calls)
+    with pytest.raises(RpcError):
+        await call(d, "cont")
+    assert d.domain.calls == before
 
 
 async def test_shut_down_vm_allows_only_reset_and_queries(start_daemon):
@@ -274,8 +315,11 @@ async def test_snapshot_save_load_and_describe(daemon):
         await ev.until("SNAPSHOT_LOADED")
     assert loaded["path"] == path
     assert {"page": "shared_info", "gpa": 0x400000} in await call(daemon, "query-xen-overlay")
-    assert ev.names() == ["XEN_OVERLAY_MAPPED", "STOP", "RESUME", "SNAPSHOT_SAVED",
-                          "XEN_OVERLAY_UNMAPPED", "STOP", "RESUME", "SNAPSHOT_LOADED"]
+    names = ev.names()
+    assert [n for n in names if n != "SNAPSHOT_PROGRESS"] == [
+        "XEN_OVERLAY_MAPPED", "STOP", "RESUME", "SNAPSHOT_SAVED",
+        "XEN_OVERLAY_UNMAPPED", "STOP", "RESUME", "SNAPSHOT_LOADED"]
+    assert names[names.index("STOP") + 1] == "SNAPSHOT_PROGRESS"    # while the VM is paused
     saved_event = [e for e in ev.items if e["event"] == "SNAPSHOT_SAVED"][0]
     assert saved_event["data"] == saved
     info = await call(daemon, "query-snapshot", {"path": "one.snap"})

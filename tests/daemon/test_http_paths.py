@@ -17,7 +17,7 @@ from xend_lite.daemon.events import EventBus
 from xend_lite.daemon.runstate import RunState
 from xend_lite.daemon.server import make_app
 
-STATUS = {"status": "running", "running": True, "singlestep": False}
+STATUS = {"status": "running", "running": True, "singlestep": False, "qmp-status": "running"}
 
 
 def request_head(length: int | None, extra: str = "") -> bytes:

@@ -53,7 +53,8 @@ async def wait_mapped(d):
 
 async def test_default_guest_through_every_query(start_daemon):
     d = await booted(start_daemon)
-    assert (await call(d, "query-status")) == {"status": "running", "running": True, "singlestep": False}
+    assert (await call(d, "query-status")) == {"status": "running", "running": True, "singlestep": False,
+                                                "qmp-status": "running"}
     assert (await call(d, "query-version"))["xen"] == "4.16"
     caps = await call(d, "query-capabilities")
     assert caps["backend"] in ("userspace", "kvm-xen") and caps["domid"] == 1
@@ -128,7 +129,11 @@ async def test_snapshot_round_trip_with_the_real_guest(start_daemon):
         await call(d, "xen-overlay-map", {"page": "shared_info", "gpa": 0x800000, "force": True})
         await call(d, "snapshot-load", {"path": "real.snap"})
         await ev.until("SNAPSHOT_LOADED")
-    assert ev.names()[:3] == ["STOP", "RESUME", "SNAPSHOT_SAVED"], ev.items
+    names = [n for n in ev.names() if n != "SNAPSHOT_PROGRESS"]
+    assert names[:3] == ["STOP", "RESUME", "SNAPSHOT_SAVED"], ev.items
+    saving = [e["data"] for e in ev.items if e["event"] == "SNAPSHOT_PROGRESS"
+              and e["data"]["kind"] == "save"]
+    assert saving[-1]["percent"] == 100 and saving[-1]["bytes"] == saving[-1]["total"] > 0
     pages = {p["page"]: p["gpa"] for p in await call(d, "query-xen-overlay")}
     assert pages["shared_info"] == SHARED_INFO
     assert (await call(d, "query-status"))["status"] == "running"

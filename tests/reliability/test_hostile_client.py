@@ -28,7 +28,8 @@ APP_CODES = range(1000, 1100)
 PROTOCOL_CODES = (-32700, -32600, -32601, -32602)
 # Methods that change the VM or the daemon: only ever sent with parameters they refuse.
 DESTRUCTIVE = {"quit", "stop", "cont", "system_reset", "snapshot-save", "snapshot-load",
-               "xen-overlay-map", "xen-overlay-unmap"}
+               "xen-overlay-map", "xen-overlay-unmap", "xen-event-inject", "pmemsave", "memsave",
+               "x-write-memory"}
 
 
 @pytest.fixture(scope="module")

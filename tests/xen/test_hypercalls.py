@@ -73,7 +73,8 @@ def test_unknown_privileged_and_registers(harness):
                                        errno("EPERM"), errno("EPERM")]
     assert all(f == 0 for _, f in res), "a register other than RAX changed"
     c = harness.domain.query_hypercalls()
-    assert c["hypercalls"]["sysctl"] == {"calls": 1, "errors": 1}
+    assert c["hypercalls"]["sysctl"] == {"calls": 1, "errors": 1, "errnos": {str(X.XEN_EPERM): 1}}
+    assert c["hypercalls"]["unknown"]["errnos"] == {str(X.XEN_ENOSYS): 1}   # 127
     assert c["hypercalls"]["xen_version"] == {"calls": 1, "errors": 0}
     assert c["internal_errors"] == 0
 

@@ -25,6 +25,9 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
+from xend_lite.cli.progress import JOBS as PROGRESS_JOBS, call_with_progress
+from xend_lite.cli.tools import TOOLS, TOOLS_HELP, run_tool
+
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
 EXIT_CONNECT = 3
@@ -92,6 +95,18 @@ class Client:
         except aiohttp.ClientConnectionError as exc:
             raise ConnectError(f"cannot reach the daemon at {self.where}: {exc}") from None
 
+    async def get_text(self, path: str) -> str:
+        """GET a text page (/metrics); RpcError for a status other than 200."""
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{self.base}{path}") as resp:
+                text = await resp.text()
+        except aiohttp.ClientConnectionError as exc:
+            raise ConnectError(f"cannot reach the daemon at {self.where}: {exc}") from None
+        if resp.status != 200:
+            raise RpcError(-32000, f"HTTP {resp.status} for {path}")
+        return text
+
     async def call(self, method: str, params: dict | None = None) -> Any:
         req: dict[str, Any] = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
         if params:
@@ -116,9 +131,12 @@ class Client:
         except aiohttp.ClientConnectionError as exc:
             raise ConnectError(f"cannot reach the daemon at {self.where}: {exc}") from None
 
-    async def events(self) -> AsyncIterator[dict]:
-        """Events as they come, until the daemon closes the stream."""
+    async def events(self, opened: asyncio.Event | None = None) -> AsyncIterator[dict]:
+        """Events as they come, until the daemon closes the stream; ``opened`` is set once
+        the stream is up."""
         ws = await self.websocket("/events", "the event stream")
+        if opened is not None:
+            opened.set()
         async with ws:
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
@@ -151,8 +169,10 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xend-lite-ctl", description="Talk to a running xend-lite.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Methods: query-commands lists them. `events` follows the "
-                                       "event stream; `console` attaches to the guest console.")
+                                       "event stream; `console` attaches to the guest console.\n"
+                                       + TOOLS_HELP)
     p.add_argument("--socket", help="the daemon's Unix socket (default: the daemon's default)")
     p.add_argument("--tcp", metavar="URL", help="reach the daemon over TCP, e.g. http://127.0.0.1:8405")
     p.add_argument("--token-file", help="file with the bearer token (TCP)")
@@ -175,7 +195,12 @@ async def _run(ns: argparse.Namespace, params: dict, token: str | None) -> int:
             async for event in client.events():
                 print(json.dumps(event), flush=True)
             return 0
-        result = await client.call(ns.method, params)
+        if ns.method in TOOLS:
+            return await run_tool(ns.method, client, indent, parse_params, RpcError)
+        if ns.method in PROGRESS_JOBS and sys.stdout.isatty():
+            result = await call_with_progress(client, ns.method, params, sys.stdout)
+        else:
+            result = await client.call(ns.method, params)
     print(json.dumps(result, indent=indent, sort_keys=True))
     return 0
 
@@ -186,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         params = parse_params(ns.params)
     except ValueError as exc:
         print(f"xend-lite-ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.method in TOOLS and ns.method != "shell" and params:
+        print(f"xend-lite-ctl: {ns.method} takes no parameters", file=sys.stderr)
         return EXIT_USAGE
     if ns.method == "events" and params:
         print("xend-lite-ctl: events takes no parameters", file=sys.stderr)

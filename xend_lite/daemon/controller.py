@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from xend_lite.daemon.console_stream import ConsoleHub
+from xend_lite.daemon.jobs import IDLE, SnapshotJob, memory_size
 from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
 from xend_lite.daemon.snapdir import SnapshotDir
 from xend_lite.errors import InvalidArgument, StateError
@@ -35,7 +36,7 @@ DomainFactory = VmFactory
 
 # The Domain's read-only methods the control plane may call.
 QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_hypercalls",
-                     "query_capabilities", "query_xen_overlay"})
+                     "query_capabilities", "query_xen_overlay", "xen_event_list"})
 
 # Reasons a guest run ends that the reboot policy handles; every other reason but "stopped"
 # (the daemon's own stop) goes to the poweroff policy.
@@ -80,6 +81,8 @@ class Controller:
         self.domain: VmApi | None = None
         self._closing = False
         self.console = ConsoleHub()       # console output to attached clients (loop only)
+        self.stop_reason: str | None = None     # why the guest last stopped by itself
+        self.job: SnapshotJob | None = None      # the save or load running now
 
     # -- state ---------------------------------------------------------------------------
 
@@ -146,6 +149,7 @@ class Controller:
             by_guest = reason != "stopped"
             data = {"guest": by_guest, **data}
             if by_guest and not self._closing:
+                self.stop_reason = reason
                 self._set_state(R.INTERNAL_ERROR if reason == "internal-error" else R.SHUTDOWN)
                 self.emit(name, data)
                 code = data.get("code", 0)
@@ -190,6 +194,23 @@ class Controller:
     async def overlay_unmap(self, page: str, force: bool = False) -> Any:
         return await self._call(self._overlay_unmap, page, force)
 
+    async def query_registers(self) -> list[dict]:
+        return await self._call(self._query_registers)
+
+    async def xen_event_inject(self, port: int) -> None:
+        await self._call(self._xen_event_inject, port)
+
+    async def read_memory(self, addr: int, size: int, cpu: int | None) -> bytes:
+        return await self._call(self._read_memory, addr, size, cpu)
+
+    async def write_memory(self, gpa: int, data: bytes) -> None:
+        await self._call(self._write_memory, gpa, data)
+
+    async def memory_dump(self, filename: str, addr: int, size: int, cpu: int | None) -> dict:
+        path = self.snapshots.name(filename)
+        self.snapshots.ensure()
+        return await self._call(self._memory_dump, path, addr, size, cpu)
+
     async def snapshot_save(self, path: str, paused: bool = False) -> dict:
         return await self._call(self._snapshot_save, self.snapshots.for_save(path), paused)
 
@@ -208,6 +229,10 @@ class Controller:
 
     async def system_powerdown(self) -> None:
         await self._call(self._system_powerdown)
+    def snapshot_job(self) -> dict:
+        """The save or load running now (answered on the loop: the owner is busy with it)."""
+        job = self.job
+        return dict(IDLE) if job is None else job.describe()
 
     async def close(self) -> None:
         """Stop the vCPUs and release the VM (console flushed); its owner thread ends."""
@@ -239,14 +264,20 @@ class Controller:
         self.domain.start(paused=paused)
         return self._sync_state()
 
-    @requires(R.RUNNING)
+    @requires(R.RUNNING, R.PAUSED)
     def _stop(self) -> None:
+        """Pause; on a paused VM nothing happens (as QMP's stop)."""
+        if self._state == R.PAUSED:
+            return
         self.domain.pause()
         if self._sync_state() == R.PAUSED:
             self.emit("STOP")
 
-    @requires(R.PAUSED)
+    @requires(R.PAUSED, R.RUNNING)
     def _cont(self) -> None:
+        """Resume; on a running VM nothing happens (as QMP's cont)."""
+        if self._state == R.RUNNING:
+            return
         self.domain.resume()
         if self._sync_state() == R.RUNNING:
             self.emit("RESUME")
@@ -290,6 +321,29 @@ class Controller:
     def _system_powerdown(self) -> None:
         self.domain.system_powerdown()
         self.emit("POWERDOWN")
+    def _query_registers(self) -> list[dict]:
+        return self.domain.query_registers()
+
+    @requires(R.RUNNING, R.PAUSED)
+    def _xen_event_inject(self, port: int) -> None:
+        self.domain.xen_event_inject(port)
+
+    @requires(R.RUNNING, R.PAUSED, R.SHUTDOWN, R.CREATED)
+    def _read_memory(self, addr: int, size: int, cpu: int | None) -> bytes:
+        if cpu is not None:
+            check_state(self._state, (R.RUNNING, R.PAUSED), "a guest-virtual read")
+        return self.domain.read_memory(addr, size, cpu)
+
+    @requires(R.PAUSED)
+    def _write_memory(self, gpa: int, data: bytes) -> None:
+        """Only while paused: no vCPU is in the middle of reading what changes."""
+        self.domain.write_memory(gpa, data)
+
+    @requires(R.RUNNING, R.PAUSED, R.SHUTDOWN, R.CREATED)
+    def _memory_dump(self, path: Any, addr: int, size: int, cpu: int | None) -> dict:
+        if cpu is not None:
+            check_state(self._state, (R.RUNNING, R.PAUSED), "a guest-virtual dump")
+        return self.domain.memory_dump(path, addr, size, cpu)
 
     def _pause_for(self) -> bool:
         """Pause a running VM for a save or a load; True if it was running."""
@@ -317,12 +371,14 @@ class Controller:
         was_running = self._pause_for()
         self._set_state(R.SAVING)
         t0 = time.monotonic()
-        progress = _ProgressLog(path)
+        self.job = progress = SnapshotJob("save", str(path), self.emit)
         try:
             info = self.domain.snapshot_save(path, progress) or {}
         except BaseException:
             self._back_from(was_running, stay_paused=False)
             raise
+        finally:
+            self.job = None
         seconds = round(time.monotonic() - t0, 6)
         size = _file_size(path, info)
         log.info("snapshot saved to %s: %d bytes in %.2f s", path, size, seconds)
@@ -336,14 +392,20 @@ class Controller:
         was_running = self._pause_for()
         self._set_state(R.RESTORING)
         t0 = time.monotonic()
+        self.job = job = SnapshotJob("load", str(path), self.emit)
+        size = memory_size(self.domain, path)
+        job(0, size)
         try:
             if verify:
                 self.domain.snapshot_load(path)
             else:
                 self.domain.snapshot_load(path, verify=False)
+            job.finish()
         except BaseException:
             self._back_from(was_running, stay_paused=False)
             raise
+        finally:
+            self.job = None
         seconds = round(time.monotonic() - t0, 6)
         log.info("snapshot %s loaded in %.2f s", path, seconds)
         self._back_from(was_running, stay_paused=False)
@@ -368,18 +430,3 @@ def _file_size(path: str, info: Any) -> int:
     except OSError:
         return 0
 
-
-class _ProgressLog:
-    """A save's progress callback: logs at most once a second, and the end."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._last = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last < 1.0 and done < total:
-            return
-        self._last = now
-        pct = 100 * done // total if total else 100
-        log.info("saving %s: %d%% (%d of %d MiB)", self.path, pct, done >> 20, total >> 20)

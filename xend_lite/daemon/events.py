@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import deque
+from typing import Callable
 
 log = logging.getLogger("xend_lite.events")
 
@@ -21,7 +22,8 @@ HISTORY = 64
 
 # The events the daemon sends, for documentation and for clients to check against.
 EVENT_NAMES = ("STOP", "RESUME", "RESET", "SHUTDOWN", "GUEST_PANICKED", "XEN_OVERLAY_MAPPED",
-               "XEN_OVERLAY_UNMAPPED", "SNAPSHOT_SAVED", "SNAPSHOT_LOADED", "POWERDOWN")
+               "XEN_OVERLAY_UNMAPPED", "SNAPSHOT_SAVED", "SNAPSHOT_LOADED", "POWERDOWN",
+               "SNAPSHOT_PROGRESS")
 
 
 def make_event(name: str, data: dict | None, timestamp: float | None = None) -> dict:
@@ -88,6 +90,7 @@ class EventBus:
         self.history: deque[dict] = deque(maxlen=HISTORY)
         self.closed = False
         self.dropped = 0
+        self.observers: list[Callable[[dict], None]] = []   # told of every event (metrics)
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber(self, self._queue_size)
@@ -113,6 +116,8 @@ class EventBus:
             event["data"] = {}
             text = json.dumps(event)
         self.history.append(event)
+        for observe in self.observers:
+            observe(event)
         log.debug("event %s", text)
         for sub in list(self._subs):
             if not sub._offer(text):

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vcpus", dest="vcpus", metavar="N", default=S, help="vCPUs (1)")
     g.add_argument("--xen-version", dest="xen_version", metavar="X.Y", default=S, help="Xen version shown (4.16)")
     g.add_argument("--domid", dest="domid", metavar="N", default=S, help="domain id (1)")
-    g.add_argument("--backend", dest="backend", metavar="auto|userspace|kvm-xen", default=S,
-                   help="Xen emulation backend (auto)")
+    g.add_argument("--backend", dest="backend", metavar="auto|userspace", default=S,
+                   help="Xen emulation backend (auto = userspace; kvm-xen is not driven yet)")
     g.add_argument("--grant-frames", dest="grant_frames", metavar="N", default=S, help="grant frames (64)")
     g.add_argument("--console-log", dest="console_log", metavar="FILE", default=S, help="append the console here")
     g.add_argument("--console-stdout", dest="console_stdout", action=argparse.BooleanOptionalAction,
@@ -157,9 +157,15 @@ def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None 
             extra["restore"] = os.path.abspath(ns.restore)
         if debug:
             extra["log_level"] = "debug"
-        cfg = load_config(ns.config, options_from(ns), **extra)
+        options = options_from(ns)
+        cfg = load_config(ns.config, options, **extra)
+        # the real Domain's snapshots hold the VM's shape (a stand-in's have their own format)
+        if cfg.restore is not None and domain_factory is None and os.path.isfile(cfg.restore):
+            cfg = shape_from_snapshot(cfg, ns.config, options)
     except ConfigError as exc:
         return _start_failed(StartError(ExitCode.CONFIG, str(exc)), debug)
+    except StartError as exc:
+        return _start_failed(exc, debug)
     debug = debug or cfg.log_level == "debug"
     setup_logging(cfg.log_level)
     if ns.check:
@@ -173,6 +179,22 @@ def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None 
         return _start_failed(exc, debug)
     except KeyboardInterrupt:
         return ExitCode.OK
+
+
+def shape_from_snapshot(cfg: Any, config_file: str | None, options: dict[str, Any]) -> Any:
+    """The configuration with the --restore snapshot's VM shape (restoreshape.py)."""
+    from xend_lite.daemon.config import read_toml
+    from xend_lite.daemon.restoreshape import with_shape
+    from xend_lite.errors import SnapshotError
+    from xend_lite.vmm.shape import read_shape
+
+    explicit = set(options) | set(read_toml(config_file) if config_file else ())
+    try:
+        shape = read_shape(cfg.restore)
+    except (SnapshotError, OSError) as exc:
+        raise StartError(ExitCode.SNAPSHOT, f"snapshot {cfg.restore} cannot be loaded: {exc}: "
+                                            "check the path given with --restore") from exc
+    return with_shape(cfg, shape, explicit)
 
 
 def _start_failed(exc: StartError, debug: bool) -> int:
@@ -206,12 +228,29 @@ def preflight(cfg: Any, check_kvm: bool = True) -> None:
         raise StartError(ExitCode.SNAPSHOT, f"snapshot {cfg.restore} does not exist: check --restore")
 
 
+def usable_backend(report: Any, requested: str) -> None:
+    """Name in ``report`` the backend the daemon will really use, as the Domain chooses it;
+    one it would refuse is a problem, not a usable backend."""
+    from xend_lite.errors import XendLiteError
+    from xend_lite.xen.overlay import choose_backend
+
+    if not report.ok and report.backend is None:
+        return
+    try:
+        report.backend = choose_backend(requested, report.capabilities.get("xen_hvm", 0) > 0)
+    except XendLiteError as exc:
+        report.backend = None
+        report.problems.append(str(exc))
+        report.ok = False
+
+
 def run_check(cfg: Any) -> int:
     import json
 
     from xend_lite.machine.hostcheck import check_host
 
     report = check_host(cfg.kvm_path, cfg.backend)
+    usable_backend(report, cfg.backend)
     d = report.as_dict()
     print(f"kvm device: {d['kvm']}")
     print(f"backend:    {d['backend'] or '-'}")

@@ -10,6 +10,7 @@ from typing import Any
 import xend_lite
 from xend_lite.daemon.params import Param, boolean, int_range, opt, string, u64
 from xend_lite.daemon.rpc import METHODS, RpcContext, method
+from xend_lite.daemon.runstate import qmp_name
 from xend_lite.errors import InvalidArgument
 from xend_lite.xen.xenstore.server import escape
 
@@ -40,9 +41,12 @@ def xend_lite_version() -> str:
 
 @method("query-status")
 async def query_status(ctx: RpcContext) -> dict:
-    """The run state, answered from the loop so it is seen even during a save."""
-    state = ctx.controller.state
-    return {"status": state.value, "running": state.value == "running", "singlestep": False}
+    """The run state, answered from the loop so it is seen even during a save: ``status``
+    is the daemon's name, ``qmp-status`` QMP's (prelaunch, save-vm, restore-vm...)."""
+    c = ctx.controller
+    state = c.state
+    return {"status": state.value, "running": state.value == "running", "singlestep": False,
+            "qmp-status": qmp_name(state, getattr(c, "stop_reason", None))}
 
 
 @method("query-capabilities")
@@ -50,9 +54,15 @@ async def query_capabilities(ctx: RpcContext) -> Any:
     return await ctx.controller.query("query_capabilities")
 
 
-@method("query-vcpus")
-async def query_vcpus(ctx: RpcContext) -> Any:
-    return await ctx.controller.query("query_vcpus")
+@method("query-vcpus", opt("registers", boolean, False))
+async def query_vcpus(ctx: RpcContext, registers: bool) -> Any:
+    """Each vCPU's state; registers=true adds its general, segment and control registers
+    (read with the vCPUs held out of the guest for a moment)."""
+    vcpus = await ctx.controller.query("query_vcpus")
+    if registers:
+        for v, regs in zip(vcpus, await ctx.controller.query_registers()):
+            v.update(regs)
+    return vcpus
 
 
 @method("query-memory-map")
@@ -230,3 +240,15 @@ async def system_powerdown(ctx: RpcContext) -> None:
     """Ask the guest to power off (control/shutdown = "poweroff", as a toolstack does) and
     return at once; the guest stops later, with reason poweroff, if it acts on the request."""
     await ctx.controller.system_powerdown()
+
+
+# -- long jobs, looking inside the guest (inspect.py registers its own methods) --------------
+
+@method("query-snapshot-job")
+async def query_snapshot_job(ctx: RpcContext) -> dict:
+    """The snapshot save or load running now: status "active" with kind, path, percent,
+    bytes, total and seconds; status "none" when there is none. Answered from the loop."""
+    return ctx.controller.snapshot_job()
+
+
+from xend_lite.daemon import inspect as _inspect  # noqa: E402,F401

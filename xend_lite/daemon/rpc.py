@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -94,17 +95,29 @@ def error_for(exc: BaseException) -> JsonRpcError:
     return JsonRpcError(INTERNAL_ERROR, "Internal error: see the daemon's log", {"class": "InternalError"})
 
 
+def _observe(context: RpcContext, name: str, t0: float, ok: bool) -> None:
+    """Count the call in the daemon's metrics (when it has them)."""
+    metrics = getattr(context.daemon, "metrics", None)
+    if metrics is not None:
+        metrics.rpc_done(name, time.perf_counter() - t0, ok)
+
+
 def _adapter(m: RpcMethod) -> Callable[..., Awaitable[Any]]:
     fn, params = m.fn, m.params
 
+    name = m.name
+
     async def call(context: RpcContext, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
         try:
             if args or kwargs or params:
                 result = await fn(context, **bind_params(params, args, kwargs))
             else:  # nothing to bind (query-status and the other parameterless calls)
                 result = await fn(context)
         except Exception as exc:  # noqa: BLE001 - mapped, never leaked
+            _observe(context, name, t0, False)
             raise error_for(exc) from None
+        _observe(context, name, t0, True)
         return Success({} if result is None else result)
     call.__name__ = m.name
     # jsonrpcserver binds the arguments to the method's signature on every call; giving it

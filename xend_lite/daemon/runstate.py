@@ -35,6 +35,20 @@ class RunState(str, Enum):
 
 ALL_STATES = tuple(RunState)
 
+# QMP's RunState name for each of ours (query-status answers both)
+QMP_NAMES = {RunState.CREATED: "prelaunch", RunState.RUNNING: "running",
+             RunState.PAUSED: "paused", RunState.SAVING: "save-vm",
+             RunState.RESTORING: "restore-vm", RunState.SHUTDOWN: "shutdown",
+             RunState.INTERNAL_ERROR: "internal-error"}
+PANIC_REASONS = ("crash",)
+
+
+def qmp_name(state: RunState, stop_reason: str | None = None) -> str:
+    """QMP's name for the state; a guest that stopped by crashing is "guest-panicked"."""
+    if state == RunState.SHUTDOWN and stop_reason in PANIC_REASONS:
+        return "guest-panicked"
+    return QMP_NAMES[state]
+
 
 def requires(*states: RunState) -> Callable[[F], F]:
     """Allow the decorated controller command only in ``states``.

@@ -28,6 +28,7 @@ from xend_lite.daemon.connections import BACKLOG, hold, on_response_prepare
 from xend_lite.daemon.console_stream import WriterBusy
 from xend_lite.daemon.events import EventBus
 from xend_lite.daemon.methods import CONSOLE_WRITE_MAX, METHODS
+from xend_lite.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from xend_lite.daemon.rpc import INVALID_REQUEST, MAX_BODY, Dispatcher, RpcContext, error_reply
 from xend_lite.daemon.tokens import token_matches
 from xend_lite.errors import XendLiteError
@@ -347,6 +348,24 @@ async def console_handler(request: web.Request) -> web.StreamResponse:
         if not ws.closed:
             await ws.close(code=WSCloseCode.GOING_AWAY, message=reason.encode()[:120])
     return ws
+async def metrics_handler(request: web.Request) -> web.StreamResponse:
+    """GET /metrics: Prometheus's text format, with the same access rules as /rpc."""
+    if request.app[TOKEN] is None and _is_tcp(request):
+        return _refusal(request, None)  # type: ignore[return-value]
+    daemon = request.app[DAEMON]
+    metrics = getattr(daemon, "metrics", None)
+    if metrics is None:
+        return web.Response(status=404, text="no metrics\n")
+    controller = request.app[CONTROLLER]
+    domain = controller.domain
+    counters = None
+    if domain is not None and hasattr(domain, "query_counters"):
+        try:
+            counters = domain.query_counters()
+        except Exception:  # noqa: BLE001 - the daemon's own metrics are still worth sending
+            log.exception("reading the VM's counters for /metrics failed")
+    body = metrics.render(controller.state, counters)
+    return web.Response(body=body.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def make_app(controller: Any, events: EventBus, daemon: Any = None, token: str | None = None) -> web.Application:
@@ -364,6 +383,7 @@ def make_app(controller: Any, events: EventBus, daemon: Any = None, token: str |
     app.router.add_post("/rpc", rpc_handler_for(dispatcher, controller, daemon, token))
     app.router.add_get("/events", events_handler)
     app.router.add_get("/console", console_handler)
+    app.router.add_get("/metrics", metrics_handler)
     app.on_response_prepare.append(on_response_prepare)  # connections.py: idle again
     return app
 

@@ -24,6 +24,7 @@ from xend_lite.daemon.config import DaemonConfig, read_token
 from xend_lite.daemon.connections import ConnectionGuard, start_guard
 from xend_lite.daemon.controller import REBOOT_REASONS, Controller, GuestStop, exit_status_for
 from xend_lite.daemon.events import EventBus
+from xend_lite.daemon.metrics import Metrics
 from xend_lite.daemon.runstate import RunState
 from xend_lite.daemon.server import WEBSOCKETS, Listeners, ListenError, adopt, bind_tcp, bind_unix, make_app
 from xend_lite.daemon.systemd import Notifier, listen_fds
@@ -93,6 +94,8 @@ class Daemon:
                  notifier: Notifier | None = None, env: dict[str, str] | None = None):
         self.cfg = cfg
         self.events = EventBus()
+        self.metrics = Metrics()
+        self.events.observers.append(self.metrics.event)
         self.notifier = notifier or Notifier(env)
         self._env = env
         self.controller = Controller(domain_factory, cfg, snapshot_dir=cfg.snapshot_dir,

@@ -25,7 +25,9 @@ from xend_lite.machine.kernel import unpack_kernel
 from xend_lite.machine.loader import BootInfo, load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
 from xend_lite.machine.owner import VmOwner
+from xend_lite.vmm import inspect
 from xend_lite.vmm.spec import DomainSpec, read_image
+from xend_lite.xen import evtchn_admin
 from xend_lite.xen.hypercall_patch import patch_xen_hypercalls
 from xend_lite.xen.overlay import OverlayDevice
 from xend_lite.xen.platform import OverlayChange, XenConfig, XenPlatform
@@ -212,6 +214,35 @@ class Domain:
     def system_powerdown(self) -> None:
         """Ask the guest to power off as a toolstack does: "poweroff" in control/shutdown."""
         self._xen().xenstore.call("write", "control/shutdown", b"poweroff")
+
+    def query_counters(self) -> dict:
+        """Exit counts per vCPU and the Xen counters, read without the owner (plain counters
+        the vCPUs keep; a scrape sees each as it is at that moment)."""
+        out: dict = {"exits": [dict(r.exit_counts) for r in self.machine.runners]}
+        if self.xen is not None:
+            out["hypercalls"] = self.xen.counters()
+        return out
+
+    def query_registers(self) -> list[dict]:
+        return inspect.registers(self.machine)
+
+    def xen_event_list(self) -> list[dict]:
+        return evtchn_admin.event_list(self._xen().evtchn)
+
+    def xen_event_inject(self, port: int) -> None:
+        evtchn_admin.event_inject(self._xen().evtchn, port)
+
+    def read_memory(self, addr: int, size: int, cpu: int | None = None) -> bytes:
+        """Guest-physical bytes, or guest-virtual ones in vCPU ``cpu``'s paging."""
+        if cpu is None:
+            return inspect.read_physical(self.machine, addr, size)
+        return inspect.read_virtual(self.machine, cpu, addr, size)
+
+    def write_memory(self, gpa: int, data: bytes) -> None:
+        inspect.write_physical(self.machine, gpa, data)
+
+    def memory_dump(self, path: Any, addr: int, size: int, cpu: int | None = None) -> dict:
+        return inspect.dump(self.machine, path, addr, size, cpu)
 
     # -- overlay control -----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from xend_lite.kvm import const
 from xend_lite.machine.backing import Backing
 from xend_lite.machine.cpustate import apply_vcpu, apply_vm, capture_vcpu, capture_vm
 from xend_lite.snapshot import MemoryRegion, State, load_snapshot, save_snapshot
+from xend_lite.vmm.shape import DomainShapeState
 from xend_lite.xen.persist import OPTIONAL, SECTIONS, STATE_CLASSES
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class MemoryMapState(State):
     ballooned: list[int] = field(default_factory=list)
 
 
-CLASSES = [CpuState, VmState, MemoryMapState, *STATE_CLASSES]
+CLASSES = [CpuState, VmState, MemoryMapState, DomainShapeState, *STATE_CLASSES]
 
 F_SETSIG, F_SETLEASE = 10, 1024
 
@@ -140,6 +141,7 @@ def save_domain(domain: Domain, path: Any, progress: Callable[[int, int], None] 
     vm = capture_vm(m.vm, m.irqchip)
     states["vm"] = VmState(**vm)
     states["memory_map"] = MemoryMapState(m.memory_bytes, len(m.runners), m.memmap.ballooned())
+    states["domain"] = DomainShapeState.of(domain.spec, m.memory_bytes, len(m.runners))
     if domain.xen is not None:
         states.update(domain.xen.persist.save())
     with m.ram_lock:   # RAM cannot move off a restored file while it is being read
@@ -162,6 +164,13 @@ def _check(domain: Domain, snap: Any, path: Any) -> tuple[MemoryMapState, Any]:
                             f"domain has {m.memory_bytes >> 20} MiB")
     if mm.vcpus != n:
         raise SnapshotError(f"snapshot {path} has {mm.vcpus} vCPUs; this domain has {n}")
+    shape = st.get("domain")
+    if isinstance(shape, DomainShapeState):
+        spec = domain.spec
+        for name in ("xen", "xen_version", "domid"):
+            if getattr(shape, name) != getattr(spec, name):
+                raise SnapshotError(f"snapshot {path} was saved with {name} "
+                                    f"{getattr(shape, name)}; this domain has {getattr(spec, name)}")
     try:
         region = snap.region("ram")
     except KeyError:
@@ -189,7 +198,8 @@ def load_domain(domain: Domain, path: Any, verify: bool = True) -> dict:
     if xen:
         required += [s for s in SECTIONS if s not in OPTIONAL]
     snap = load_snapshot(path, CLASSES, required=required,
-                         allowed=tuple(OPTIONAL) if xen else (), verify_memory=verify)
+                         allowed=(*OPTIONAL, "domain") if xen else ("domain",),
+                         verify_memory=verify)
     try:
         mm, region = _check(domain, snap, path)
         st = snap.states

@@ -109,6 +109,7 @@ class Hypercalls:
         self._calls: dict[int, Call] = {}
         self.calls = [0] * (TABLE_SIZE + 1)
         self.errors = [0] * (TABLE_SIZE + 1)
+        self.errnos: dict[tuple[int, int], int] = {}     # (slot, Xen errno) -> errors
         self.internal_errors = 0
 
     def served(self) -> dict[str, str]:
@@ -146,31 +147,42 @@ class Hypercalls:
         slot = nr if nr < TABLE_SIZE else TABLE_SIZE
         self.calls[slot] += 1
         if ret < 0:
-            self.errors[slot] += 1
+            self._count_error(slot, -ret)
         return ret & mask
+
+    def _count_error(self, slot: int, errno: int) -> None:
+        self.errors[slot] += 1
+        key = (slot, errno)
+        self.errnos[key] = self.errnos.get(key, 0) + 1
 
     def _handler_failed(self, nr: int) -> int:
         """A handler raised: the guest gets -EINVAL, and the call is counted (as a call and
         an error) before the internal error is, so whoever sees the internal error sees the
         call too."""
         self.calls[nr] += 1
-        self.errors[nr] += 1
+        self._count_error(nr, -_EINVAL)
         self.internal_errors += 1
         if self.internal_errors <= 10:
             log.exception("hypercall %d failed inside the daemon", nr)
         return _EINVAL
 
     def counters(self) -> dict:
+        """Calls and errors per hypercall (any thread: vCPUs may count meanwhile)."""
         out = {}
+        errnos = sorted(dict(self.errnos).items())
         for nr in range(TABLE_SIZE + 1):
             if self.calls[nr]:
                 name = HYPERCALL_NAMES.get(nr, f"hypercall_{nr}") if nr < TABLE_SIZE else "unknown"
                 out[name] = {"calls": self.calls[nr], "errors": self.errors[nr]}
+                by_errno = {str(e): n for (slot, e), n in errnos if slot == nr}
+                if by_errno:
+                    out[name]["errnos"] = by_errno
         return {"hypercalls": out, "total": sum(self.calls), "internal_errors": self.internal_errors}
 
     def reset_counters(self) -> None:
         self.calls = [0] * (TABLE_SIZE + 1)
         self.errors = [0] * (TABLE_SIZE + 1)
+        self.errnos = {}
 
     def load_counters(self, calls: list[int], errors: list[int]) -> None:
         if len(calls) == len(self.calls) and len(errors) == len(self.errors):
