@@ -96,17 +96,22 @@ class Vcpu:
             raise KvmError("KVM_RUN", -ret)
         return ret
 
-    def run_fns(self, hook: int = 0, hook_port: int = -1) -> tuple[Callable[[], int], Callable[[int], int]]:
+    def run_fns(self, hook: int = 0, hook_port: int = -1,
+                hook_ctx: int = 0) -> tuple[Callable[[], int], Callable[[int], int]]:
         """Two KVM_RUNs for a hot loop, bound to this vCPU with no Python frame per call:
         ``run()`` and ``run_result(rax)``, which first sets the guest's RAX to ``rax`` (an
         unsigned 64-bit value). Both return what run_raw() does, except that an error comes
         back as -errno (-EINTR / -EAGAIN for an interruption) instead of raising.
 
-        ``hook`` is the address of a C function ``void hook(void *kvm_run, uint64_t *out)``
-        (another layer's native code, e.g. the Xen calling convention); after a write to
-        ``hook_port`` it fills the words hook_values() returns, in the same C call."""
-        return (functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_port, 0, 0),
-                functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_port, 1))
+        ``hook`` is the address of a C function ``int hook(void *kvm_run, uint64_t *out,
+        void *ctx)`` (another layer's native code, e.g. Xen's hypercalls), called with
+        ``hook_ctx`` after each write to ``hook_port``: it either serves the write (returns 1
+        with the guest's RAX in out[0]; the guest runs on within the same C call, so such
+        exits never reach Python) or fills the words hook_values() returns (returns 0)."""
+        return (functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_ctx,
+                                  hook_port, 0, 0),
+                functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_ctx,
+                                  hook_port, 1))
 
     def hook_values(self, n: int = HOOK_WORDS) -> list[int]:
         """The first ``n`` words the port hook filled at the last exit (see run_fns)."""

@@ -244,7 +244,7 @@ class VcpuRunner:
         exits = self._exits
         doorbells = exits.doorbells
         counts = self.exit_counts
-        run_plain, run_result = vcpu.run_fns(*exits.doorbell_hook)
+        run_plain, run_result = vcpu.run_fns(*exits.doorbell_hook, exits.doorbell_ctx(self.index))
         result = None      # a doorbell handler's value for RAX, given with the next KVM_RUN
         with self._cond:
             self._set(S.RUNNING if self.started else S.CREATED)

@@ -69,7 +69,8 @@ class Domain:
         kvm_xen = bool(self.kvm.check_extension(CAPABILITIES["xen_hvm"])) \
             if "xen_hvm" in CAPABILITIES else False
         cfg = XenConfig(xen_version=s.xen_version, domid=s.domid, grant_frames=s.grant_frames,
-                        backend=s.backend, kvm_xen_available=kvm_xen, name=s.name)
+                        backend=s.backend, kvm_xen_available=kvm_xen, name=s.name,
+                        native_hypercalls=s.native_hypercalls)
         return XenPlatform(self.machine, cfg, self._emit)
 
     def _load(self) -> BootInfo:
