@@ -17,7 +17,8 @@ from bench.overlay import p99
 TITLE = "scaling: vCPU count and guest RAM"
 SUMMARY = (
     "Hypercalls: every vCPU runs bench/guests/hcloop.S (xen_version through the stub page) "
-    "for a fixed time; the figure is host time per hypercall (wall time x vCPUs / calls), so "
+    "for a fixed time, served natively (in C in the vCPU loop) and through the Python "
+    "dispatcher; the figure is host time per hypercall (wall time x vCPUs / calls), so "
     "1.0x means each vCPU is as fast as one alone. This host has 2 cores, so 4 vCPUs share "
     "them. Pause: a bare pause + resume of all running vCPUs. Overlay: map + unmap of "
     "shared_info with the vCPUs spinning. RAM: the overlay map with 1 vCPU at each guest size "
@@ -36,15 +37,15 @@ def _machine(kvm, image: bytes, vcpus: int, ram: int):
     return m
 
 
-def hypercalls(image: bytes, vcpus: int, seconds: float) -> float:
-    """ns of host time per hypercall with every vCPU calling."""
+def hypercalls(image: bytes, vcpus: int, seconds: float, native: bool = True) -> float:
+    """ns of host time per hypercall with every vCPU calling (served natively or in Python)."""
     from xend_lite.kvm import Kvm
     from xend_lite.xen.platform import XenConfig, XenPlatform
 
     with Kvm() as kvm:
         m = _machine(kvm, image, vcpus, 16 << 20)
         try:
-            xen = XenPlatform(m, XenConfig(grant_frames=1))
+            xen = XenPlatform(m, XenConfig(grant_frames=1, native_hypercalls=native))
             m.start()
             time.sleep(0.2)
             c0, t0 = xen.hypercalls.count(17), time.perf_counter_ns()
@@ -100,10 +101,16 @@ def run(ctx: Context) -> Section:
     secs = 0.3 if ctx.smoke else 2.0
     n = ctx.count(500, 30)
     figures = []
-    hc = {v: statistics.median(hypercalls(image, v, secs) for _ in range(ctx.repeats))
-          for v in (1, 2, 4)}
-    for v in (2, 4):
-        figures.append(Figure(f"hypercall, {v} vCPUs calling", hc[v], "ns", "1 vCPU", hc[1]))
+    runs: dict[tuple[bool, int], list[float]] = {}
+    for _ in range(ctx.repeats):      # interleaved, so a noisy moment spreads over all
+        for native in (True, False):
+            for v in (1, 2, 4):
+                runs.setdefault((native, v), []).append(hypercalls(image, v, secs, native))
+    hc = {k: statistics.median(x) for k, x in runs.items()}
+    for native, how in ((True, "native"), (False, "Python dispatch")):
+        for v in (2, 4):
+            figures.append(Figure(f"hypercall ({how}), {v} vCPUs calling", hc[native, v], "ns",
+                                  "1 vCPU", hc[native, 1]))
     ctl = {v: control(image, v, 128 << 20, n) for v in (1, 2, 4)}
     for v in (2, 4):
         figures.append(Figure(f"pause + resume, {v} vCPUs, median", statistics.median(ctl[v][0]),
