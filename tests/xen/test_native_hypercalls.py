@@ -110,3 +110,13 @@ def test_served_reports_the_native_pairs(harness_factory):
     off = harness_factory(64, native_hypercalls=False).xen.hypercalls.served()
     assert sum(v == "native" for v in on.values()) == len(NATIVE)
     assert "native" not in off.values() and off["xen_version"] == "python"
+
+
+def test_the_environment_turns_the_native_path_off(harness_factory, monkeypatch):
+    from xend_lite.vmm.domain import NATIVE_ENV
+
+    monkeypatch.setenv(NATIVE_ENV, "0")
+    h = harness_factory(64)
+    assert not h.xen.native.enabled
+    h.run([(VER, X.XENVER_version, 0)])
+    assert h.xen.hypercalls.calls[VER] == 1        # served by the Python dispatcher
