@@ -231,6 +231,7 @@ int xl_sigrtmin(void);
 uint64_t xl_system_event_data0(struct kvm_run *run);
 int64_t xl_run(int fd, struct kvm_run *run);
 void xl_set_rax(struct kvm_run *run, uint64_t value);
+#define XL_HOOK_SERVED ...
 int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, uintptr_t hook, uintptr_t hook_ctx,
                     int hook_port, int set_rax, uint64_t rax);
 """
@@ -292,6 +293,8 @@ static void xl_set_rax(struct kvm_run *run, uint64_t value) {
  * write itself (returns 1, out[0] the guest's new RAX: the loop re-enters the guest at once)
  * or reads its meaning from the synced registers into out for the caller (returns 0). */
 typedef int (*xl_port_hook)(void *run, uint64_t *out, void *ctx);
+/* out's last word is the loop's own: how many exits the hook served (hooks fill 0..6) */
+#define XL_HOOK_SERVED 7
 /* The vCPU loop's KVM_RUN, the GIL released throughout (cffi API mode). With set_rax, the
  * guest's RAX becomes rax first (through the synced registers, loaded by this KVM_RUN).
  * After a write to hook_port, hook (when not 0) serves it and the guest runs on, or fills
@@ -308,6 +311,7 @@ static int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, uintptr_t
         if (!((xl_port_hook)hook)(run, out, (void *)hook_ctx))
             return ret;
         xl_set_rax(run, out[0]);
+        __atomic_store_n(&out[XL_HOOK_SERVED], out[XL_HOOK_SERVED] + 1, __ATOMIC_RELAXED);
     }
 }
 static uint64_t xl_system_event_data0(struct kvm_run *run) {
