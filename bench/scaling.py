@@ -22,7 +22,8 @@ SUMMARY = (
     "1.0x means each vCPU is as fast as one alone; also the CPU time the vCPU threads spend "
     "per hypercall. This host has 2 cores, so 4 vCPUs share them. Pause: a bare pause + "
     "resume of all running vCPUs. Overlay: map + unmap of shared_info with the vCPUs "
-    "spinning. RAM: the overlay map with 1 vCPU at each guest size (guest RAM is a memfd, so untouched memory costs nothing). Medians over many operations.")
+    "spinning. RAM: the overlay map with 1 vCPU at each guest size (guest RAM is a memfd, "
+    "so untouched memory costs nothing). Medians over many operations.")
 
 
 def _machine(kvm, image: bytes, vcpus: int, ram: int):
