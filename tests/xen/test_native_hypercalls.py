@@ -123,3 +123,42 @@ def test_the_environment_turns_the_native_path_off(harness_factory, monkeypatch)
     assert not h.xen.native.enabled
     h.run([(VER, X.XENVER_version, 0)])
     assert h.xen.hypercalls.calls[VER] == 1        # served by the Python dispatcher
+
+
+def test_a_vcpu_looping_on_native_calls_pauses_and_resumes(guest_image, tmp_path):
+    import time
+
+    from xend_lite.vmm.domain import Domain
+    from xend_lite.vmm.spec import DomainSpec
+
+    img = tmp_path / "nativeloop64.elf"
+    img.write_bytes(guest_image("xen/guests/nativeloop64.S"))
+    d = Domain(DomainSpec(image=str(img), memory_mib=64))
+    try:
+        m = d.machine
+
+        def count() -> int:
+            return struct.unpack("<Q", m.mem.read(0x300000, 8))[0]
+
+        def wait_past(n: int) -> None:
+            deadline = time.monotonic() + 10
+            while count() <= n:
+                assert m.status is None and time.monotonic() < deadline, m.status
+                time.sleep(0.01)
+        d.start()
+        wait_past(1000)
+        m.pause()                                   # the loop stays in C: the kick ends it
+        assert m.runners[0].state.value == "paused"
+        n = count()
+        time.sleep(0.05)
+        assert count() == n
+        served = d.xen.hypercalls.count(VER)
+        assert n <= served <= n + 1 and d.xen.hypercalls.calls[VER] == 0
+        assert n <= d.xen.hypercalls.count(SCHED) <= served
+        assert struct.unpack("<qq", m.mem.read(0x300008, 16)) == (4 << 16 | 16, 0)
+        m.resume()
+        wait_past(n + 1000)
+        time.sleep(0.8)             # past the halt watch's quiet checks: still running
+        assert m.status is None and m.runners[0].state.value == "running"
+    finally:
+        d.close()
