@@ -245,6 +245,7 @@ async def test_handler_bug_becomes_an_errno_and_is_counted(start_daemon):
         events = EventLog(ev)
         await wait_for(lambda: d.daemon.events.subscribers == 1, 5)
         try:
+            xen.native.set_enabled(False)      # the Python handler is the one under test
             swap_handler(xen, nr, broken)
             # the default guest asks xen_version at boot: reboot it into the broken handler
             await c.call("system_reset")
@@ -256,6 +257,7 @@ async def test_handler_bug_becomes_an_errno_and_is_counted(start_daemon):
             assert not events.named("GUEST_PANICKED")
         finally:
             swap_handler(xen, nr, real)
+            xen.native.set_enabled(True)
             await events.close()
 
 

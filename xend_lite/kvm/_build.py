@@ -231,8 +231,9 @@ int xl_sigrtmin(void);
 uint64_t xl_system_event_data0(struct kvm_run *run);
 int64_t xl_run(int fd, struct kvm_run *run);
 void xl_set_rax(struct kvm_run *run, uint64_t value);
-int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, uintptr_t hook, int hook_port,
-                    int set_rax, uint64_t rax);
+#define XL_HOOK_SERVED ...
+int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, uintptr_t hook, uintptr_t hook_ctx,
+                    int hook_port, int set_rax, uint64_t rax);
 """
 
 SOURCE = r"""
@@ -287,20 +288,31 @@ static void xl_set_rax(struct kvm_run *run, uint64_t value) {
     run->s.regs.regs.rax = value;
     run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
 }
-/* A C function another layer's native code supplies to read a port write's meaning from
- * the synced registers into out, right after the exit (e.g. Xen's hypercall convention). */
-typedef void (*xl_port_hook)(void *run, uint64_t *out);
-/* The vCPU loop's KVM_RUN. With set_rax, the guest's RAX becomes rax first (through the
- * synced registers, loaded by this KVM_RUN). After a write to hook_port, hook (when not 0)
- * fills out, so the caller needs no further C call to handle it. Returns what xl_run does. */
-static int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, uintptr_t hook, int hook_port,
-                           int set_rax, uint64_t rax) {
+/* A C function another layer's native code supplies, called right after a write to the
+ * hook port with the kvm_run it exited on, out and the caller's ctx. It either serves the
+ * write itself (returns 1, out[0] the guest's new RAX: the loop re-enters the guest at once)
+ * or reads its meaning from the synced registers into out for the caller (returns 0). */
+typedef int (*xl_port_hook)(void *run, uint64_t *out, void *ctx);
+/* out's last word is the loop's own: how many exits the hook served (hooks fill 0..6) */
+#define XL_HOOK_SERVED 7
+/* The vCPU loop's KVM_RUN, the GIL released throughout (cffi API mode). With set_rax, the
+ * guest's RAX becomes rax first (through the synced registers, loaded by this KVM_RUN).
+ * After a write to hook_port, hook (when not 0) serves it and the guest runs on, or fills
+ * out and the exit is returned. A pause request (immediate_exit, then the kick signal)
+ * ends the loop at its next KVM_RUN with -EINTR. Returns what xl_run does. */
+static int64_t xl_run_call(int fd, struct kvm_run *run, uint64_t *out, uintptr_t hook,
+                           uintptr_t hook_ctx, int hook_port, int set_rax, uint64_t rax) {
     if (set_rax)
         xl_set_rax(run, rax);
-    int64_t ret = xl_run(fd, run);
-    if (ret > 0xffffffffLL && hook && (ret >> 32) - 1 == hook_port)
-        ((xl_port_hook)hook)(run, out);
-    return ret;
+    for (;;) {
+        int64_t ret = xl_run(fd, run);
+        if (ret <= 0xffffffffLL || !hook || (ret >> 32) - 1 != hook_port)
+            return ret;
+        if (!((xl_port_hook)hook)(run, out, (void *)hook_ctx))
+            return ret;
+        xl_set_rax(run, out[0]);
+        __atomic_store_n(&out[XL_HOOK_SERVED], out[XL_HOOK_SERVED] + 1, __ATOMIC_RELAXED);
+    }
 }
 static uint64_t xl_system_event_data0(struct kvm_run *run) {
     return run->system_event.ndata ? run->system_event.data[0] : 0;

@@ -30,8 +30,10 @@ _xl_run = lib.xl_run
 _xl_set_rax = lib.xl_set_rax
 _xl_run_call = lib.xl_run_call
 _unpack = ffi.unpack
-#: how many words a port hook (see run_fns) may fill
+#: the words a port hook shares with the run loop (see run_fns); the last is the loop's count
+#: of the exits the hook served
 HOOK_WORDS = 8
+_HOOK_SERVED = lib.XL_HOOK_SERVED
 EFER_LMA = 1 << 10
 _EINTR = 4
 _EAGAIN = 11
@@ -96,17 +98,27 @@ class Vcpu:
             raise KvmError("KVM_RUN", -ret)
         return ret
 
-    def run_fns(self, hook: int = 0, hook_port: int = -1) -> tuple[Callable[[], int], Callable[[int], int]]:
+    def run_fns(self, hook: int = 0, hook_port: int = -1,
+                hook_ctx: int = 0) -> tuple[Callable[[], int], Callable[[int], int]]:
         """Two KVM_RUNs for a hot loop, bound to this vCPU with no Python frame per call:
         ``run()`` and ``run_result(rax)``, which first sets the guest's RAX to ``rax`` (an
         unsigned 64-bit value). Both return what run_raw() does, except that an error comes
         back as -errno (-EINTR / -EAGAIN for an interruption) instead of raising.
 
-        ``hook`` is the address of a C function ``void hook(void *kvm_run, uint64_t *out)``
-        (another layer's native code, e.g. the Xen calling convention); after a write to
-        ``hook_port`` it fills the words hook_values() returns, in the same C call."""
-        return (functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_port, 0, 0),
-                functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_port, 1))
+        ``hook`` is the address of a C function ``int hook(void *kvm_run, uint64_t *out,
+        void *ctx)`` (another layer's native code, e.g. Xen's hypercalls), called with
+        ``hook_ctx`` after each write to ``hook_port``: it either serves the write (returns 1
+        with the guest's RAX in out[0]; the guest runs on within the same C call, so such
+        exits never reach Python: hook_served() counts them) or fills the words
+        hook_values() returns (returns 0)."""
+        return (functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_ctx,
+                                  hook_port, 0, 0),
+                functools.partial(_xl_run_call, self.fd, self._run, self._hook_buf, hook, hook_ctx,
+                                  hook_port, 1))
+
+    def hook_served(self) -> int:
+        """How many exits the port hook has served in C (they never reached Python)."""
+        return self._hook_buf[_HOOK_SERVED]
 
     def hook_values(self, n: int = HOOK_WORDS) -> list[int]:
         """The first ``n`` words the port hook filled at the last exit (see run_fns)."""

@@ -38,7 +38,9 @@ class ExitMap:
         self.io_out: dict[int, IoOutHandler] = {}
         self.io_in: dict[int, IoInHandler] = {}
         self.doorbells: dict[int, DoorbellHandler] = {}
-        self.doorbell_hook: tuple[int, int] = (0, -1)   # (C decoder address, its port)
+        self.doorbell_hook: tuple[int, int] = (0, -1)   # (C hook address, its port)
+        #: the hook's context for each vCPU (by index): an address its native code owns
+        self.doorbell_ctx: Callable[[int], int] = lambda _index: 0
         self.msr_read: dict[int, MsrReadHandler] = {}
         self.msr_write: dict[int, MsrWriteHandler] = {}
         self.custom: dict[type, ExitHandler] = {}
@@ -52,15 +54,20 @@ class ExitMap:
     def register_io_in(self, port: int, fn: IoInHandler) -> None:
         self.io_in[port] = fn
 
-    def register_doorbell(self, port: int, fn: DoorbellHandler, hook: int = 0) -> None:
+    def register_doorbell(self, port: int, fn: DoorbellHandler, hook: int = 0,
+                          ctx: Callable[[int], int] | None = None) -> None:
         """A port whose writes carry no data of interest (the value is in the registers):
         handled on the vCPU loop's hot path without decoding the exit. ``hook`` is a C
-        function that reads the registers into ``runner.vcpu.hook_values()`` in the same
-        call as KVM_RUN (one port may have one). An int the handler returns (unsigned
-        64-bit) is the guest's RAX, given with the next KVM_RUN; None leaves RAX be."""
+        function called in the same C call as KVM_RUN (one port may have one), with
+        ``ctx(vcpu index)``: it serves the write itself, and the guest runs on without
+        returning to Python, or reads the registers into ``runner.vcpu.hook_values()`` for
+        ``fn`` (kvm.Vcpu.run_fns). An int ``fn`` returns (unsigned 64-bit) is the guest's
+        RAX, given with the next KVM_RUN; None leaves RAX be."""
         self.doorbells[port] = fn
         if hook:
             self.doorbell_hook = (hook, port)
+            if ctx is not None:
+                self.doorbell_ctx = ctx
 
     def register_exit(self, exit_type: type, fn: ExitHandler) -> None:
         """Handle an exit type (e.g. exits.Hlt) instead of the default; fn returns go-on."""

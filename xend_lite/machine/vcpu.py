@@ -67,7 +67,7 @@ class VcpuRunner:
         self.waiting = False            # inside a handler, waiting for the owner
         self.started = False            # has run guest code (a secondary may wait for SIPI)
         self.exit_counts: collections.Counter[str] = collections.Counter()
-        self.exits_total = 0
+        self._seen = 0                   # the exits this loop saw (exits_total adds C's)
         self._cond = threading.Condition()
         self._pause_req = False
         self._stop_req = False
@@ -75,6 +75,15 @@ class VcpuRunner:
         self.error: str | None = None
         self.on_failure: Callable[[VcpuRunner, str], None] = lambda _r, _e: None
         vcpu.enable_sync_regs(SYNC_REGS | SYNC_SREGS)
+
+    @property
+    def exits_total(self) -> int:
+        """Every exit, the ones the doorbell hook served in C included."""
+        return self._seen + self.vcpu.hook_served()
+
+    @exits_total.setter
+    def exits_total(self, value: int) -> None:
+        self._seen = value - self.vcpu.hook_served()
 
     def _set(self, state: VcpuState) -> None:
         """Change state (holding _cond) and tell the owner."""
@@ -244,7 +253,10 @@ class VcpuRunner:
         exits = self._exits
         doorbells = exits.doorbells
         counts = self.exit_counts
-        run_plain, run_result = vcpu.run_fns(*exits.doorbell_hook)
+        hook, port = exits.doorbell_hook
+        # until the first exit has shown the vCPU started, the hook serves nothing natively
+        run_plain, run_result = vcpu.run_fns(hook, port, exits.doorbell_ctx(self.index)
+                                             if self.started else 0)
         result = None      # a doorbell handler's value for RAX, given with the next KVM_RUN
         with self._cond:
             self._set(S.RUNNING if self.started else S.CREATED)
@@ -266,12 +278,13 @@ class VcpuRunner:
                     raise KvmError("KVM_RUN", -reason)
                 counts["intr"] += 1
                 continue
-            self.exits_total += 1
+            self._seen += 1
             if not self.started:
                 self.started = True
                 with self._cond:
                     if self.state == S.CREATED:
                         self._set(S.RUNNING)
+                run_plain, run_result = vcpu.run_fns(hook, port, exits.doorbell_ctx(self.index))
             # Hot path: a doorbell port (the hypercall stubs) needs no decoded exit.
             if reason > _PORT_BIT:
                 h = doorbells.get((reason >> PORT_SHIFT) - 1)

@@ -39,6 +39,15 @@ DETACH_DELAY = 0.2   # seconds between a restore and moving its RAM off the snap
 DETACH_STOP = 30.0   # seconds to wait for a move of RAM to give up
 
 
+#: set to 0 in the daemon's environment to serve every hypercall in Python (the switch for a
+#: daemon whose configuration does not carry DomainSpec.native_hypercalls)
+NATIVE_ENV = "XEND_LITE_NATIVE_HYPERCALLS"
+
+
+def native_hypercalls_allowed() -> bool:
+    return os.environ.get(NATIVE_ENV, "1").strip() not in ("0", "no", "off", "false")
+
+
 class Domain:
     def __init__(self, config: Any, emit: Emit | None = None):
         spec = config if isinstance(config, DomainSpec) else DomainSpec.from_config(config)
@@ -71,7 +80,8 @@ class Domain:
         kvm_xen = bool(self.kvm.check_extension(CAPABILITIES["xen_hvm"])) \
             if "xen_hvm" in CAPABILITIES else False
         cfg = XenConfig(xen_version=s.xen_version, domid=s.domid, grant_frames=s.grant_frames,
-                        backend=s.backend, kvm_xen_available=kvm_xen, name=s.name)
+                        backend=s.backend, kvm_xen_available=kvm_xen, name=s.name,
+                        native_hypercalls=s.native_hypercalls and native_hypercalls_allowed())
         return XenPlatform(self.machine, cfg, self._emit)
 
     def _load(self) -> BootInfo:

@@ -28,6 +28,9 @@ class DomainSpec(NamedTuple):
     name: str = "xend-lite"           # the domain's name in xenstore
     # Xen mode: rewrite Linux's direct vmcall/vmmcall hypercalls so they reach the daemon
     rewrite_hypercalls: bool = True
+    # Xen mode: serve the hot hypercalls xen/dispatch.py names in NATIVE in C on the vCPU
+    # thread; False sends every hypercall through the Python dispatcher
+    native_hypercalls: bool = True
 
     @classmethod
     def from_config(cls, cfg: Any) -> DomainSpec:

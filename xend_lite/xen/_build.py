@@ -150,7 +150,14 @@ struct xen_platform_parameters { unsigned long virt_start; ...; };
 #define XEN_CALL_LONG ...
 #define XEN_CALL_USER ...
 uintptr_t xen_decode_call_address(void);
-void xen_decode_call(void *run, uint64_t *out);
+int xen_decode_call(void *run, uint64_t *out, void *ctx);
+/* hypercalls served in C on the vCPU thread (see the source) */
+#define XEN_NATIVE_SLOTS ...
+#define XEN_NATIVE_COUNTERS ...
+struct xen_native_dom { uint32_t version_word; uint8_t on[...]; ...; };
+struct xen_native_vcpu { struct xen_native_dom *dom; uint64_t calls[...]; uint64_t errors[...]; ...; };
+int xen_native_slot(uint64_t op, uint64_t subop);
+uintptr_t xen_native_hook_address(void);
 /* atomic read-modify-write on guest memory (host addresses) */
 uint64_t xen_fetch_or64(uintptr_t addr, uint64_t mask);
 uint64_t xen_fetch_and64(uintptr_t addr, uint64_t mask);
@@ -160,6 +167,7 @@ uint64_t xen_rdtsc(void);
 
 SOURCE = r"""
 #define __XEN_INTERFACE_VERSION__ __XEN_LATEST_INTERFACE_VERSION__
+#include <sched.h>
 #include <stdint.h>
 #include <xen/xen.h>
 #include <xen/errno.h>
@@ -184,7 +192,7 @@ SOURCE = r"""
  * the kvm_run it exited on. */
 #define XEN_CALL_LONG 1u
 #define XEN_CALL_USER 2u
-static void xen_decode_call(void *run_ptr, uint64_t *out) {
+static int xen_decode_call(void *run_ptr, uint64_t *out, void *ctx) {
     const struct kvm_run *run = run_ptr;
     const struct kvm_regs *r = &run->s.regs.regs;
     const struct kvm_sregs *s = &run->s.regs.sregs;
@@ -192,6 +200,7 @@ static void xen_decode_call(void *run_ptr, uint64_t *out) {
     uint64_t user = (s->cr0 & 1u) && ((s->cs.selector & 3u)
                                       || (!lng && (r->rflags & (1u << 17))))   /* RFLAGS.VM */
                     ? XEN_CALL_USER : 0;
+    (void)ctx;
     out[0] = (uint32_t)r->rax;
     out[1] = lng | user;
     if (lng) {
@@ -200,8 +209,55 @@ static void xen_decode_call(void *run_ptr, uint64_t *out) {
         out[2] = (uint32_t)r->rbx; out[3] = (uint32_t)r->rcx; out[4] = (uint32_t)r->rdx;
         out[5] = (uint32_t)r->rsi; out[6] = (uint32_t)r->rdi;
     }
+    return 0;                        /* decoded for the Python dispatcher */
 }
 static uintptr_t xen_decode_call_address(void) { return (uintptr_t)&xen_decode_call; }
+
+/* Hypercalls served in C, inside the vCPU's KVM_RUN loop with the GIL released: the ones a
+ * guest calls in loops that need no state but numbers fixed at set-up. Each (call, sub-op)
+ * has a slot; the domain's struct says which slots are on (Python turns on the ones
+ * dispatch.NATIVE names) and holds the fixed values; each vCPU counts what it served, by
+ * call number as the Python dispatcher does (TABLE_SIZE + 1 counters), one writer each.
+ * Anything else, and any call from outside the guest kernel, goes to Python decoded. */
+enum { XN_VERSION_VERSION, XN_VERSION_PAGESIZE, XN_SCHED_YIELD, XEN_NATIVE_SLOTS };
+#define XEN_NATIVE_COUNTERS 65
+struct xen_native_dom {
+    uint32_t version_word;           /* XENVER_version's answer: major << 16 | minor */
+    uint8_t on[XEN_NATIVE_SLOTS];
+};
+struct xen_native_vcpu {
+    struct xen_native_dom *dom;
+    uint64_t calls[XEN_NATIVE_COUNTERS];
+    uint64_t errors[XEN_NATIVE_COUNTERS];
+};
+static int xen_native_slot(uint64_t op, uint64_t subop) {
+    if (op == __HYPERVISOR_xen_version && subop == XENVER_version) return XN_VERSION_VERSION;
+    if (op == __HYPERVISOR_xen_version && subop == XENVER_pagesize) return XN_VERSION_PAGESIZE;
+    if (op == __HYPERVISOR_sched_op && subop == SCHEDOP_yield) return XN_SCHED_YIELD;
+    return -1;
+}
+static int xen_native_hook(void *run, uint64_t *out, void *ctx) {
+    struct xen_native_vcpu *v = ctx;
+    xen_decode_call(run, out, NULL);
+    if (v == NULL || (out[1] & XEN_CALL_USER))
+        return 0;                    /* Xen refuses a user-mode caller: Python answers */
+    int slot = xen_native_slot(out[0], out[2]);
+    if (slot < 0 || !__atomic_load_n(&v->dom->on[slot], __ATOMIC_RELAXED))
+        return 0;
+    int64_t ret;
+    switch (slot) {
+    case XN_VERSION_VERSION: ret = v->dom->version_word; break;
+    case XN_VERSION_PAGESIZE: ret = 4096; break;
+    default: sched_yield(); ret = 0; break;        /* XN_SCHED_YIELD */
+    }
+    uint64_t nr = out[0];            /* < XEN_NATIVE_COUNTERS: every slot's call is */
+    __atomic_store_n(&v->calls[nr], v->calls[nr] + 1, __ATOMIC_RELAXED);
+    if (ret < 0)
+        __atomic_store_n(&v->errors[nr], v->errors[nr] + 1, __ATOMIC_RELAXED);
+    out[0] = (uint64_t)ret & (out[1] & XEN_CALL_LONG ? ~0ull : 0xffffffffull);
+    return 1;
+}
+static uintptr_t xen_native_hook_address(void) { return (uintptr_t)&xen_native_hook; }
 /* Event-channel bitmaps the guest updates with locked instructions at the same time. */
 static uint64_t xen_fetch_or64(uintptr_t addr, uint64_t mask) {
     return __atomic_fetch_or((uint64_t *)addr, mask, __ATOMIC_SEQ_CST);

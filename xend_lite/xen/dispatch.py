@@ -1,7 +1,10 @@
 """Who serves each hypercall: the one table. Every hypercall a guest may make is here with
 the handler that answers it; a number not here gets -ENOSYS (-EPERM for the ones Xen keeps
 for the control domain, hypercall.PRIVILEGED). All are served in Python on the calling vCPU's
-thread (Hypercalls.served reports the same).
+thread, except the (call, sub-op) pairs in NATIVE: those are served in C inside the vCPU's
+KVM_RUN loop, without the GIL (native.NativeHypercalls, the hook in _build.py), with the same
+answers as the Python handler named here, which still serves them when the domain turns the
+native path off (XenConfig.native_hypercalls). Hypercalls.served reports who serves what.
 """
 
 from __future__ import annotations
@@ -28,3 +31,12 @@ def hypercall_table(p: XenPlatform) -> dict[int, Handler]:
         X.__HYPERVISOR_grant_table_op: p.grants.grant_table_op,       # grant.py
         X.__HYPERVISOR_vcpu_op: p.vcpu_ops.vcpu_op,                   # vcpu_op.py
     }
+
+
+#: (call, sub-op) pairs served natively: each is a hot call whose answer needs no state but
+#: values fixed at set-up. A call from outside the guest kernel always goes to Python.
+NATIVE: frozenset[tuple[int, int]] = frozenset({
+    (X.__HYPERVISOR_xen_version, X.XENVER_version),     # version.py: the version word
+    (X.__HYPERVISOR_xen_version, X.XENVER_pagesize),    # version.py: PAGE_SIZE
+    (X.__HYPERVISOR_sched_op, X.SCHEDOP_yield),         # sched.py: yield the host CPU, 0
+})

@@ -28,6 +28,7 @@ from xend_lite.xen.xenabi import X, all_constants
 if TYPE_CHECKING:
     from xend_lite.machine.guestmem import GuestMemory
     from xend_lite.machine.vcpu import VcpuRunner
+    from xend_lite.xen.native import NativeHypercalls
 
 log = logging.getLogger("xend_lite.xen")
 
@@ -101,8 +102,12 @@ def _arity(fn: Handler) -> int:
 class Hypercalls:
     """The dispatcher: a table of handlers and the counters of what the guest called."""
 
-    def __init__(self, mem: GuestMemory, table: dict[int, Handler]):
+    def __init__(self, mem: GuestMemory, table: dict[int, Handler],
+                 native: NativeHypercalls | None = None):
         self.mem = mem
+        self.native = native
+        # the native counters only grow: reading subtracts what they were at the last reset
+        self._native_base = ([0] * (TABLE_SIZE + 1), [0] * (TABLE_SIZE + 1))
         self._table: list[tuple[Handler, int] | None] = [None] * TABLE_SIZE
         for nr, fn in table.items():
             self._table[nr] = (fn, _arity(fn))
@@ -114,8 +119,12 @@ class Hypercalls:
 
     def served(self) -> dict[str, str]:
         """Which hypercalls have a handler, by name, and who serves them."""
-        return {HYPERCALL_NAMES.get(nr, str(nr)): "python"
-                for nr, e in enumerate(self._table) if e is not None}
+        out = {HYPERCALL_NAMES.get(nr, str(nr)): "python"
+               for nr, e in enumerate(self._table) if e is not None}
+        if self.native is not None and self.native.enabled:
+            for op, subop in self.native.slots:
+                out[f"{HYPERCALL_NAMES.get(op, str(op))}/{subop}"] = "native"
+        return out
 
     def on_hypercall(self, runner: VcpuRunner) -> int:
         # The hot path of every hypercall: the call arrives decoded for the caller's mode,
@@ -166,24 +175,44 @@ class Hypercalls:
             log.exception("hypercall %d failed inside the daemon", nr)
         return _EINVAL
 
+    def totals(self) -> tuple[list[int], list[int]]:
+        """(calls, errors) by call number, the natively served ones included."""
+        if self.native is None:
+            return list(self.calls), list(self.errors)
+        nc, ne = self.native.calls(), self.native.errors()
+        bc, be = self._native_base
+        return ([p + n - b for p, n, b in zip(self.calls, nc, bc)],
+                [p + n - b for p, n, b in zip(self.errors, ne, be)])
+
+    def count(self, nr: int) -> int:
+        """How many times call ``nr`` was made (natively served included)."""
+        return self.totals()[0][nr]
+
     def counters(self) -> dict:
         """Calls and errors per hypercall (any thread: vCPUs may count meanwhile)."""
+        calls, errors = self.totals()
         out = {}
         errnos = sorted(dict(self.errnos).items())
         for nr in range(TABLE_SIZE + 1):
-            if self.calls[nr]:
+            if calls[nr]:
                 name = HYPERCALL_NAMES.get(nr, f"hypercall_{nr}") if nr < TABLE_SIZE else "unknown"
-                out[name] = {"calls": self.calls[nr], "errors": self.errors[nr]}
+                out[name] = {"calls": calls[nr], "errors": errors[nr]}
                 by_errno = {str(e): n for (slot, e), n in errnos if slot == nr}
                 if by_errno:
                     out[name]["errnos"] = by_errno
-        return {"hypercalls": out, "total": sum(self.calls), "internal_errors": self.internal_errors}
+        return {"hypercalls": out, "total": sum(calls), "internal_errors": self.internal_errors}
+
+    def _rebase_native(self) -> None:
+        if self.native is not None:
+            self._native_base = (self.native.calls(), self.native.errors())
 
     def reset_counters(self) -> None:
         self.calls = [0] * (TABLE_SIZE + 1)
         self.errors = [0] * (TABLE_SIZE + 1)
         self.errnos = {}
+        self._rebase_native()
 
     def load_counters(self, calls: list[int], errors: list[int]) -> None:
         if len(calls) == len(self.calls) and len(errors) == len(self.errors):
             self.calls, self.errors = list(calls), list(errors)
+            self._rebase_native()

@@ -51,7 +51,7 @@ class XenPersist:
                 timers={str(k): v for k, v in p.timers.deadlines().items()},
                 system_time=p.clock.now(),
                 shutdown_code=-1 if p.sched.shutdown_code is None else p.sched.shutdown_code,
-                counters={"calls": list(p.hypercalls.calls), "errors": list(p.hypercalls.errors)},
+                counters=dict(zip(("calls", "errors"), p.hypercalls.totals())),
                 console=p.machine.console.tail(64 * 1024),
                 periodic={str(k): list(v) for k, v in p.timers.periodics().items()},
                 grant_frames_in_use=p.grants.frames_in_use,

@@ -21,14 +21,14 @@ from xend_lite.machine.backing import INVALID_GPA, PAGE_SIZE
 from xend_lite.machine.loader import e820_map
 from xend_lite.xen import cpuid as xcpuid
 from xend_lite.xen.console import POLL_EVERY, Console, GuestPage
-from xend_lite.xen.dispatch import hypercall_table
+from xend_lite.xen.dispatch import NATIVE, hypercall_table
 from xend_lite.xen.evtchn import EventChannels
 from xend_lite.xen.evtchn_op import EvtchnOps
 from xend_lite.xen.grant import GrantOps
 from xend_lite.xen.hvm import HvmOps, Upcalls
 from xend_lite.xen.hypercall import HYPERCALL_PAGE, HYPERCALL_PORT, Hypercalls
 from xend_lite.xen.memory import MemoryOps
-from xend_lite.xen.native import DECODE_CALL
+from xend_lite.xen.native import NATIVE_HOOK, NativeHypercalls
 from xend_lite.xen.overlay import SHARED_INFO, OverlayDevice
 from xend_lite.xen.persist import XenPersist
 from xend_lite.xen.runstate import Runstates
@@ -62,6 +62,7 @@ class XenConfig:
     backend: str = "auto"
     kvm_xen_available: bool = False
     name: str = "xend-lite"
+    native_hypercalls: bool = True     # serve dispatch.NATIVE in C on the vCPU thread
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,9 @@ class XenPlatform:
         self.evtchn_ops = EvtchnOps(self.domid, self.nr_vcpus, self.evtchn, machine.memmap)
         self.vcpu_ops = VcpuOps(machine, self.shinfo, self.time, self.clock, self.timers,
                                 self.runstates)
-        self.hypercalls = Hypercalls(machine.mem, hypercall_table(self))
+        self.native = NativeHypercalls(self.nr_vcpus, self.version.version_word, NATIVE,
+                                       cfg.native_hypercalls)
+        self.hypercalls = Hypercalls(machine.mem, hypercall_table(self), self.native)
         self.persist = XenPersist(self)
         self._install()
 
@@ -128,7 +131,8 @@ class XenPlatform:
         for r in m.runners:
             r.vcpu.set_cpuid2(xcpuid.build_cpuid(m.cpuid, cfg, r.index))
         m.register_msr(xcpuid.HYPERCALL_MSR, write=self._write_hypercall_msr)
-        m.exits.register_doorbell(HYPERCALL_PORT, self.hypercalls.on_hypercall, hook=DECODE_CALL)
+        m.exits.register_doorbell(HYPERCALL_PORT, self.hypercalls.on_hypercall, hook=NATIVE_HOOK,
+                                  ctx=self.native.ctx)
         self._default_params()
         m.owner.every(POLL_EVERY, self._poll_rings)
 
