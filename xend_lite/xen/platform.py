@@ -210,7 +210,7 @@ class XenPlatform:
                 self.timers.start_refresh()
             else:
                 self.time.refresh()
-        entry = next(e for e in ov.list() if e["page"] == page)
+        entry = ov.entry(page)
         data = {"page": page, "by": ch.by}
         if gpa != INVALID_GPA:
             data["gpa"] = gpa
