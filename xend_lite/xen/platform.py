@@ -20,7 +20,7 @@ from xend_lite.kvm import Vcpu
 from xend_lite.machine.backing import INVALID_GPA, PAGE_SIZE
 from xend_lite.machine.loader import e820_map
 from xend_lite.xen import cpuid as xcpuid
-from xend_lite.xen.console import POLL_EVERY, Console, GuestPage
+from xend_lite.xen.console import Console, GuestPage
 from xend_lite.xen.dispatch import hypercall_table
 from xend_lite.xen.evtchn import EventChannels
 from xend_lite.xen.evtchn_op import EvtchnOps
@@ -31,6 +31,7 @@ from xend_lite.xen.memory import MemoryOps
 from xend_lite.xen.native import DECODE_CALL
 from xend_lite.xen.overlay import SHARED_INFO, OverlayDevice
 from xend_lite.xen.persist import XenPersist
+from xend_lite.xen.ringpoll import POLL_EVERY, RingPoll
 from xend_lite.xen.runstate import Runstates
 from xend_lite.xen.sched import SchedOps
 from xend_lite.xen.shinfo import SharedInfo
@@ -129,8 +130,9 @@ class XenPlatform:
             r.vcpu.set_cpuid2(xcpuid.build_cpuid(m.cpuid, cfg, r.index))
         m.register_msr(xcpuid.HYPERCALL_MSR, write=self._write_hypercall_msr)
         m.exits.register_doorbell(HYPERCALL_PORT, self.hypercalls.on_hypercall, hook=DECODE_CALL)
+        self.ring_poll = RingPoll(lambda: m.state == "running", [self.console.serve, self.xenstore.serve])
         self._default_params()
-        m.owner.every(POLL_EVERY, self._poll_rings)
+        m.owner.every(POLL_EVERY, self.ring_poll)
 
     def _reserve_special_pages(self) -> tuple[int, int]:
         """The xenstore and console rings: real guest pages, reported reserved in the e820."""
@@ -145,8 +147,8 @@ class XenPlatform:
     def _default_params(self) -> None:
         """The store and console ports, bound to their backends, and the toolstack's tree."""
         ev = self.evtchn
-        store_port, store_dport = ev.bind_to_daemon(lambda: self.xenstore.serve())
-        console_port, console_dport = ev.bind_to_daemon(self.console.serve)
+        store_port, store_dport = ev.bind_to_daemon(lambda: self._guest_signalled(self.xenstore.serve))
+        console_port, console_dport = ev.bind_to_daemon(lambda: self._guest_signalled(self.console.serve))
         self.xenstore.notify = lambda: ev.notify_guest(store_dport)
         self.console.notify = lambda: ev.notify_guest(console_dport)
         self.params.clear()
@@ -159,11 +161,9 @@ class XenPlatform:
             store_port=store_port, store_ring_ref=self.store_gpa >> 12,
             console_port=console_port, console_ring_ref=self.console_gpa >> 12))
 
-    def _poll_rings(self) -> None:
-        """The safety net (on the owner): serve the rings even if the guest did not signal."""
-        if self.machine.state == "running":
-            self.console.serve()
-            self.xenstore.serve()
+    def _guest_signalled(self, serve: Callable[[], bool]) -> None:
+        self.ring_poll.activity()
+        serve()
 
     # -- the hypercall page --------------------------------------------------------------
 
