@@ -137,6 +137,7 @@ class Daemon:
         self.controller.attach_loop()
         if self.cfg.incoming:
             state = RunState.INCOMING   # nothing is built until snapshot-load
+            await self.controller.warm_up()
         else:
             state = await self._build_and_boot()
         app = make_app(self.controller, self.events, daemon=self, token=token)
