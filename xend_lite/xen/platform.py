@@ -30,7 +30,6 @@ from xend_lite.xen.hypercall import HYPERCALL_PAGE, HYPERCALL_PORT, Hypercalls
 from xend_lite.xen.memory import MemoryOps
 from xend_lite.xen.native import DECODE_CALL
 from xend_lite.xen.overlay import SHARED_INFO, OverlayDevice
-from xend_lite.xen.persist import XenPersist
 from xend_lite.xen.ringpoll import POLL_EVERY, RingPoll
 from xend_lite.xen.runstate import Runstates
 from xend_lite.xen.sched import SchedOps
@@ -48,6 +47,7 @@ if TYPE_CHECKING:
     from xend_lite.machine.machine import Machine
     from xend_lite.machine.vcpu import VcpuRunner
     from xend_lite.xen.hypercall import Call
+    from xend_lite.xen.persist import XenPersist
 
 log = logging.getLogger("xend_lite.xen")
 
@@ -118,8 +118,18 @@ class XenPlatform:
         self.vcpu_ops = VcpuOps(machine, self.shinfo, self.time, self.clock, self.timers,
                                 self.runstates)
         self.hypercalls = Hypercalls(machine.mem, hypercall_table(self))
-        self.persist = XenPersist(self)
+        self._persist: XenPersist | None = None
         self._install()
+
+    @property
+    def persist(self) -> XenPersist:
+        """Saving and loading; imported when first used (it brings in the snapshot layer,
+        which a guest that is never saved does not need)."""
+        if self._persist is None:
+            from xend_lite.xen.persist import XenPersist
+
+            self._persist = XenPersist(self)
+        return self._persist
 
     # -- set-up --------------------------------------------------------------------------
 

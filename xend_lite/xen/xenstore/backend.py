@@ -10,13 +10,15 @@ threads for the guest's event, the owner for the poll and the operator). The ser
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.errors import GuestMemoryError
 from xend_lite.xen.page import Page
 from xend_lite.xen.xenstore.server import XenstoreServer
-from xend_lite.xen.xenstore.state import XenstoreState, capture, prepare
 from xend_lite.xen.xenstore.toolstack import DomainInfo
+
+if TYPE_CHECKING:   # saving and loading bring in the snapshot layer: imported when used
+    from xend_lite.xen.xenstore.state import XenstoreState
 
 MAX_ROUNDS = 16      # process() calls per serve: each handles a bounded number of requests
 
@@ -55,11 +57,15 @@ class XenstoreBackend:
             self.server.reset()
 
     def save(self) -> XenstoreState:
+        from xend_lite.xen.xenstore.state import capture
+
         with self._lock:
             return capture(self.server)
 
     def prepare_load(self, state: XenstoreState) -> Callable[[], None]:
         """Check a saved state (SnapshotError if bad); the returned call puts it in place."""
+        from xend_lite.xen.xenstore.state import prepare
+
         with self._lock:
             apply = prepare(self.server, state)
 
