@@ -376,9 +376,12 @@ class Controller:
 
 def _warm_up(spec: Any) -> None:
     import xend_lite.vmm.domain  # noqa: F401 - imported for its cost only
-    import xend_lite.vmm.persist  # noqa: F401
+    from xend_lite.snapshot.state import check_state_class
+    from xend_lite.vmm.persist import CLASSES
     from xend_lite.vmm.spec import read_image
 
+    for cls in CLASSES:          # their codecs are compiled once, at first use
+        check_state_class(cls)
     read_image(getattr(spec, "image", None))
 
 
