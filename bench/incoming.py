@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 
-from bench._harness import Context, Figure, Section, Skip, interleaved
+from bench._harness import Context, Figure, Section, Skip
 from bench._qemu import Qemu, qemu_binary
 from bench._xl import Daemon, require_kvm, spin_image
 from bench.snapshot import MIB, _poll, _ram_fits, qemu_save
@@ -77,10 +77,13 @@ def run(ctx: Context) -> Section:
             name, q_path = f"xl-{size}.snap", str(snapdir / f"qemu-{size}.mig")
             _save_xend_lite(spin, size, str(snapdir), name)
             qemu_save(ctx, size, False, q_path)
-            samples, _ = interleaved({
-                "xl": lambda: xend_lite_once(str(snapdir), name, True),
-                "xl-noverify": lambda: xend_lite_once(str(snapdir), name, False),
-                "qemu": lambda: qemu_once(ctx, size, q_path)}, ctx.repeats)
+            rounds = {"xl": lambda: xend_lite_once(str(snapdir), name, True),
+                      "xl-noverify": lambda: xend_lite_once(str(snapdir), name, False),
+                      "qemu": lambda: qemu_once(ctx, size, q_path)}
+            samples: dict[str, list[dict[str, float]]] = {k: [] for k in rounds}
+            for _ in range(ctx.repeats):        # interleaved: one of each per round
+                for key, fn in rounds.items():
+                    samples[key].append(fn())
             med = {k: {f: sorted(r[f] for r in rs)[len(rs) // 2] for f in rs[0]} for k, rs in samples.items()}
             q = med["qemu"]
             figures += [
