@@ -48,9 +48,14 @@ BOOT_CODE = bytes([0xFA, 0xBA, 0xF8, 0x03, 0xB0, 0x3C, 0xEE, 0xB0, 0x51, 0xEE, 0
 SERIAL_MARKER = b"<"
 
 
-def boot_sector(workdir: Path) -> Path:
-    path = workdir / "qemu-spin.img"
-    data = BOOT_CODE + bytes(510 - len(BOOT_CODE)) + b"\x55\xaa"
+# mov dx, 0x3f8 ; mov al, '<' ; out dx, al ; sti ; 1: hlt ; jmp 1b : an idle guest, woken
+# only by the BIOS's timer interrupt, that marks on COM1 when it got there
+IDLE_CODE = bytes([0xBA, 0xF8, 0x03, 0xB0, 0x3C, 0xEE, 0xFB, 0xF4, 0xEB, 0xFD])
+
+
+def boot_sector(workdir: Path, code: bytes = BOOT_CODE, name: str = "qemu-spin") -> Path:
+    path = workdir / f"{name}.img"
+    data = code + bytes(510 - len(code)) + b"\x55\xaa"
     if not path.exists() or path.read_bytes() != data:
         path.write_bytes(data)
     return path
@@ -127,11 +132,12 @@ class Qemu:
     directory. ``memfd=True`` backs guest RAM with a memfd (so RSS shows it apart, and the
     host can write into it through /proc/PID/fd). ``kernel`` boots that PVH ELF directly on
     the microvm machine (qboot, no SeaBIOS) instead of the boot sector, its port 0xe9
-    output going to ``serial``."""
+    output going to ``serial``. ``idle`` boots a sector that halts with interrupts on
+    instead of spinning."""
 
     def __init__(self, workdir: Path, memory_mib: int = 128, *, vcpus: int = 1, memfd: bool = False,
                  serial: bool = False, incoming: str | None = None, extra: list[str] | None = None,
-                 monitors: int = 1, kernel: str | None = None):
+                 monitors: int = 1, kernel: str | None = None, idle: bool = False):
         exe = qemu_binary()
         self.dir = tempfile.mkdtemp(prefix="qemu-bench-")
         # A QMP chardev serves one client at a time: one monitor per concurrent connection.
@@ -141,7 +147,8 @@ class Qemu:
         argv = [exe, "-accel", "kvm", "-m", str(memory_mib), "-smp", str(vcpus), "-nographic",
                 "-nodefaults", "-display", "none", "-no-user-config",
                 *(("-M", "microvm", "-kernel", kernel) if kernel else
-                  ("-drive", f"file={boot_sector(workdir)},format=raw,if=ide")),
+                  ("-drive", f"file={boot_sector(workdir, *((IDLE_CODE, 'qemu-idle') if idle else ()))},"
+                   "format=raw,if=ide")),
                 *(a for p in self.qmp_paths for a in ("-qmp", f"unix:{p},server=on,wait=off"))]
         if memfd:
             argv += ["-object", f"memory-backend-memfd,id=ram0,size={memory_mib}M",

@@ -12,10 +12,13 @@ from bench._harness import Context, Figure, Section, Skip, bench_guest
 TITLE = "overlay: map / move / unmap latency with two busy vCPUs"
 SUMMARY = (
     "Two vCPUs spin in guest code (bench/guests/spin.S) while the host maps shared_info over "
-    "guest RAM, moves it, and unmaps it through the overlay device (every change pauses the "
-    "vCPUs, changes the mapping and resumes). The baseline is a bare pause + resume "
-    "of the same running vCPUs. Each figure is request to done, over many operations: median "
-    "and p99. Target: p99 under 2 ms.")
+    "guest RAM, moves it, and unmaps it through the overlay device. Over shared RAM no vCPU "
+    "pauses: the page is swapped under the running guest. The baseline is a bare pause + "
+    "resume of the same running vCPUs. Figures: the change on the VM owner (what the owner "
+    "spends, as a vCPU's own request would see it), request to done from another thread "
+    "(adds the hand-off to the owner thread), and through the daemon's Unix socket "
+    "(xen-overlay-map / xen-overlay-unmap over keep-alive HTTP). Median and p99 over many "
+    "operations. Targets: on the owner p99 <= 20 us, over RPC p99 <= 0.5 ms.")
 
 LOAD_GPA = 0x100000
 
@@ -49,6 +52,16 @@ def measure(image: bytes, n: int, in_place: bool = True) -> dict[str, list[float
                 ovmap(0x800000)
                 ovmap(INVALID_GPA)
             clock = time.perf_counter_ns
+
+            def on_owner(i: int) -> tuple[int, int, int]:
+                a, b = 0x800000 + (i % 64) * 0x1000, 0x4000000 + (i % 64) * 0x1000
+                t = clock()
+                xen.change_overlay(OverlayChange("shared_info", a))
+                t1 = clock()
+                xen.change_overlay(OverlayChange("shared_info", b))
+                t2 = clock()
+                xen.change_overlay(OverlayChange("shared_info", INVALID_GPA))
+                return t1 - t, t2 - t1, clock() - t2
             for i in range(n):
                 a, b = 0x800000 + (i % 64) * 0x1000, 0x4000000 + (i % 64) * 0x1000
                 t = clock()
@@ -65,6 +78,8 @@ def measure(image: bytes, n: int, in_place: bool = True) -> dict[str, list[float
                 out["move"].append(t2 - t1)
                 out["unmap"].append(t3 - t2)
                 out["pause"].append(t4 - t3)
+                for op, v in zip(("owner-map", "owner-move", "owner-unmap"), m.owner.run(on_owner, i)):
+                    out.setdefault(op, []).append(v)
                 time.sleep(0.0005)
             if m.status is not None:
                 raise RuntimeError(f"guest stopped: {m.status}")
@@ -75,30 +90,76 @@ def measure(image: bytes, n: int, in_place: bool = True) -> dict[str, list[float
     return out
 
 
+def measure_rpc(image, n: int) -> dict[str, list[float]]:
+    """map / move / unmap through the daemon's socket, one keep-alive connection."""
+    from bench._xl import Daemon
+
+    out: dict[str, list[float]] = {"map": [], "move": [], "unmap": []}
+    with Daemon("--image", str(image), "--vcpus", "2") as d:
+        d.wait_ready()
+        with d.rpc() as c:
+            for _ in range(5):
+                c.call("xen-overlay-map", {"page": "shared_info", "gpa": 0x800000})
+                c.call("xen-overlay-unmap", {"page": "shared_info"})
+            clock = time.perf_counter_ns
+            for i in range(n):
+                a, b = 0x800000 + (i % 64) * 0x1000, 0x4000000 + (i % 64) * 0x1000
+                t = clock()
+                c.call("xen-overlay-map", {"page": "shared_info", "gpa": a})
+                t1 = clock()
+                c.call("xen-overlay-map", {"page": "shared_info", "gpa": b})
+                t2 = clock()
+                c.call("xen-overlay-unmap", {"page": "shared_info"})
+                t3 = clock()
+                out["map"].append(t1 - t)
+                out["move"].append(t2 - t1)
+                out["unmap"].append(t3 - t2)
+                time.sleep(0.0005)
+    return out
+
+
 def run(ctx: Context) -> Section:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise Skip("/dev/kvm is missing or not accessible")
+    from bench._xl import spin_image
+
     flat = bench_guest(ctx, "spin", flat=True)
     n = ctx.count(2000, 50)
     r = measure(flat.read_bytes(), n)
     s = measure(flat.read_bytes(), n, in_place=False)
+    rpc = measure_rpc(spin_image(ctx), n)
     base_med, base_99 = statistics.median(r["pause"]), p99(r["pause"])
     figures = []
     for op in ("map", "move", "unmap"):
-        figures.append(Figure(f"{op}, median", statistics.median(r[op]), "ns",
+        own = r[f"owner-{op}"]
+        figures.append(Figure(f"{op} on the owner, median", statistics.median(own), "ns",
                               "pause + resume, median", base_med))
-        figures.append(Figure(f"{op}, p99", p99(r[op]), "ns", "pause + resume, p99", base_99))
+        figures.append(Figure(f"{op} on the owner, p99", p99(own), "ns", "pause + resume, p99", base_99))
     for op in ("map", "move", "unmap"):
-        figures.append(Figure(f"{op}, median (in place)", statistics.median(r[op]), "ns",
-                              f"{op}, median, KVM slots re-split", statistics.median(s[op])))
-        figures.append(Figure(f"{op}, p99 (in place)", p99(r[op]), "ns",
+        figures.append(Figure(f"{op} request to done, median", statistics.median(r[op]), "ns",
+                              "pause + resume, median", base_med))
+        figures.append(Figure(f"{op} request to done, p99", p99(r[op]), "ns",
+                              "pause + resume, p99", base_99))
+    for op in ("map", "move", "unmap"):
+        figures.append(Figure(f"{op} request to done, median (in place)", statistics.median(r[op]),
+                              "ns", f"{op}, median, KVM slots re-split", statistics.median(s[op])))
+        figures.append(Figure(f"{op} request to done, p99 (in place)", p99(r[op]), "ns",
                               f"{op}, p99, KVM slots re-split", p99(s[op])))
-    worst = max(p99(r[op]) for op in ("map", "move", "unmap"))
-    notes = [f"{n} operations of each kind, 2 vCPUs spinning, 128 MiB guest.",
+    for op in ("map", "move", "unmap"):
+        figures.append(Figure(f"{op} over RPC, median", statistics.median(rpc[op]), "ns",
+                              f"{op} request to done in process, median", statistics.median(r[op])))
+        figures.append(Figure(f"{op} over RPC, p99", p99(rpc[op]), "ns",
+                              f"{op} request to done in process, p99", p99(r[op])))
+    worst_own = max(p99(r[f"owner-{op}"]) for op in ("map", "move", "unmap"))
+    worst_rpc = max(p99(rpc[op]) for op in ("map", "move", "unmap"))
+    notes = [f"{n} operations of each kind, 2 vCPUs spinning, 128 MiB guest (the daemon: "
+             "2 vCPUs, the second never started by the guest).",
              "Over shared RAM the page is mapped in place (MAP_FIXED over the RAM page's host "
-             "address, KVM follows through its MMU notifier); over a hole or copy-on-write RAM "
-             "the KVM slots are re-split. The second set of figures runs the same operations "
-             "with in-place mapping turned off, to show what it saves.",
-             f"Worst p99: {worst / 1e6:.3f} ms against the 2 ms target "
-             f"({'met' if worst < 2e6 else 'NOT met'})."]
+             "address, KVM follows through its MMU notifier) without pausing a vCPU; over a "
+             "hole or copy-on-write RAM the KVM slots are re-split with the vCPUs out of the "
+             "guest. The re-split figures run the same operations with in-place mapping "
+             "turned off, to show what it saves.",
+             f"Worst p99 on the owner: {worst_own / 1e3:.1f} us against 20 us "
+             f"({'met' if worst_own <= 20e3 else 'NOT met'}); over RPC: {worst_rpc / 1e6:.3f} ms "
+             f"against 0.5 ms ({'met' if worst_rpc <= 0.5e6 else 'NOT met'})."]
     return Section(TITLE, SUMMARY, figures, notes)

@@ -18,7 +18,7 @@ TITLE = "snapshot: save and restore against QEMU migrate-to-file"
 SUMMARY = (
     "Each guest spins (xend-lite: bench/guests/spin.S; QEMU: a `jmp $` boot sector). QEMU has "
     "its default RAM except for a dense save, where it has `memory-backend-memfd` RAM so the "
-    "host can write into it; every restore is into default RAM. Dense guests get random bytes "
+    "host can write into it; a restore has the RAM kind its save had (QEMU's stream names its RAM block). Dense guests get random bytes "
     "written by the host into their RAM memfd through /proc/PID/fd (256 MiB from 4 MiB on, less "
     "in a guest too small to hold it). Save: xend-lite `snapshot-save` over RPC (pause, write, "
     "fsync, rename, resume); QEMU `stop`, `migrate exec:cat > FILE` (max-bandwidth lifted), "
@@ -169,8 +169,32 @@ def _poll(fn, done, timeout: float = 600.0, every: float = 0.001):
 
 
 def qemu_round(ctx: Context, size_mib: int, dense: bool, path: str) -> dict[str, float]:
-    res: dict[str, float] = {}
-    # memfd RAM only where the host must write into it
+    res: dict[str, float] = {"save": qemu_save(ctx, size_mib, dense, path)}
+    res["bytes"] = allocated(path)
+    with Qemu(ctx.workdir, size_mib, memfd=dense, serial=True, incoming="defer") as q:
+        c = q.wait_qmp()
+        t = time.perf_counter()
+        c.call("migrate-incoming", {"uri": f"exec:cat {path}"})
+        st = _poll(lambda: c.call("query-status")["status"], lambda s: s not in ("inmigrate",))
+        if st != "running":
+            c.call("cont")
+            _poll(lambda: c.call("query-status")["status"], lambda s: s == "running")
+        res["load_live"] = time.perf_counter() - t
+        c.close()
+    with Qemu(ctx.workdir, size_mib, memfd=dense, serial=True, incoming=f"exec:cat {path}") as q:
+        c = q.wait_qmp()
+        st = _poll(lambda: c.call("query-status")["status"], lambda s: s not in ("inmigrate",))
+        if st != "running":
+            c.call("cont")
+            _poll(lambda: c.call("query-status")["status"], lambda s: s == "running")
+        res["load_fresh"] = time.perf_counter() - q.t_spawn
+        c.close()
+    return res
+
+
+def qemu_save(ctx: Context, size_mib: int, dense: bool, path: str) -> float:
+    """QEMU's spinning guest migrated to ``path`` (stop, migrate, fsync); seconds taken.
+    memfd RAM only where the host must write into it."""
     with Qemu(ctx.workdir, size_mib, memfd=dense, serial=True) as q:
         c = q.wait_qmp()
         c.call("migrate-set-parameters", {"max-bandwidth": 1 << 40})
@@ -189,28 +213,9 @@ def qemu_round(ctx: Context, size_mib: int, dense: bool, path: str) -> dict[str,
             os.fsync(fd)
         finally:
             os.close(fd)
-        res["save"] = time.perf_counter() - t
+        took = time.perf_counter() - t
         c.close()
-    res["bytes"] = allocated(path)
-    with Qemu(ctx.workdir, size_mib, serial=True, incoming="defer") as q:   # pre-started
-        c = q.wait_qmp()
-        t = time.perf_counter()
-        c.call("migrate-incoming", {"uri": f"exec:cat {path}"})
-        st = _poll(lambda: c.call("query-status")["status"], lambda s: s not in ("inmigrate",))
-        if st != "running":
-            c.call("cont")
-            _poll(lambda: c.call("query-status")["status"], lambda s: s == "running")
-        res["load_live"] = time.perf_counter() - t
-        c.close()
-    with Qemu(ctx.workdir, size_mib, serial=True, incoming=f"exec:cat {path}") as q:
-        c = q.wait_qmp()
-        st = _poll(lambda: c.call("query-status")["status"], lambda s: s not in ("inmigrate",))
-        if st != "running":
-            c.call("cont")
-            _poll(lambda: c.call("query-status")["status"], lambda s: s == "running")
-        res["load_fresh"] = time.perf_counter() - q.t_spawn
-        c.close()
-    return res
+    return took
 
 
 def run(ctx: Context) -> Section:

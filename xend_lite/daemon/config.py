@@ -95,6 +95,7 @@ class DaemonConfig:
     save_on_stop: str | None = None
     # command line only
     restore: str | None = None
+    incoming: bool = False      # build no VM until snapshot-load
     debug: bool = False
     config_file: str | None = None
 

@@ -26,7 +26,7 @@ from xend_lite.daemon.console_stream import ConsoleHub
 from xend_lite.daemon.jobs import IDLE, SnapshotJob, memory_size
 from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
 from xend_lite.daemon.snapdir import SnapshotDir
-from xend_lite.errors import InvalidArgument, StateError
+from xend_lite.errors import InvalidArgument, SnapshotError, StateError
 from xend_lite.vmm.api import VmApi, VmFactory
 
 log = logging.getLogger("xend_lite.controller")
@@ -38,6 +38,8 @@ DomainFactory = VmFactory
 QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_hypercalls",
                      "query_capabilities", "query_xen_overlay", "xen_event_list"})
 
+# What --incoming takes from a snapshot to build the VM it fits.
+SHAPE = ("memory_mib", "vcpus", "grant_frames")
 # Reasons a guest run ends that the reboot policy handles; every other reason but "stopped"
 # (the daemon's own stop) goes to the poweroff policy.
 REBOOT_REASONS = ("reboot",)
@@ -66,9 +68,11 @@ class Controller:
     def __init__(self, factory: DomainFactory, spec: Any, *, snapshot_dir: str = ".",
                  publish: Callable[[str, dict, float], None] | None = None,
                  on_guest_stop: Callable[[GuestStop], None] | None = None,
-                 on_state: Callable[[RunState], None] | None = None):
+                 on_state: Callable[[RunState], None] | None = None,
+                 shape_of: Callable[[Any], dict] | None = None):
         self._factory = factory
         self._spec = spec
+        self._shape_of = shape_of or _snapshot_shape
         self.snapshot_dir = snapshot_dir
         self.snapshots = SnapshotDir(snapshot_dir)
         self._publish = publish or (lambda _n, _d, _t: None)
@@ -76,7 +80,7 @@ class Controller:
         self._on_state = on_state or (lambda _s: None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()     # the run state, set on the owner and the loop
-        self._state = R.CREATED
+        self._state = R.INCOMING if getattr(spec, "incoming", False) else R.CREATED
         self.transitions: list[tuple[RunState, RunState]] = []
         self.domain: VmApi | None = None
         self._closing = False
@@ -215,7 +219,50 @@ class Controller:
         return await self._call(self._snapshot_save, self.snapshots.for_save(path), paused)
 
     async def snapshot_load(self, path: str, verify: bool = True) -> dict:
+        if self._state == R.INCOMING and self.domain is None:
+            return await self._load_incoming(self.snapshots.for_load(path), verify)
         return await self._call(self._snapshot_load, self.snapshots.for_load(path), verify)
+
+    async def warm_up(self) -> None:
+        """--incoming, before the daemon reports ready: load (on a worker thread) the code a
+        restore runs for the first time (the VM stack, the snapshot reader, the guest
+        image), so snapshot-load pays only for building and loading the VM."""
+        await asyncio.to_thread(_warm_up, self._spec)
+
+    async def _load_incoming(self, path: Any, verify: bool) -> dict:
+        """--incoming: build the VM the snapshot describes, load it and run it. Any failure
+        closes what was built and leaves the daemon waiting, as before, for another file."""
+        self._set_state(R.RESTORING)      # on the loop: a second load is refused from now
+        t0 = time.monotonic()
+        domain: VmApi | None = None
+        try:
+            shape = await asyncio.to_thread(self._shape_of, path)
+            if not shape.get("xen", True):
+                raise SnapshotError(f"snapshot {path} is of a plain KVM VM, not a Xen domain")
+            spec = self._spec.with_overrides(**{k: v for k, v in shape.items() if k in SHAPE})
+            domain = await asyncio.to_thread(self._factory, spec, self._domain_event)
+            self.domain = domain
+            await asyncio.wrap_future(domain.owner.submit(self._start_incoming, path, verify))
+        except BaseException:
+            self.domain = None
+            if domain is not None:
+                await asyncio.to_thread(domain.close)
+            self._set_state(R.INCOMING)
+            raise
+        self._spec = spec
+        seconds = round(time.monotonic() - t0, 6)
+        log.info("snapshot %s loaded into a new %d MiB VM in %.3f s", path, shape["memory_mib"], seconds)
+        self.emit("SNAPSHOT_LOADED", {"path": path, "seconds": seconds})
+        self.emit("RESUME")
+        return {"path": path, "seconds": seconds, "memory_mib": shape["memory_mib"],
+                "vcpus": shape["vcpus"]}
+
+    def _start_incoming(self, path: Any, verify: bool) -> dict:
+        """On the new VM's owner: load, then run (the state follows the Domain)."""
+        info = self.domain.snapshot_load(path, verify)
+        self.domain.start(paused=False)
+        self._sync_state()
+        return info
 
     async def snapshot_describe(self, path: str) -> dict:
         return await self._call(self._snapshot_describe, self.snapshots.for_load(path))
@@ -295,7 +342,10 @@ class Controller:
 
     @property
     def owner_alive(self) -> bool:
-        return self.domain is not None and self.domain.owner.alive
+        """The VM owner lives (or, waiting for an incoming snapshot, there is none yet)."""
+        if self.domain is None:
+            return self._state in (R.INCOMING, R.RESTORING)
+        return self.domain.owner.alive
 
     @requires(R.RUNNING, R.PAUSED)
     def _overlay_map(self, page: str, gpa: int, force: bool) -> Any:
@@ -416,6 +466,24 @@ class Controller:
     @requires(*ALL_STATES)
     def _snapshot_describe(self, path: str) -> dict:
         return type(self.domain).snapshot_describe(path)
+
+
+def _warm_up(spec: Any) -> None:
+    import xend_lite.vmm.domain  # noqa: F401 - imported for its cost only
+    from xend_lite.snapshot.state import check_state_class
+    from xend_lite.vmm.persist import CLASSES
+    from xend_lite.vmm.spec import read_image
+
+    for cls in CLASSES:          # their codecs are compiled once, at first use
+        check_state_class(cls)
+    read_image(getattr(spec, "image", None))
+
+
+def _snapshot_shape(path: Any) -> dict:
+    """What VM a snapshot needs (vmm/persist.py), imported when first asked."""
+    from xend_lite.vmm.persist import snapshot_shape
+
+    return snapshot_shape(path)
 
 
 def _file_size(path: str, info: Any) -> int:

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kvm", dest="kvm_path", metavar="DEV", default=S, help="KVM device (/dev/kvm)")
     g.add_argument("--restore", metavar="PATH", default=None, help="load this snapshot file (any "
                    "path) before starting")
+    g.add_argument("--incoming", action="store_true", help="build no VM: wait for snapshot-load, "
+                   "which creates the VM the snapshot describes and runs it")
     c = p.add_argument_group("control plane")
     c.add_argument("--socket", dest="socket", metavar="PATH", default=S, help="Unix socket path")
     c.add_argument("--tcp", dest="tcp", metavar="HOST:PORT", default=S, help="also listen on TCP (needs --token-file)")
@@ -155,6 +157,11 @@ def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None 
         extra: dict[str, Any] = {"debug": debug}
         if ns.restore:
             extra["restore"] = os.path.abspath(ns.restore)
+        if ns.incoming:
+            if ns.restore:
+                raise ConfigError("--incoming and --restore exclude each other: --incoming waits "
+                                  "for snapshot-load, --restore loads the file at start")
+            extra["incoming"] = True
         if debug:
             extra["log_level"] = "debug"
         options = options_from(ns)

@@ -13,6 +13,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class RunState(str, Enum):
+    INCOMING = "incoming"        # --incoming: no VM until snapshot-load brings one
     CREATED = "created"
     RUNNING = "running"
     PAUSED = "paused"

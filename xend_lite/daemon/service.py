@@ -123,7 +123,8 @@ class Daemon:
         return None
 
     async def start(self) -> None:
-        """Listen, build and boot the VM, serve, and tell systemd we are ready."""
+        """Listen, build and boot the VM (with --incoming: nothing, snapshot-load builds it),
+        serve, and tell systemd we are ready."""
         loop = asyncio.get_running_loop()
         if self._exit is None:
             self._exit = loop.create_future()
@@ -137,6 +138,24 @@ class Daemon:
         token = self._open_listeners()
         self.controller.snapshots.prepare()
         self.controller.attach_loop()
+        if self.cfg.incoming:
+            state = RunState.INCOMING   # nothing is built until snapshot-load
+            await self.controller.warm_up()
+        else:
+            state = await self._build_and_boot()
+        app = make_app(self.controller, self.events, daemon=self, token=token)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self.runner.setup()
+        await self.connections.serve(self.runner.server,
+                                     [(lst.sock, lst.kind == "tcp") for lst in self.listeners.items])
+        log.info("xend-lite serving on %s (pid %d), guest %s", ", ".join(self.addresses),
+                 os.getpid(), state.value)
+        self.notifier.ready(self._status_line(state))
+        interval = self.notifier.watchdog_interval
+        if interval:
+            self._spawn(self._watchdog(interval))
+
+    async def _build_and_boot(self) -> RunState:
         try:
             await self.controller.build()
         except Exception as exc:  # noqa: BLE001 - each kind gets its own exit status
@@ -149,18 +168,7 @@ class Daemon:
                                                     f"{exc}: check the path given with --restore") from exc
         elif self.cfg.save_on_stop:
             await self._restore_saved_on_stop()
-        state = await self.controller.boot(self.cfg.start_paused)
-        app = make_app(self.controller, self.events, daemon=self, token=token)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        await self.runner.setup()
-        await self.connections.serve(self.runner.server,
-                                     [(lst.sock, lst.kind == "tcp") for lst in self.listeners.items])
-        log.info("xend-lite serving on %s (pid %d), guest %s", ", ".join(self.addresses),
-                 os.getpid(), state.value)
-        self.notifier.ready(self._status_line(state))
-        interval = self.notifier.watchdog_interval
-        if interval:
-            self._spawn(self._watchdog(interval))
+        return await self.controller.boot(self.cfg.start_paused)
 
     def _save_on_stop_path(self) -> str:
         return self.controller.snapshots.name(self.cfg.save_on_stop)

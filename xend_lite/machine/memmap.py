@@ -183,9 +183,11 @@ class MemoryMap:
             if g == gpa and other != name:
                 raise InvalidArgument(f"gpa {gpa:#x} already holds overlay {other}")
         old = self._overlays.get(name)
+        in_place = self._remap_target(gpa) is not None and (
+            old is None or self._remap_target(old[0]) is not None)
         self._overlays[name] = (gpa, backing)
         try:
-            self.apply()
+            self.apply(slots_unchanged=in_place)
         except BaseException:
             if old is None:
                 del self._overlays[name]
@@ -198,7 +200,7 @@ class MemoryMap:
         if old is None:
             return
         try:
-            self.apply()
+            self.apply(slots_unchanged=self._remap_target(old[0]) is not None)
         except BaseException:
             self._overlays[name] = old
             raise
@@ -285,8 +287,16 @@ class MemoryMap:
         self._ballooned.clear()
         self.apply()
 
-    def apply(self) -> None:
-        """Make KVM's slots match the view, changing only what differs."""
+    def apply(self, slots_unchanged: bool = False) -> None:
+        """Make KVM's slots match the view, changing only what differs. ``slots_unchanged``:
+        the caller knows the change lies wholly in place (an overlay arriving at or leaving
+        shared RAM), so the slot computation is skipped."""
+        if slots_unchanged:
+            segs = self._compute()
+            self._apply_remaps()
+            self._view = ([s.gpa for s in segs], tuple(segs))
+            self.generation += 1
+            return
         segs, removed, added = self._slot_diff()
         if removed or added:
             self._before_slot_change()

@@ -39,6 +39,7 @@ log = logging.getLogger("xend_lite.owner")
 
 T = TypeVar("T")
 _Item = tuple[Callable[..., Any], tuple, concurrent.futures.Future]
+_Timer = tuple[float, int, float, Callable[[], Any]]     # due, sequence, period, work
 
 
 class OwnerClosed(StateError):
@@ -53,7 +54,7 @@ class VmOwner:
         self._cond = threading.Condition()
         self._commands: deque[_Item] = deque()
         self._requests: deque[_Item] = deque()      # from vCPU threads: served first
-        self._timers: list[tuple[float, int, float, Callable[[], None]]] = []
+        self._timers: list[_Timer] = []
         self._seq = itertools.count()
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
@@ -94,8 +95,10 @@ class VmOwner:
         with self._cond:
             self._cond.notify_all()
 
-    def every(self, seconds: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the owner every ``seconds`` until it closes."""
+    def every(self, seconds: float, fn: Callable[[], float | None]) -> None:
+        """Run ``fn`` on the owner every ``seconds`` until it closes. When ``fn`` returns a
+        number, that many seconds pass before the next run instead (periodic work that
+        backs off while there is nothing to do)."""
         with self._cond:
             heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._seq), seconds, fn))
             self._cond.notify_all()
@@ -140,7 +143,7 @@ class VmOwner:
             self._cond.notify_all()
         return fut
 
-    def _next(self) -> _Item | Callable[[], None] | None:
+    def _next(self) -> _Item | _Timer | None:
         with self._cond:
             while True:
                 if self._requests:
@@ -151,9 +154,7 @@ class VmOwner:
                     return None
                 now = time.monotonic()
                 if self._timers and self._timers[0][0] <= now:
-                    _due, seq, period, fn = heapq.heappop(self._timers)
-                    heapq.heappush(self._timers, (now + period, seq, period, fn))
-                    return fn
+                    return heapq.heappop(self._timers)  # queued again once it has run
                 wait = self._timers[0][0] - now if self._timers else None
                 self._cond.wait(wait)
 
@@ -164,11 +165,8 @@ class VmOwner:
             item = self._next()
             if item is None:
                 break
-            if callable(item):
-                try:
-                    item()
-                except Exception:  # noqa: BLE001 - a periodic check must not end the owner
-                    log.exception("periodic work on the VM owner failed")
+            if len(item) == 4:
+                self._run_timer(item)
                 continue
             self._execute(item)
         with self._cond:
@@ -178,6 +176,18 @@ class VmOwner:
         for _fn, _args, fut in left:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(OwnerClosed())
+
+    def _run_timer(self, timer: _Timer) -> None:
+        _due, seq, period, fn = timer
+        wait = period
+        try:
+            asked = fn()
+            if isinstance(asked, (int, float)) and not isinstance(asked, bool) and asked > 0:
+                wait = float(asked)
+        except Exception:  # noqa: BLE001 - a periodic check must not end the owner
+            log.exception("periodic work on the VM owner failed")
+        with self._cond:
+            heapq.heappush(self._timers, (time.monotonic() + wait, seq, period, fn))
 
     def _execute(self, item: _Item) -> None:
         fn, args, fut = item

@@ -226,3 +226,23 @@ def load_domain(domain: Domain, path: Any, verify: bool = True) -> dict:
         return {"path": os.fspath(path), "size": os.fstat(snap.fd).st_size, "_detach": detach}
     finally:
         snap.close()
+
+
+def snapshot_shape(path: Any) -> dict[str, Any]:
+    """What a domain must be to take the snapshot at ``path``: ``memory_mib``, ``vcpus``,
+    ``xen`` and, in Xen mode, ``grant_frames``. Reads the file's header, table and states
+    (memory is not read); a bad file raises its SnapshotError."""
+    snap = load_snapshot(path, CLASSES, required=["memory_map"], verify_memory=False)
+    try:
+        mm: MemoryMapState = snap.states["memory_map"]
+        if mm.ram_bytes <= 0 or mm.ram_bytes % (1 << 20):
+            raise SnapshotError(f"snapshot {path}: guest RAM of {mm.ram_bytes} bytes is not "
+                                "a whole number of MiB")
+        shape: dict[str, Any] = {"memory_mib": mm.ram_bytes >> 20, "vcpus": mm.vcpus,
+                                 "xen": "xen" in snap.states}
+        overlay = snap.states.get("xen_overlay")
+        if overlay is not None:
+            shape["grant_frames"] = overlay.grant_frames
+        return shape
+    finally:
+        snap.close()

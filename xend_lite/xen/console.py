@@ -2,8 +2,8 @@
 advertises in HVM_PARAM_CONSOLE_PFN/EVTCHN, both into the machine's console sink (the
 console log, stdout, query-console).
 
-The ring is served when the guest signals its event channel and, as a safety net, every
-``POLL_EVERY`` seconds on the VM owner. Input from the operator waits in a bounded queue and
+The ring is served when the guest signals its event channel and, as a safety net, by the
+ring poll on the VM owner (xen/ringpoll.py). Input from the operator waits in a bounded queue and
 goes into the ring's ``in`` as space frees up (or to CONSOLEIO_read, whichever asks first).
 
 Locking: ``_lock`` guards the ring indices' use and the input queue; it is taken on vCPU
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from xend_lite.xen.hypercall import Call
 
 CONSOLE_CHUNK = 4096
-POLL_EVERY = 0.05
 MAX_PENDING_INPUT = 64 * 1024
 DRAIN_ROUNDS = 8
 
@@ -79,8 +78,9 @@ class Console:
             except GuestMemoryError:
                 pass
 
-    def serve(self) -> None:
-        """Drain what the guest wrote, feed it waiting input, and tell it if anything moved."""
+    def serve(self) -> bool:
+        """Drain what the guest wrote, feed it waiting input, and tell it if anything moved.
+        True when something moved or input still waits for room."""
         with self._lock:
             try:
                 moved = self._drain()
@@ -90,9 +90,11 @@ class Console:
                         del self._input[:n]
                         moved = True
             except GuestMemoryError:
-                return          # the ring's page is not memory now (ballooned out)
+                return False    # the ring's page is not memory now (ballooned out)
+            waiting = bool(self._input)
         if moved:
             self.notify()
+        return moved or waiting
 
     def write_input(self, data: bytes) -> int:
         """Queue operator input for the guest; returns how many bytes were taken."""

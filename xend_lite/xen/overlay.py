@@ -135,15 +135,19 @@ class OverlayDevice:
         self.machine.change_memory(lambda mm: mm.map_overlay(page, backing, gpa))
         self.mapped_by[page] = by
 
-    def list(self) -> list[dict]:
-        out = []
-        for name, b in self.pages.items():
-            g = self.gpa(name)
-            entry = {"page": name, "gpa": g, "size": b.size, "backend": self.backend_name}
-            if g is not None:
-                entry["by"] = self.mapped_by.get(name, "guest")
-            out.append(entry)
+    def entry(self, page: str) -> dict:
+        """One page's listing entry."""
+        return self._entry(page, self.gpa(page))
+
+    def _entry(self, page: str, g: int | None) -> dict:
+        out = {"page": page, "gpa": g, "size": self.pages[page].size, "backend": self.backend_name}
+        if g is not None:
+            out["by"] = self.mapped_by.get(page, "guest")
         return out
+
+    def list(self) -> list[dict]:
+        mapped = self.machine.memmap.overlays()
+        return [self._entry(name, mapped.get(name)) for name in self.pages]
 
     # -- reset and state -----------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from xend_lite.kvm import Vcpu
 from xend_lite.machine.backing import INVALID_GPA, PAGE_SIZE
 from xend_lite.machine.loader import e820_map
 from xend_lite.xen import cpuid as xcpuid
-from xend_lite.xen.console import POLL_EVERY, Console, GuestPage
+from xend_lite.xen.console import Console, GuestPage
 from xend_lite.xen.dispatch import NATIVE, hypercall_table
 from xend_lite.xen.evtchn import EventChannels
 from xend_lite.xen.evtchn_op import EvtchnOps
@@ -30,7 +30,7 @@ from xend_lite.xen.hypercall import HYPERCALL_PAGE, HYPERCALL_PORT, Hypercalls
 from xend_lite.xen.memory import MemoryOps
 from xend_lite.xen.native import NATIVE_HOOK, NativeHypercalls
 from xend_lite.xen.overlay import SHARED_INFO, OverlayDevice
-from xend_lite.xen.persist import XenPersist
+from xend_lite.xen.ringpoll import POLL_EVERY, RingPoll
 from xend_lite.xen.runstate import Runstates
 from xend_lite.xen.sched import SchedOps
 from xend_lite.xen.shinfo import SharedInfo
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from xend_lite.machine.machine import Machine
     from xend_lite.machine.vcpu import VcpuRunner
     from xend_lite.xen.hypercall import Call
+    from xend_lite.xen.persist import XenPersist
 
 log = logging.getLogger("xend_lite.xen")
 
@@ -120,8 +121,18 @@ class XenPlatform:
         self.native = NativeHypercalls(self.nr_vcpus, self.version.version_word, NATIVE,
                                        cfg.native_hypercalls)
         self.hypercalls = Hypercalls(machine.mem, hypercall_table(self), self.native)
-        self.persist = XenPersist(self)
+        self._persist: XenPersist | None = None
         self._install()
+
+    @property
+    def persist(self) -> XenPersist:
+        """Saving and loading; imported when first used (it brings in the snapshot layer,
+        which a guest that is never saved does not need)."""
+        if self._persist is None:
+            from xend_lite.xen.persist import XenPersist
+
+            self._persist = XenPersist(self)
+        return self._persist
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -133,8 +144,9 @@ class XenPlatform:
         m.register_msr(xcpuid.HYPERCALL_MSR, write=self._write_hypercall_msr)
         m.exits.register_doorbell(HYPERCALL_PORT, self.hypercalls.on_hypercall, hook=NATIVE_HOOK,
                                   ctx=self.native.ctx)
+        self.ring_poll = RingPoll(lambda: m.state == "running", [self.console.serve, self.xenstore.serve])
         self._default_params()
-        m.owner.every(POLL_EVERY, self._poll_rings)
+        m.owner.every(POLL_EVERY, self.ring_poll)
 
     def _reserve_special_pages(self) -> tuple[int, int]:
         """The xenstore and console rings: real guest pages, reported reserved in the e820."""
@@ -149,8 +161,8 @@ class XenPlatform:
     def _default_params(self) -> None:
         """The store and console ports, bound to their backends, and the toolstack's tree."""
         ev = self.evtchn
-        store_port, store_dport = ev.bind_to_daemon(lambda: self.xenstore.serve())
-        console_port, console_dport = ev.bind_to_daemon(self.console.serve)
+        store_port, store_dport = ev.bind_to_daemon(lambda: self._guest_signalled(self.xenstore.serve))
+        console_port, console_dport = ev.bind_to_daemon(lambda: self._guest_signalled(self.console.serve))
         self.xenstore.notify = lambda: ev.notify_guest(store_dport)
         self.console.notify = lambda: ev.notify_guest(console_dport)
         self.params.clear()
@@ -163,11 +175,9 @@ class XenPlatform:
             store_port=store_port, store_ring_ref=self.store_gpa >> 12,
             console_port=console_port, console_ring_ref=self.console_gpa >> 12))
 
-    def _poll_rings(self) -> None:
-        """The safety net (on the owner): serve the rings even if the guest did not signal."""
-        if self.machine.state == "running":
-            self.console.serve()
-            self.xenstore.serve()
+    def _guest_signalled(self, serve: Callable[[], bool]) -> None:
+        self.ring_poll.activity()
+        serve()
 
     # -- the hypercall page --------------------------------------------------------------
 
@@ -214,7 +224,7 @@ class XenPlatform:
                 self.timers.start_refresh()
             else:
                 self.time.refresh()
-        entry = next(e for e in ov.list() if e["page"] == page)
+        entry = ov.entry(page)
         data = {"page": page, "by": ch.by}
         if gpa != INVALID_GPA:
             data["gpa"] = gpa

@@ -1,6 +1,6 @@
 """The xenstore server bound into the domain: served when the guest signals the store's event
-channel and, as a safety net, every ``POLL_EVERY`` seconds on the VM owner; the operator's
-reads and writes come from the owner.
+channel and, as a safety net, by the ring poll on the VM owner (xen/ringpoll.py); the
+operator's reads and writes come from the owner.
 
 Locking: the server is not thread-safe, so ``_lock`` serialises every call into it (vCPU
 threads for the guest's event, the owner for the poll and the operator). The server calls
@@ -10,15 +10,16 @@ threads for the guest's event, the owner for the poll and the operator). The ser
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.errors import GuestMemoryError
 from xend_lite.xen.page import Page
 from xend_lite.xen.xenstore.server import XenstoreServer
-from xend_lite.xen.xenstore.state import XenstoreState, capture, prepare
 from xend_lite.xen.xenstore.toolstack import DomainInfo
 
-POLL_EVERY = 0.05
+if TYPE_CHECKING:   # saving and loading bring in the snapshot layer: imported when used
+    from xend_lite.xen.xenstore.state import XenstoreState
+
 MAX_ROUNDS = 16      # process() calls per serve: each handles a bounded number of requests
 
 
@@ -28,15 +29,19 @@ class XenstoreBackend:
         self.notify: Callable[[], None] = lambda: None     # tells the guest (set when bound)
         self.server = XenstoreServer(domid, page, lambda: self.notify())
 
-    def serve(self) -> None:
+    def serve(self) -> bool:
+        """Serve the ring; True when anything moved or is still waiting to."""
+        moved = False
         with self._lock:
             for _ in range(MAX_ROUNDS):
                 try:
                     res = self.server.process()
                 except GuestMemoryError:
-                    return       # the ring's page is not memory now (ballooned out)
+                    return moved  # the ring's page is not memory now (ballooned out)
+                moved = moved or bool(res.consumed or res.produced or res.reconnected)
                 if not res.again:
-                    return
+                    return moved or bool(self.server.out)
+        return True
 
     def call(self, method: str, *args: Any) -> Any:
         """An operator call into the server (read, write, mkdir, rm, ls, get/set_perms)."""
@@ -52,11 +57,15 @@ class XenstoreBackend:
             self.server.reset()
 
     def save(self) -> XenstoreState:
+        from xend_lite.xen.xenstore.state import capture
+
         with self._lock:
             return capture(self.server)
 
     def prepare_load(self, state: XenstoreState) -> Callable[[], None]:
         """Check a saved state (SnapshotError if bad); the returned call puts it in place."""
+        from xend_lite.xen.xenstore.state import prepare
+
         with self._lock:
             apply = prepare(self.server, state)
 

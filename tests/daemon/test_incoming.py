@@ -1,0 +1,101 @@
+"""--incoming: a daemon that builds no VM until snapshot-load, which creates the VM the file
+describes (its RAM size and vCPUs, not the daemon's settings) and runs it. A bad file, or a
+second load while the first runs, gets a clear error and the daemon keeps waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+
+import pytest
+
+from tests.daemon.conftest import wait_for
+from xend_lite.cli.ctl import RpcError
+from xend_lite.daemon.service import real_domain_factory
+
+pytestmark = pytest.mark.kvm
+
+COUNTER = 0x300000        # tests/xen/guests/counter64.S
+
+
+async def call(d, method, params=None):
+    async with d.client() as c:
+        return await c.call(method, params)
+
+
+def counter(d) -> int:
+    return struct.unpack("<Q", d.domain.machine.mem.read(COUNTER, 8))[0]
+
+
+@pytest.fixture
+async def saved(start_daemon, guest_image, short_tmp):
+    """A 48 MiB, 2-vCPU counting guest saved to counter.snap; the saving daemon is gone."""
+    img = os.path.join(short_tmp, "counter64.elf")
+    with open(img, "wb") as f:
+        f.write(guest_image("xen/guests/counter64.S"))
+    src = await start_daemon(factory=real_domain_factory, image=img, memory_mib=48, vcpus=2,
+                             socket=os.path.join(short_tmp, "src.sock"))
+    await wait_for(lambda: counter(src) > 1000, 10, "the guest to count")
+    await call(src, "snapshot-save", {"path": "counter.snap", "paused": True})
+    at_save = counter(src)
+    await src.stop()
+    return at_save
+
+
+async def test_incoming_waits_then_restores_a_guest_that_goes_on(start_daemon, saved, short_tmp):
+    d = await start_daemon(factory=real_domain_factory, incoming=True,
+                           socket=os.path.join(short_tmp, "in.sock"))
+    assert d.domain is None
+    assert (await call(d, "query-status"))["status"] == "incoming"
+    with pytest.raises(RpcError) as e:
+        await call(d, "query-vcpus")
+    assert e.value.error_class == "StateError"
+
+    with open(os.path.join(d.cfg.snapshot_dir, "bad.snap"), "wb") as f:
+        f.write(b"not a snapshot" * 100)
+    with pytest.raises(RpcError) as e:
+        await call(d, "snapshot-load", {"path": "bad.snap"})
+    assert e.value.error_class == "BadMagic"     # not a snapshot at all
+    with pytest.raises(RpcError) as e:
+        await call(d, "snapshot-load", {"path": "missing.snap"})
+    assert e.value.error_class == "NotFound"
+    assert (await call(d, "query-status"))["status"] == "incoming" and d.domain is None
+
+    res = await call(d, "snapshot-load", {"path": "counter.snap"})
+    assert res["memory_mib"] == 48 and res["vcpus"] == 2     # the file's shape, not the default
+    assert (await call(d, "query-status"))["status"] == "running"
+    m = d.domain.machine
+    assert m.memory_bytes == 48 << 20 and len(m.runners) == 2
+    assert counter(d) >= saved
+    first = counter(d)
+    await wait_for(lambda: counter(d) > first + 1000, 10, "the restored guest to go on counting")
+
+    # the VM exists now: a second load is the ordinary in-place one, and a file that does
+    # not fit is refused with the guest left running
+    with pytest.raises(RpcError) as e:
+        await call(d, "snapshot-load", {"path": "bad.snap"})
+    assert e.value.error_class == "BadMagic"     # not a snapshot at all
+    assert (await call(d, "query-status"))["status"] == "running"
+    later = counter(d)
+    await wait_for(lambda: counter(d) > later + 1000, 10, "the guest to go on after the refusal")
+
+
+async def test_a_second_load_during_the_first_is_refused(start_daemon, saved, short_tmp):
+    d = await start_daemon(factory=real_domain_factory, incoming=True,
+                           socket=os.path.join(short_tmp, "in.sock"))
+    results = await asyncio.gather(call(d, "snapshot-load", {"path": "counter.snap"}),
+                                   call(d, "snapshot-load", {"path": "counter.snap"}),
+                                   return_exceptions=True)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(errors) == 1 and isinstance(errors[0], RpcError), results
+    assert errors[0].error_class == "StateError"
+    assert "restoring" in str(errors[0])
+    assert (await call(d, "query-status"))["status"] == "running"
+
+
+async def test_incoming_and_restore_exclude_each_other(short_tmp):
+    from xend_lite.daemon.main import main
+
+    assert main(["--incoming", "--restore", os.path.join(short_tmp, "x.snap"),
+                 "--socket", os.path.join(short_tmp, "s.sock")]) == 78
