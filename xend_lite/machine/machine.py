@@ -11,10 +11,12 @@ Threads and what they own:
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from xend_lite.errors import InvalidArgument, NotSupported, StateError
@@ -99,7 +101,7 @@ class Machine:
             self.runners = [VcpuRunner(self.vm.create_vcpu(i), self.owner, self.exits)
                             for i in range(vcpus)]
             for r in self.runners:
-                r.vcpu.set_cpuid2(self.cpuid)
+                r.vcpu.set_cpuid2(vcpu_cpuid(self.cpuid, r.index))
                 r.on_failure = self._runner_failed
             self._power_on = [VcpuPowerOn.capture(r.vcpu, irqchip) for r in self.runners]
             self._vm_power_on = VmPowerOn.capture(self.vm) if irqchip else None
@@ -149,7 +151,7 @@ class Machine:
         """Replace every vCPU's CPUID table (before start)."""
         self.cpuid = list(entries)
         for r in self.runners:
-            r.vcpu.set_cpuid2(self.cpuid)
+            r.vcpu.set_cpuid2(vcpu_cpuid(self.cpuid, r.index))
 
     def add_shutdown_listener(self, fn: Callable[[ShutdownStatus], None]) -> None:
         """fn(status) runs on the owner when the run ends."""
@@ -211,11 +213,21 @@ class Machine:
         if self.state != "created":
             raise StateError(f"machine is {self.state}, not created", self.state, ("created",))
         self._pause_depth = 1 if paused else 0
+        if self.irqchip:
+            self._rebuild_apic_map()
         for r in self.runners:
             r.start(paused=paused)
         if paused:
             self.wait_runners(lambda r: r.state in (VcpuState.PAUSED, VcpuState.STOPPED))
         self.state = "paused" if paused else "running"
+
+    def _rebuild_apic_map(self) -> None:
+        """KVM routes IPIs through a map from APIC IDs to vCPUs that it builds while each
+        vCPU is created, before that vCPU is listed in the VM: a secondary vCPU can be missing
+        from it, and INIT/SIPI sent to it are dropped (it never starts). Writing every local
+        APIC back unchanged (KVM_SET_LAPIC) rebuilds the map with all of them."""
+        for r in self.runners:
+            r.vcpu.set_lapic(r.vcpu.get_lapic())
 
     def pause(self) -> None:
         """Stop the world: returns once every vCPU is parked with its state complete. Nests."""
@@ -396,6 +408,20 @@ class Machine:
                  "rip": r.vcpu.synced_rip() if r.vcpu.fd >= 0 else 0,
                  "exits": dict(r.exit_counts), "thread_id": r.thread.native_id if r.thread else None}
                 for r in self.runners]
+
+
+def vcpu_cpuid(entries: list[CpuidEntry], apic_id: int) -> list[CpuidEntry]:
+    """The table as one vCPU sees it: its own initial APIC ID (KVM gives vCPU n the APIC ID
+    n) in leaf 1 EBX[31:24] and as the x2APIC ID of the topology leaves (0xB, 0x1F) in EDX.
+    An OS that compares a CPU's CPUID with the MADT (Linux's SMP bring-up) needs them."""
+    out = []
+    for e in entries:
+        if e.function == 1:
+            e = replace(e, ebx=(e.ebx & 0x00FFFFFF) | (apic_id & 0xFF) << 24)
+        elif e.function in (0xB, 0x1F):
+            e = replace(e, edx=apic_id)
+        out.append(e)
+    return out
 
 
 def _phys_bits(cpuid: list[CpuidEntry]) -> int:

@@ -98,10 +98,8 @@ class VcpuRunner:
     # -- the owner's side ----------------------------------------------------------------
 
     def start(self, paused: bool = False) -> None:
-        try:   # a secondary vCPU waiting for INIT/SIPI has not started until the guest starts it
-            self.started = self.vcpu.get_mp_state() != const.KVM_MP_STATE_UNINITIALIZED
-        except KvmError:
-            self.started = True
+        self.started = False   # a secondary vCPU waiting for INIT/SIPI has not started
+        self._refresh_started()
         with self._cond:
             self._pause_req = paused
             self._stop_req = False
@@ -230,10 +228,9 @@ class VcpuRunner:
         """Paused: wait for release or stop. Returns False when the runner must stop."""
         try:
             self.vcpu.flush_dirty_regs()
-            if not self.started:
-                self.started = self.vcpu.get_mp_state() != const.KVM_MP_STATE_UNINITIALIZED
         except KvmError as exc:
             log.error("vcpu%d: %s", self.index, exc)
+        self._refresh_started()
         with self._cond:
             before = S.RUNNING if self.started else S.CREATED
             self._set(S.PAUSED)
@@ -246,6 +243,17 @@ class VcpuRunner:
             self._set(before)
         self.owner.notify()
         return True
+
+    def _refresh_started(self) -> None:
+        """Out of KVM_RUN: whether the guest started this vCPU (INIT/SIPI), even if it has
+        made no exit since (its HLTs stay in the kernel)."""
+        if self.started:
+            return
+        try:
+            self.started = self.vcpu.get_mp_state() not in (const.KVM_MP_STATE_UNINITIALIZED,
+                                                            const.KVM_MP_STATE_INIT_RECEIVED)
+        except KvmError as exc:
+            log.error("vcpu%d: %s", self.index, exc)
 
     def _loop(self) -> None:
         """Run until stopped or a handler ends the guest's run."""
@@ -266,6 +274,7 @@ class VcpuRunner:
                     vcpu.set_rax(result)
                     result = None
                 if self._stop_req or not self._park():
+                    self._refresh_started()
                     return
                 continue
             if result is None:

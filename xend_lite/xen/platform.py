@@ -19,6 +19,7 @@ from xend_lite.errors import GuestMemoryError, InvalidArgument
 from xend_lite.kvm import Vcpu
 from xend_lite.machine.backing import INVALID_GPA, PAGE_SIZE
 from xend_lite.machine.loader import e820_map
+from xend_lite.machine.machine import vcpu_cpuid
 from xend_lite.xen import cpuid as xcpuid
 from xend_lite.xen.console import Console, GuestPage
 from xend_lite.xen.dispatch import NATIVE, hypercall_table
@@ -140,7 +141,7 @@ class XenPlatform:
         m = self.machine
         cfg = xcpuid.XenCpuidConfig(*self.version_tuple, self.domid, self.time.tsc_khz)
         for r in m.runners:
-            r.vcpu.set_cpuid2(xcpuid.build_cpuid(m.cpuid, cfg, r.index))
+            r.vcpu.set_cpuid2(vcpu_cpuid(xcpuid.build_cpuid(m.cpuid, cfg, r.index), r.index))
         m.register_msr(xcpuid.HYPERCALL_MSR, write=self._write_hypercall_msr)
         m.exits.register_doorbell(HYPERCALL_PORT, self.hypercalls.on_hypercall, hook=NATIVE_HOOK,
                                   ctx=self.native.ctx)
