@@ -98,6 +98,24 @@ def test_restore_into_fresh_domain_goes_on(domains, counter_image, tmp_path):
         or b.machine.mem.read(SHINFO + 3076, 4) != bytes(4)
 
 
+def test_loading_into_a_running_domain_is_refused_at_once(domains, counter_image, tmp_path):
+    """A running vCPU holds its fd inside KVM_RUN: a load that did not refuse would wait
+    for ever on the first register write (it did). Refused, and the guest keeps running."""
+    from xend_lite.errors import StateError
+
+    path = str(tmp_path / "snap.xls")
+    a, _, _ = saved_running(domains, counter_image, path)
+    a.resume()
+    t = time.monotonic()
+    with pytest.raises(StateError, match="paused"):
+        a.snapshot_load(path)
+    assert time.monotonic() - t < 2
+    h = counters(a)[1]
+    assert wait_for(lambda: counters(a)[1] > h + 5), a.machine.status
+    a.pause()
+    a.snapshot_load(path)                              # paused: loads
+
+
 def test_two_restores_are_independent_and_the_file_is_untouched(domains, counter_image, tmp_path):
     path = str(tmp_path / "snap.xls")
     saved_running(domains, counter_image, path)

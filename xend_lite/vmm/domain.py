@@ -282,6 +282,10 @@ class Domain:
         return self._on_owner(self._snapshot_load, path, verify)
 
     def _snapshot_load(self, path: Any, verify: bool) -> dict:
+        # a vCPU in KVM_RUN holds its vCPU fd: loading its registers would wait for ever
+        if self.machine.state == "running" and self.machine.pause_depth == 0:
+            raise StateError("the VM must be paused to load a snapshot into it", self.run_state(),
+                             ("paused", "created", "stopped"))
         self._stop_detach()
         from xend_lite.vmm.persist import load_domain
 
