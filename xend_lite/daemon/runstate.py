@@ -40,7 +40,7 @@ ALL_STATES = tuple(RunState)
 QMP_NAMES = {RunState.CREATED: "prelaunch", RunState.RUNNING: "running",
              RunState.PAUSED: "paused", RunState.SAVING: "save-vm",
              RunState.RESTORING: "restore-vm", RunState.SHUTDOWN: "shutdown",
-             RunState.INTERNAL_ERROR: "internal-error"}
+             RunState.INTERNAL_ERROR: "internal-error", RunState.INCOMING: "inmigrate"}
 PANIC_REASONS = ("crash",)
 
 
