@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 import aiohttp
 
-from xend_lite.cli.ctl import Client, RpcError
+from xend_lite.cli.client import Client, RpcError
 
 ESCAPE = b"\x1d"          # Ctrl-]
 EXIT_LEFT = 0

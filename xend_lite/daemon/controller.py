@@ -1,5 +1,8 @@
 """The controller: the run-state machine, and the bridge from the event loop to the VM owner.
 
+(Longer than most modules: every command is a pair, its upper half on the loop and its
+bottom half on the owner, kept side by side so one command reads in one place.)
+
 The event loop never touches the VM. It calls the controller's async methods (the upper
 half), which refuse at once when the run state does not allow the command, then submit one
 command to the VM's owner thread (machine/owner.py) and await its one reply (a

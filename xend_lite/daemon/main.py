@@ -193,11 +193,11 @@ def shape_from_snapshot(cfg: Any, config_file: str | None, options: dict[str, An
     from xend_lite.daemon.config import read_toml
     from xend_lite.daemon.restoreshape import with_shape
     from xend_lite.errors import SnapshotError
-    from xend_lite.vmm.shape import read_shape
+    from xend_lite.vmm.persist import snapshot_shape
 
     explicit = set(options) | set(read_toml(config_file) if config_file else ())
     try:
-        shape = read_shape(cfg.restore)
+        shape = snapshot_shape(cfg.restore)
     except (SnapshotError, OSError) as exc:
         raise StartError(ExitCode.SNAPSHOT, f"snapshot {cfg.restore} cannot be loaded: {exc}: "
                                             "check the path given with --restore") from exc

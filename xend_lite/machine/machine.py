@@ -1,5 +1,8 @@
 """Machine: one KVM VM with its RAM, memory map, vCPU runners, console ports and VM owner.
 
+(Longer than most modules: each public method is a pair, the call from any thread and its
+body on the owner; halts, power-on state and RAM replacement live in their own modules.)
+
 Threads and what they own:
 - each vCPU thread (``VcpuRunner``) runs its own vCPU and handles its exits;
 - the VM owner (``VmOwner``) makes every VM-wide change: start, pause, resume, the memory

@@ -230,8 +230,9 @@ def load_domain(domain: Domain, path: Any, verify: bool = True) -> dict:
 
 def snapshot_shape(path: Any) -> dict[str, Any]:
     """What a domain must be to take the snapshot at ``path``: ``memory_mib``, ``vcpus``,
-    ``xen`` and, in Xen mode, ``grant_frames``. Reads the file's header, table and states
-    (memory is not read); a bad file raises its SnapshotError."""
+    ``xen`` and, in Xen mode, ``grant_frames``; with the snapshot's domain section also
+    ``xen_version`` and ``domid``. Reads the file's header, table and states (memory is not
+    read); a bad file raises its SnapshotError."""
     snap = load_snapshot(path, CLASSES, required=["memory_map"], verify_memory=False)
     try:
         mm: MemoryMapState = snap.states["memory_map"]
@@ -243,6 +244,12 @@ def snapshot_shape(path: Any) -> dict[str, Any]:
         overlay = snap.states.get("xen_overlay")
         if overlay is not None:
             shape["grant_frames"] = overlay.grant_frames
+        dom = snap.states.get("domain")
+        if isinstance(dom, DomainShapeState):
+            if (dom.memory_mib, dom.vcpus) != (shape["memory_mib"], shape["vcpus"]):
+                raise SnapshotError(f"snapshot {path}: its domain and memory_map sections disagree")
+            shape.update(xen=dom.xen, xen_version=dom.xen_version, domid=dom.domid,
+                         grant_frames=dom.grant_frames)
         return shape
     finally:
         snap.close()

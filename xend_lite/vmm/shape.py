@@ -33,25 +33,3 @@ class DomainShapeState(State):
         return cls(memory_mib=memory_bytes >> 20, vcpus=vcpus, xen=bool(spec.xen),
                    xen_version=str(spec.xen_version), domid=int(spec.domid),
                    grant_frames=int(spec.grant_frames))
-
-
-def read_shape(path: str) -> dict[str, Any]:
-    """The shape of the VM saved at ``path``: config field -> value (``xen`` too when the
-    snapshot says). Reads the sections only, not guest memory. SnapshotError when the file is
-    not a snapshot of a VM."""
-    from xend_lite.snapshot import load_snapshot
-    from xend_lite.vmm.persist import CLASSES
-
-    with load_snapshot(path, CLASSES, required=["memory_map"]) as snap:
-        st = snap.states
-        mm = st["memory_map"]
-        shape: dict[str, Any] = {"memory_mib": mm.ram_bytes >> 20, "vcpus": mm.vcpus}
-        dom = st.get("domain")
-        if isinstance(dom, DomainShapeState):
-            if (dom.memory_mib, dom.vcpus) != (shape["memory_mib"], shape["vcpus"]):
-                raise SnapshotError(f"snapshot {path}: its domain and memory_map sections disagree")
-            shape.update(xen=dom.xen, xen_version=dom.xen_version, domid=dom.domid,
-                         grant_frames=dom.grant_frames)
-        else:
-            shape["xen"] = "xen" in st
-    return shape
