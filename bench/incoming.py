@@ -8,9 +8,9 @@ import shutil
 import time
 
 from bench._harness import Context, Figure, Section, Skip
-from bench._qemu import Qemu, qemu_binary
+from bench._qemu import qemu_binary
 from bench._xl import Daemon, require_kvm, spin_image
-from bench.snapshot import MIB, _poll, _ram_fits, qemu_save
+from bench.snapshot import MIB, _ram_fits, qemu_deferred_load, qemu_save
 
 TITLE = "incoming: restore into a waiting process, against QEMU -incoming defer"
 SUMMARY = (
@@ -36,20 +36,6 @@ def xend_lite_once(snapdir: str, name: str, verify: bool) -> dict[str, float]:
             if st != "running":
                 raise RuntimeError(f"after snapshot-load the guest is {st}")
             return {"load": took, "fresh": time.perf_counter() - d.t_spawn}
-
-
-def qemu_once(ctx: Context, size_mib: int, path: str) -> dict[str, float]:
-    with Qemu(ctx.workdir, size_mib, serial=True, incoming="defer") as q:
-        c = q.wait_qmp()
-        t = time.perf_counter()
-        c.call("migrate-incoming", {"uri": f"exec:cat {path}"})
-        st = _poll(lambda: c.call("query-status")["status"], lambda s: s not in ("inmigrate",))
-        if st != "running":
-            c.call("cont")
-            _poll(lambda: c.call("query-status")["status"], lambda s: s == "running")
-        done = time.perf_counter()
-        c.close()
-        return {"load": done - t, "fresh": done - q.t_spawn}
 
 
 def _save_xend_lite(spin, size_mib: int, snapdir: str, name: str) -> None:
@@ -79,7 +65,7 @@ def run(ctx: Context) -> Section:
             qemu_save(ctx, size, False, q_path)
             rounds = {"xl": lambda: xend_lite_once(str(snapdir), name, True),
                       "xl-noverify": lambda: xend_lite_once(str(snapdir), name, False),
-                      "qemu": lambda: qemu_once(ctx, size, q_path)}
+                      "qemu": lambda: qemu_deferred_load(ctx, size, q_path)}
             samples: dict[str, list[dict[str, float]]] = {k: [] for k in rounds}
             for _ in range(ctx.repeats):        # interleaved: one of each per round
                 for key, fn in rounds.items():

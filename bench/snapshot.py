@@ -168,25 +168,35 @@ def _poll(fn, done, timeout: float = 600.0, every: float = 0.001):
         time.sleep(every)
 
 
-def qemu_round(ctx: Context, size_mib: int, dense: bool, path: str) -> dict[str, float]:
-    res: dict[str, float] = {"save": qemu_save(ctx, size_mib, dense, path)}
-    res["bytes"] = allocated(path)
-    with Qemu(ctx.workdir, size_mib, memfd=dense, serial=True, incoming="defer") as q:
+def qemu_until_running(c) -> None:
+    """Wait out QEMU's incoming migration; ``cont`` if it ends paused, until it runs."""
+    st = _poll(lambda: c.call("query-status")["status"], lambda s: s not in ("inmigrate",))
+    if st != "running":
+        c.call("cont")
+        _poll(lambda: c.call("query-status")["status"], lambda s: s == "running")
+
+
+def qemu_deferred_load(ctx: Context, size_mib: int, path: str,
+                       memfd: bool = False) -> dict[str, float]:
+    """QEMU started with ``-incoming defer``, then ``migrate-incoming`` of ``path``: seconds
+    from the request to running (``load``) and from spawn to running (``fresh``)."""
+    with Qemu(ctx.workdir, size_mib, memfd=memfd, serial=True, incoming="defer") as q:
         c = q.wait_qmp()
         t = time.perf_counter()
         c.call("migrate-incoming", {"uri": f"exec:cat {path}"})
-        st = _poll(lambda: c.call("query-status")["status"], lambda s: s not in ("inmigrate",))
-        if st != "running":
-            c.call("cont")
-            _poll(lambda: c.call("query-status")["status"], lambda s: s == "running")
-        res["load_live"] = time.perf_counter() - t
+        qemu_until_running(c)
+        done = time.perf_counter()
         c.close()
+        return {"load": done - t, "fresh": done - q.t_spawn}
+
+
+def qemu_round(ctx: Context, size_mib: int, dense: bool, path: str) -> dict[str, float]:
+    res: dict[str, float] = {"save": qemu_save(ctx, size_mib, dense, path)}
+    res["bytes"] = allocated(path)
+    res["load_live"] = qemu_deferred_load(ctx, size_mib, path, memfd=dense)["load"]
     with Qemu(ctx.workdir, size_mib, memfd=dense, serial=True, incoming=f"exec:cat {path}") as q:
         c = q.wait_qmp()
-        st = _poll(lambda: c.call("query-status")["status"], lambda s: s not in ("inmigrate",))
-        if st != "running":
-            c.call("cont")
-            _poll(lambda: c.call("query-status")["status"], lambda s: s == "running")
+        qemu_until_running(c)
         res["load_fresh"] = time.perf_counter() - q.t_spawn
         c.close()
     return res

@@ -1,9 +1,8 @@
-"""Booting Debian's cloud kernel on xend-lite: the command line this kind of host needs, and
-waiting for console text. Shared by the Linux boot tests and bench/linux.py."""
+"""Booting Debian's cloud kernel on xend-lite: the command line this kind of host needs.
+Shared by the Linux boot tests and bench/linux.py."""
 
 from __future__ import annotations
 
-import time
 
 from xend_lite.vmm.domain import Domain
 from xend_lite.vmm.spec import DomainSpec
@@ -24,18 +23,3 @@ def boot(kernel, initrd, vcpus: int = 1, cmdline: str = CMDLINE) -> Domain:
                           memory_mib=MEMORY_MIB, vcpus=vcpus))
     d.start()
     return d
-
-
-def wait_text(d: Domain, text: str, timeout: float, after: int = 0) -> int:
-    """Wait until ``text`` is on the console past ``after``; its end offset. Fails naming the
-    tail of the console when the guest stops or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = d.machine.console.text()
-        at = out.find(text, after)
-        if at >= 0:
-            return at + len(text)
-        st = d.machine.status
-        assert st is None and time.monotonic() < deadline, \
-            f"no {text!r} on the console ({st}): {out[-800:]!r}"
-        time.sleep(0.1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import struct
-import time
 
 import pytest
 
@@ -22,6 +21,7 @@ from xend_lite.vmm.spec import DomainSpec
 from xend_lite.xen.xenabi import X
 
 from .build import GRUB_MODULES
+from .console import wait_text
 
 pytestmark = pytest.mark.kvm
 
@@ -40,16 +40,7 @@ def boot(image, memory_mib: int = MEMORY_MIB) -> Domain:
 
 def wait_output(d: Domain, text: str, after: int = 0, timeout: float = 20.0) -> int:
     """Wait until ``text`` appears in the console past offset ``after``; its end offset."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = d.machine.console.text()
-        at = out.find(text, after)
-        if at >= 0:
-            return at + len(text)
-        st = d.machine.status
-        assert st is None and time.monotonic() < deadline, \
-            f"no {text!r} on the console ({st}): {out[-600:]!r}"
-        time.sleep(0.02)
+    return wait_text(d, text, timeout, after, every=0.02)
 
 
 def type_line(d: Domain, line: str) -> None:

@@ -18,7 +18,8 @@ from xend_lite.vmm.domain import Domain
 from xend_lite.vmm.spec import DomainSpec
 from xend_lite.xen.xenabi import X
 
-from .linuxboot import INIT, boot, wait_text
+from .console import wait_text
+from .linuxboot import INIT, boot
 
 pytestmark = pytest.mark.kvm
 

@@ -4,16 +4,13 @@ one just taken away, and the RAM beneath keeps exactly what the guest wrote befo
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 import time
 
 import pytest
 
-from xend_lite.machine.loader import boot_cpu
-from xend_lite.vmm.domain import Domain
-from xend_lite.vmm.spec import DomainSpec
+from tests.xen.test_overlay_stress import hammer_domain
 
 pytestmark = pytest.mark.kvm
 
@@ -24,14 +21,8 @@ COUNTS = 0x300000
 
 @pytest.fixture
 def hammering(guest_image, tmp_path):
-    img = tmp_path / "hammer32.elf"
-    img.write_bytes(guest_image("xen/guests/hammer32.S", bits=32))
-    d = Domain(DomainSpec(image=str(img), memory_mib=64, vcpus=2))
+    d = hammer_domain(guest_image, tmp_path)
     try:
-        m = d.machine
-        for i in range(2):
-            bc = boot_cpu(m, d.boot, i)
-            m.set_boot_cpu(i, dataclasses.replace(bc, regs=dataclasses.replace(bc.regs, rsi=i)))
         yield d
     finally:
         d.close()

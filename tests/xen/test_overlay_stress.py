@@ -19,15 +19,25 @@ OVL, OVL2 = 0x800000, 0x810000
 COUNTS, ERRORS = 0x300000, 0x300100
 
 
-def run_cycles(guest_image, tmp_path, cycles: int) -> None:
+def hammer_domain(guest_image, tmp_path) -> Domain:
+    """hammer32.S on two vCPUs (each told its index in RSI), built but not started."""
     img = tmp_path / "hammer32.elf"
     img.write_bytes(guest_image("xen/guests/hammer32.S", bits=32))
     d = Domain(DomainSpec(image=str(img), memory_mib=64, vcpus=2))
     try:
-        m = d.machine
         for i in range(2):
-            bc = boot_cpu(m, d.boot, i)
-            m.set_boot_cpu(i, dataclasses.replace(bc, regs=dataclasses.replace(bc.regs, rsi=i)))
+            bc = boot_cpu(d.machine, d.boot, i)
+            d.machine.set_boot_cpu(i, dataclasses.replace(bc, regs=dataclasses.replace(bc.regs, rsi=i)))
+    except BaseException:
+        d.close()
+        raise
+    return d
+
+
+def run_cycles(guest_image, tmp_path, cycles: int) -> None:
+    d = hammer_domain(guest_image, tmp_path)
+    try:
+        m = d.machine
         beneath = bytes((i * 7) & 0xFF for i in range(0x800))
         m.mem.write(OVL, beneath)
         m.mem.write(OVL2, beneath)
