@@ -72,6 +72,8 @@ CPUID_PROOFS = {
     (L3, 2, "eax", None): "test_cpuid_leaves",
     (L4, 0, "eax", 3): "test_cpuid_leaves",        # XEN_HVM_CPUID_VCPU_ID_PRESENT
     (L4, 0, "eax", 4): "test_cpuid_leaves",        # XEN_HVM_CPUID_DOMID_PRESENT
+    # XEN_HVM_CPUID_UPCALL_VECTOR: HVMOP_set_evtchn_upcall_vector, served by a guest's own vector
+    (L4, 0, "eax", 6): "test_upcall_vector_reaches_a_guest_that_enabled_its_apic_late",
     (L4, 0, "ebx", None): "test_cpuid_leaves",
     (L4, 0, "ecx", None): "test_cpuid_leaves",
 }
@@ -255,7 +257,8 @@ def test_cpuid_leaves(ring_guest):
     ns = scale_delta(khz * 1000, g.xen.time.tsc_mul, g.xen.time.tsc_shift)
     assert abs(ns - 10**9) < 10**6
     flags, vcpu_id, domid, _d = g.cpuid(L4)
-    assert flags == X.XEN_HVM_CPUID_VCPU_ID_PRESENT | X.XEN_HVM_CPUID_DOMID_PRESENT
+    assert flags == (X.XEN_HVM_CPUID_VCPU_ID_PRESENT | X.XEN_HVM_CPUID_DOMID_PRESENT
+                     | X.XEN_HVM_CPUID_UPCALL_VECTOR)
     assert vcpu_id == 0
     assert g.hcall(X.__HYPERVISOR_vcpu_op, X.VCPUOP_is_up, vcpu_id) == 1
     assert domid == 7 and g.ask(XsType.READ, b"domid", req_id=1) == (XsType.READ, b"7")
@@ -353,3 +356,14 @@ def test_start_info_is_what_the_guest_finds(guest_path, tmp_path):
         assert paddr + size <= max(a + s for a, s, t in table if t == E820_RAM)
     finally:
         d.close()
+
+
+def test_upcall_vector_reaches_a_guest_that_enabled_its_apic_late(run_to_done):
+    """A per-vCPU upcall vector named while the local APIC is disabled, with an event
+    already flagged: the upcall arrives once the guest enables its APIC (KVM dropped the
+    first try), and the next one after the guest's EOI."""
+    d = run_to_done("xen/guests/upcall_vector64.S")
+    count = struct.unpack("<Q", d.machine.mem.read(0x300000, 8))[0]
+    assert count == 2, f"{count} of 2 upcalls reached the guest"
+    assert d.xen.upcalls.vectors == {0: 0xF3}
+    assert not d.xen.upcalls.untaken

@@ -296,3 +296,13 @@ def test_bind_interdomain_to_the_daemon_side_and_echo(harness):
     a = ev.bind_interdomain(X.DOMID_SELF, unbound, h.xen.domid)
     ev.send(a)
     assert ev.is_pending(unbound)
+
+
+def test_callback_vector_upcalls_reach_a_guest_that_does_not_eoi(run_to_done):
+    """The domain's callback vector, as a guest without a per-vCPU vector takes it: a
+    handler that never EOIs still gets the next upcall, and one raised while it halts."""
+    d = run_to_done("xen/guests/upcall_noeoi64.S")
+    count = struct.unpack("<Q", d.machine.mem.read(0x300000, 8))[0]
+    assert count == 3, f"{count} of 3 upcalls reached the guest"
+    assert d.xen.params[X.HVM_PARAM_CALLBACK_IRQ] == 2 << 56 | 0xF3
+

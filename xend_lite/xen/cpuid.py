@@ -42,7 +42,10 @@ def parse_version(text: str) -> tuple[int, int]:
 def xen_leaves(cfg: XenCpuidConfig, vcpu_id: int) -> list[CpuidEntry]:
     top = BASE + X.XEN_CPUID_MAX_NUM_LEAVES
     sig_b, sig_c, sig_d = SIGNATURE
-    hvm_features = (X.XEN_HVM_CPUID_VCPU_ID_PRESENT | X.XEN_HVM_CPUID_DOMID_PRESENT)
+    # UPCALL_VECTOR: HVMOP_set_evtchn_upcall_vector is served (hvm.py), an upcall the guest
+    # acknowledges at the local APIC like any other interrupt
+    hvm_features = (X.XEN_HVM_CPUID_VCPU_ID_PRESENT | X.XEN_HVM_CPUID_DOMID_PRESENT
+                    | X.XEN_HVM_CPUID_UPCALL_VECTOR)
     sub = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
     return [
         CpuidEntry(BASE, 0, 0, top, sig_b, sig_c, sig_d),

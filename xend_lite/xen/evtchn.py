@@ -262,9 +262,23 @@ class EventChannels:
         """Set the selector bit and the upcall flag; inject the upcall on a new flag."""
         lay = self.shinfo.layout
         vi = self.shinfo.vcpu_info_addr(vcpu)
-        if vi and not _or_bit(vi + lay.pending_sel, word, lay.word):
-            if not atomic_xchg8(vi + lay.upcall_pending, 1):
+        if vi and not _or_bit(vi + lay.pending_sel, word, lay.word) \
+                and not atomic_xchg8(vi + lay.upcall_pending, 1):
+            self.upcalls.inject(vcpu)
+        else:
+            self.upcalls.retry(vcpu)
+
+    def mark_events_pending(self, vcpu: int) -> None:
+        """Flag an upcall for ``vcpu`` and deliver it, unless one is flagged already (Xen's
+        vcpu_mark_events_pending, used when a vcpu_info moves)."""
+        lay = self.shinfo.layout
+        with self.machine.host_access(), self.lock:
+            vi = self.shinfo.vcpu_info_addr(vcpu)
+            if vi and not atomic_xchg8(vi + lay.upcall_pending, 1):
                 self.upcalls.inject(vcpu)
+            else:
+                self.upcalls.retry(vcpu)
+        self.wake(vcpu)
 
     def unmask(self, port: int) -> None:
         """Clear the mask bit; a port still pending is delivered now."""

@@ -8,7 +8,7 @@ local APIC as an MSI or through the IOAPIC.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from xend_lite.kvm import KvmError
 from xend_lite.xen.errors import XenError, inval
@@ -60,10 +60,40 @@ def self_domain(domid: int, own: int) -> None:
 
 
 class Upcalls:
-    def __init__(self, vm: Vm, params: dict[int, int]):
+    """Delivers the event-channel upcall to a vCPU: its own vector (HVMOP_set_evtchn_upcall_vector),
+    else the domain's callback (HVM_PARAM_CALLBACK_IRQ: a vector or a GSI).
+
+    A vector goes through the in-kernel local APIC as an MSI. KVM drops a fixed interrupt
+    while the target's APIC is software-disabled, where Xen's emulated APIC keeps it in IRR
+    until the guest enables it; so an upcall KVM did not take is remembered and tried again
+    on the vCPU's next event and on every ``retry_all`` (the timer thread's tick) until taken
+    or no longer flagged.
+    """
+
+    def __init__(self, vm: Vm, params: dict[int, int], pending: Callable[[int], bool]):
         self.vm = vm
         self.params = params                       # the domain's HVM params (shared dict)
         self.vectors: dict[int, int] = {}          # vcpu -> vector (HVMOP_set_evtchn_upcall_vector)
+        self.pending = pending                     # vcpu -> its evtchn_upcall_pending flag
+        self.untaken: set[int] = set()             # vCPUs whose last upcall KVM did not take
+
+    def reassert(self, vcpu: int) -> None:
+        """A new way of delivery (a vector just set): an upcall already flagged is
+        delivered through it, as Xen asserts the upcall when the vector changes."""
+        if self.pending(vcpu):
+            self.inject(vcpu)
+
+    def retry(self, vcpu: int) -> None:
+        """Deliver again an upcall still flagged that KVM did not take."""
+        if vcpu in self.untaken:
+            if self.pending(vcpu):
+                self.inject(vcpu)
+            else:
+                self.untaken.discard(vcpu)
+
+    def retry_all(self) -> None:
+        for vcpu in list(self.untaken):
+            self.retry(vcpu)
 
     def inject(self, vcpu: int) -> None:
         vector = self.vectors.get(vcpu)
@@ -73,7 +103,10 @@ class Upcalls:
             if vector is None and kind == X.HVM_PARAM_CALLBACK_TYPE_VECTOR:
                 vector = via & 0xFF
             if vector is not None and vector >= MIN_VECTOR:
-                self.vm.signal_msi(MSI_BASE | (vcpu & 0xFF) << 12, vector)
+                if self.vm.signal_msi(MSI_BASE | (vcpu & 0xFF) << 12, vector) > 0:
+                    self.untaken.discard(vcpu)
+                else:
+                    self.untaken.add(vcpu)
             elif kind == X.HVM_PARAM_CALLBACK_TYPE_GSI and vcpu == 0 and 0 < (via & U32) < IOAPIC_PINS:
                 gsi = via & U32
                 self.vm.irq_line(gsi, 1)
@@ -104,6 +137,7 @@ class HvmOps:
             if u["vcpu"] >= self.nr_vcpus:
                 raise XenError(X.XEN_ENOENT, "no such vcpu")
             self.upcalls.vectors[u["vcpu"]] = u["vector"]
+            self.upcalls.reassert(u["vcpu"])
             return 0
         if op == X.HVMOP_get_time:
             c.view.write_uint(arg, 8, self.clock.now())
@@ -148,4 +182,6 @@ class HvmOps:
                 raise XenError(X.XEN_EOPNOTSUPP, "the FPU state keeps 64-bit FIP/FDP only")
             return 0
         self.params[index] = value
+        if index == X.HVM_PARAM_CALLBACK_IRQ:
+            self.upcalls.reassert(0)
         return 0

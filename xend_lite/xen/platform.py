@@ -101,10 +101,10 @@ class XenPlatform:
         self.clock = Clock()
         self.params: dict[int, int] = {}
         self.shinfo = SharedInfo(machine, self.overlay)
-        self.upcalls = Upcalls(machine.vm, self.params)
+        self.upcalls = Upcalls(machine.vm, self.params, self.shinfo.upcall_pending)
         self.evtchn = EventChannels(machine, self.shinfo, self.upcalls)
         self.time = VcpuTime(machine, self.shinfo, self.clock, self.nr_vcpus)
-        self.timers = Timers(machine, self.clock, self.evtchn, self.time.refresh)
+        self.timers = Timers(machine, self.clock, self.evtchn, self._tick)
         self.runstates = Runstates(machine.mem, self.clock)
         self.store_gpa, self.console_gpa = self._reserve_special_pages()
         self.console = Console(machine.console, machine.mem, self.console_gpa)
@@ -118,12 +118,18 @@ class XenPlatform:
                               self._guest_shutdown, self._guest_soft_reset, self.runstates)
         self.evtchn_ops = EvtchnOps(self.domid, self.nr_vcpus, self.evtchn, machine.memmap)
         self.vcpu_ops = VcpuOps(machine, self.shinfo, self.time, self.clock, self.timers,
-                                self.runstates)
+                                self.runstates, self.evtchn)
         self.native = NativeHypercalls(self.nr_vcpus, self.version.version_word, NATIVE,
                                        cfg.native_hypercalls)
         self.hypercalls = Hypercalls(machine.mem, hypercall_table(self), self.native)
         self._persist: XenPersist | None = None
         self._install()
+
+    def _tick(self) -> None:
+        """The timer thread's regular work: refresh guest time, retry untaken upcalls."""
+        self.time.refresh()
+        with self.machine.host_access():
+            self.upcalls.retry_all()
 
     @property
     def persist(self) -> XenPersist:
@@ -265,6 +271,7 @@ class XenPlatform:
         self.evtchn.reset()
         self.shinfo.reset()
         self.upcalls.vectors.clear()
+        self.upcalls.untaken.clear()
         self.overlay.reset()
         self.console.reset()
         if fresh_store:

@@ -73,7 +73,8 @@ class SharedInfo:
 
     def register_vcpu_info(self, vcpu: int, gpa: int) -> None:
         """Move a vCPU's vcpu_info from shared_info into guest memory, keeping what was
-        there and asking the guest to rescan every selector word."""
+        there and asking the guest to rescan every selector word (the caller flags and
+        delivers the upcall that makes it look)."""
         with self.machine.host_access():
             old = self.vcpu_info_view(vcpu)
             data = bytes(old[0][old[1]:old[1] + VCPU_INFO_SIZE]) if old else bytes(VCPU_INFO_SIZE)
@@ -86,7 +87,6 @@ class SharedInfo:
             view[off:off + VCPU_INFO_SIZE] = data
             lay = self.layout
             view[off + lay.pending_sel:off + lay.pending_sel + lay.word] = b"\xff" * lay.word
-            view[off + lay.upcall_pending] = 1
 
     # -- wallclock -----------------------------------------------------------------------
 

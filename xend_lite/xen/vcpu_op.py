@@ -12,6 +12,7 @@ from xend_lite.xen.xenabi import X
 
 if TYPE_CHECKING:
     from xend_lite.machine.machine import Machine
+    from xend_lite.xen.evtchn import EventChannels
     from xend_lite.xen.hypercall import Call
     from xend_lite.xen.runstate import Runstates
     from xend_lite.xen.shinfo import SharedInfo
@@ -24,7 +25,7 @@ MAX_GFN = 1 << 40
 
 class VcpuOps:
     def __init__(self, machine: Machine, shinfo: SharedInfo, time: VcpuTime, clock: Clock,
-                 timers: Timers, runstates: Runstates):
+                 timers: Timers, runstates: Runstates, evtchn: EventChannels):
         self.machine = machine
         self.nr_vcpus = len(machine.runners)
         self.shinfo = shinfo
@@ -32,6 +33,7 @@ class VcpuOps:
         self.clock = clock
         self.timers = timers
         self.runstates = runstates
+        self.evtchn = evtchn
 
     def is_up(self, vcpu: int) -> bool:
         return vcpu == 0 or self.machine.runners[vcpu].started
@@ -79,6 +81,7 @@ class VcpuOps:
         if gfn >= MAX_GFN or not self.machine.memmap.is_ram_page(gfn):
             raise inval("vcpu_info frame is not RAM")
         self.shinfo.register_vcpu_info(vcpuid, (gfn << PAGE_SHIFT) + r["offset"])
+        self.evtchn.mark_events_pending(vcpuid)
         self.time.publish_from(c.vcpu)
         self.timers.start_refresh()
         return 0
