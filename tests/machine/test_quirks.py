@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from xend_lite.kvm import Dtable, Regs, Segment, Sregs, Translation, exits
+from xend_lite.kvm import Dtable, Kvm, Regs, Segment, Sregs, Translation, exits
+from xend_lite.machine import quirkprobe
 from xend_lite.machine.insn import Undecodable, decode_0f_mem
 from xend_lite.machine.loader import load_image
 from xend_lite.machine.quirkprobe import probe_all
@@ -91,7 +92,7 @@ def test_an_unknown_instruction_still_ends_the_run_named(make_machine, guests):
     """movd at CPL 0 is no quirk: where the host cannot run it, the run ends as an internal
     error naming the bytes (and nothing is pretended)."""
     probes = {r.name: r.applies for r in probe_all()}
-    if not probes.get("ldmxcsr"):
+    if not probes.get("sse-cpl0"):
         pytest.skip("this host runs SSE at CPL 0 itself")
     m = make_machine(8 * MiB)
     load_image(m, guests.image("quirks64.S", defines={"LDMXCSR": 1, "MXCSR1": 0x1F80,
@@ -109,9 +110,22 @@ def test_an_unknown_instruction_still_ends_the_run_named(make_machine, guests):
 def test_probe_agrees_with_the_handling():
     """The probe finds each quirk with the handling off; on a host without it, says so."""
     results = probe_all()
-    assert {r.name for r in results} == {"int3-cpl0", "fwait", "ldmxcsr"}
+    assert {r.name for r in results} == {"int3-cpl0", "fwait", "ldmxcsr", "sse-cpl0"}
     for r in results:
         assert r.applies is not None, r.detail
+
+
+@pytest.mark.kvm
+def test_a_limit_probe_tells_a_runnable_instruction_from_one_that_stops():
+    """The host-limit probe is no constant: an instruction every KVM runs (nop) is found
+    runnable (the SSE one is checked against a real guest's run above)."""
+    kvm = Kvm()
+    try:
+        quirkprobe.LIMITS["nop"] = ("nop", b"\x90" + quirkprobe.TAIL)
+        assert quirkprobe.probe_limit(kvm, "nop").applies is False
+    finally:
+        del quirkprobe.LIMITS["nop"]
+        kvm.close()
 
 
 # -- refusals, with a fake vCPU ----------------------------------------------------------

@@ -32,12 +32,14 @@ class HostReport:
     backend: str | None = None
     #: quirk name -> True (this host has it), False (KVM runs the instruction), None (unknown)
     quirks: dict[str, bool | None] = field(default_factory=dict)
+    #: host limit name (quirkprobe.LIMITS) -> True (this KVM cannot run it), False, None
+    limits: dict[str, bool | None] = field(default_factory=dict)
     quirk_details: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"kvm": self.kvm_path, "ok": self.ok, "problems": self.problems,
                 "capabilities": self.capabilities, "backend": self.backend,
-                "quirks": self.quirks}
+                "quirks": self.quirks, "limits": self.limits}
 
     def quirks_line(self) -> str:
         """One line: which instructions this KVM cannot emulate and what xend-lite does."""
@@ -48,6 +50,21 @@ class HostReport:
         parts = [f"{n} ({QUIRKS[n].instruction}: {QUIRKS[n].handling})" for n in have]
         text = "quirks: " + ("; ".join(parts) if parts else "none, KVM emulates "
                              + ", ".join(QUIRKS[n].instruction for n in self.quirks))
+        if unknown:
+            text += f" (probe inconclusive: {', '.join(unknown)})"
+        return text
+
+
+    def limits_line(self) -> str:
+        """One line: what this KVM cannot run for a guest and xend-lite does not carry out."""
+        from xend_lite.machine.quirkprobe import LIMITS
+
+        if not self.limits:
+            return "host limits: not probed"
+        have = [f"{n} (cannot run {LIMITS[n][0]}: a guest stops at the first one)"
+                for n, v in self.limits.items() if v]
+        unknown = [n for n, v in self.limits.items() if v is None]
+        text = "host limits: " + ("; ".join(have) if have else "none found")
         if unknown:
             text += f" (probe inconclusive: {', '.join(unknown)})"
         return text
@@ -87,6 +104,7 @@ def check_host(kvm_path: str = "/dev/kvm", backend: str = "auto",
         from xend_lite.machine.quirkprobe import probe_all
 
         for result in probe_all(kvm_path, quiet=True):
-            report.quirks[result.name] = result.applies
+            found = report.quirks if result.name in QUIRKS else report.limits
+            found[result.name] = result.applies
             report.quirk_details.append(result.detail)
     return report
