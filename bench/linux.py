@@ -26,7 +26,8 @@ SUMMARY = (
 
 MILESTONES = ("Linux version", "Kernel command line:", "Memory:", "ftrace: allocated",
               "NR_IRQS:", "Calibrating delay loop", "x86/fpu:", "smp: Bringing up",
-              "devtmpfs: initialized", "Run /init", "INIT-RAN")
+              "devtmpfs: initialized", "NET: Registered PF_INET",
+              "Trying to unpack rootfs", "Run /init", "INIT-RAN")
 MEMORY_MIB = 256
 
 

@@ -105,7 +105,8 @@ def _run(kvm: Kvm, name: str, code: bytes, expect: list[int], what: str,
 
 
 def probe_all(kvm_path: str = "/dev/kvm", quiet: bool = False) -> list[ProbeResult]:
-    """Every quirk's probe, then every host limit's; a host where no VM can be made gives no results. ``quiet`` keeps
+    """Every quirk's probe, then every host limit's; a host where no VM can be made gives
+    no results. ``quiet`` keeps
     the probe machines' own log lines (a guest stopped ...) out of a one-shot report."""
     try:
         kvm = Kvm(kvm_path)
