@@ -3,9 +3,12 @@
 The host plants a table, bumps the generation, waits for the guest's done signal and reads
 back each call's RAX and registers. Guest memory is split into zones so a hostile table can
 never make the guest destroy itself (its code, page tables, stack, table and hypercall page
-all lie below ARENA), and so anything written where no pointer ever points shows up:
+all lie in OWN, which no pointer, frame or extent of a table reaches), and so anything
+written where no pointer ever points shows up:
 
-    0x000000 .. 0x400000  boot structures, guest image, hypercall page, table (never targeted)
+    0x000000 .. 0x100000  boot structures the guest no longer reads: "zero" pointers and
+                        "low" frames may land here
+    OWN                 guest image (code, GDT, page tables, stack), hypercall page, table
     SCRATCH             random output pointers land here
     GUARD               nothing points here: must stay all zero
     STRUCTS             host-planted structs whose nested pointers are safe
@@ -29,6 +32,7 @@ U32 = (1 << 32) - 1
 MEMORY_MIB = 64
 RAM_END = MEMORY_MIB << 20
 ARENA = 0x400000
+OWN = (0x100000, ARENA)
 SCRATCH = (0x400000, 0x1000000)
 GUARD = (0x1000000, 0x1800000)
 STRUCTS = (0x1800000, 0x1C00000)
