@@ -65,6 +65,7 @@ class FuzzGuest(Harness):
         self.generation = 0
         self.calls_run = 0
         self.calls: list[list[int]] = []
+        self.stopped_in: str | None = None     # where it stopped, for every later failure
 
     def boot(self, timeout: float = 20.0) -> None:
         hdr = struct.pack("<QQQQQQQQ", 0, HCPAGE, 0, 0, 0, 0, 0, 0)
@@ -78,7 +79,34 @@ class FuzzGuest(Harness):
 
     def check_alive(self) -> None:
         st = self.machine.status
-        assert st is None, f"the fuzz guest stopped: {st} console {self.machine.console.tail(500)!r}"
+        if st is None:
+            return
+        if self.stopped_in is None:
+            self.stopped_in = self._where_stopped()
+        raise AssertionError(f"the fuzz guest stopped: {st} {self.stopped_in} "
+                             f"console {self.machine.console.tail(500)!r}")
+
+    def _where_stopped(self) -> str:
+        """The table and call the guest was in when it stopped, and its RIP and RSP. The guest
+        is shared by every example of a test, so each later one fails on the stopped guest
+        too (and hypothesis shrinks to one of those): only this names the call that did it."""
+        try:
+            done = self.mem.read_u64(TABLE + 16)
+            if not self.generation:
+                where = "while booting"
+            elif self.mem.read_u64(TABLE + 56) == self.generation or done >= len(self.calls):
+                where = f"after table {self.generation}"
+            else:
+                call = ", ".join(f"{a:#x}" for a in self.calls[done])
+                where = f"in table {self.generation} at call {done} of {len(self.calls)}: ({call})"
+        except Exception as exc:  # noqa: BLE001 - the guest may have given up its table
+            where = f"in table {self.generation} (table unreadable: {exc})"
+        try:
+            regs = self.domain.query_registers()[0]["general"]
+            where += f", rip {regs['rip']:#x} rsp {regs['rsp']:#x}"
+        except Exception as exc:  # noqa: BLE001
+            where += f", registers unreadable ({exc})"
+        return where
 
     def run(self, calls, timeout: float = 60.0) -> list[tuple[int, int]]:
         """Run [(nr, a1..a5)] as one table; returns [(signed result, clobbered flag)]."""
