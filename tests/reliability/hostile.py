@@ -404,6 +404,11 @@ class TableMaker:
             arg = self.struct_or_fault(lambda: self.pack(
                 "vcpu_register_vcpu_info", mfn=self.frame(), offset=p.choice((0, 64, 4032, 4033, 4096, U32)),
                 rsvd=p.choice((0, 0, 0, 1))))
+        elif cmd == X.VCPUOP_register_runstate_memory_area:
+            # the struct is a handle to the area the daemon rewrites on every block and poll:
+            # planted, so the area is where pointers may land, never over the guest itself
+            arg = self._ptr_or_struct(lambda: (self.pointer(64) & (U64 if self.long else U32))
+                                      .to_bytes(self.ulong, "little"))
         elif cmd == X.VCPUOP_set_singleshot_timer:
             arg = self._ptr_or_struct(lambda: struct.pack(
                 "<QI", p.choice((0, 1, U64, p.int(0, 1 << 40))), p.choice((0, 1, U32))))

@@ -1,6 +1,6 @@
-"""The hostile tables themselves, without a guest: no planted struct may name a frame of the
-fuzz guest's own pages (fuzzguest.OWN: its image with code, GDT, page tables and stack, the
-hypercall page and the table). A decrease_reservation extent that reaches them balloons out
+"""The hostile tables themselves, without a guest: no planted struct may name a frame or an
+area of the fuzz guest's own pages (fuzzguest.OWN: its image with code, GDT, page tables and
+stack, the hypercall page and the table). A decrease_reservation extent that reaches them balloons out
 the running guest, as Xen would, and the fuzz test then fails on the guest it broke, not on
 the daemon. An extent is 2**extent_order frames from its first, so a first frame below the
 image is not enough: the whole extent must stay clear.
@@ -87,19 +87,28 @@ def own_frames_named(g: Planted, call: tuple) -> list[str]:
             mfn = fields(data, "vcpu_register_vcpu_info", long_mode)["mfn"]
             if mfn in OWN_FRAMES:
                 found.append(f"vcpu_info in {mfn:#x}")
+    elif nr == HC["vcpu_op"] and word == X.VCPUOP_register_runstate_memory_area:
+        data = g.struct_at(call[3])
+        if data is not None:
+            addr = int.from_bytes(data, "little")
+            gpa = addr - ALIAS if long_mode and addr >= ALIAS else addr
+            if OWN[0] - 64 < gpa < OWN[1]:
+                found.append(f"runstate area at {addr:#x}")
     return found
 
 
 @pytest.mark.parametrize("bits", [64, 32])
 def test_no_table_names_the_guests_own_frames(bits):
-    named, reservations = [], 0
+    named, reservations, areas = [], 0, 0
     for seed in range(12):
         g = Planted(bits)
         maker = TableMaker(g, RandomPick(random.Random(seed)))
         for call in maker.table(500):
             reservations += call[0] == HC["memory_op"] and call[1] & 63 in RESERVATIONS
+            areas += (call[0] == HC["vcpu_op"] and call[1] == X.VCPUOP_register_runstate_memory_area
+                      and g.struct_at(call[3]) is not None)
             named += [f"seed {seed}: {call[:3]} {what}" for what in own_frames_named(g, call)]
-    assert reservations > 100, "too few reservations drawn to say anything"
+    assert reservations > 100 and areas > 10, "too few drawn to say anything"
     assert not named, named[:5]
 
 
@@ -117,4 +126,14 @@ def test_the_check_sees_an_extent_that_runs_into_the_image(order, named):
         buf[f.offset:f.offset + f.size] = v.to_bytes(f.size, "little")
     g.write(STRUCTS[0], bytes(buf))
     call = (HC["memory_op"], X.XENMEM_decrease_reservation, ALIAS + STRUCTS[0], 0, 0, 0)
+    assert own_frames_named(g, call) == named
+
+
+@pytest.mark.parametrize("addr, named", [(ALIAS + 0x10BFE0, ["runstate area at 0x800010bfe0"]),
+                                         (0x400000, [])])
+def test_the_check_sees_a_runstate_area_over_the_guest(addr, named):
+    """An area handle planted over the guest's stack is named; one in SCRATCH is not."""
+    g = Planted(64)
+    g.write(STRUCTS[0], struct.pack("<Q", addr))
+    call = (HC["vcpu_op"], X.VCPUOP_register_runstate_memory_area, 0, STRUCTS[0], 0, 0)
     assert own_frames_named(g, call) == named
