@@ -3,9 +3,12 @@
 The host plants a table, bumps the generation, waits for the guest's done signal and reads
 back each call's RAX and registers. Guest memory is split into zones so a hostile table can
 never make the guest destroy itself (its code, page tables, stack, table and hypercall page
-all lie below ARENA), and so anything written where no pointer ever points shows up:
+all lie in OWN, which no pointer, frame or extent of a table reaches), and so anything
+written where no pointer ever points shows up:
 
-    0x000000 .. 0x400000  boot structures, guest image, hypercall page, table (never targeted)
+    0x000000 .. 0x100000  boot structures the guest no longer reads: "zero" pointers and
+                        "low" frames may land here
+    OWN                 guest image (code, GDT, page tables, stack), hypercall page, table
     SCRATCH             random output pointers land here
     GUARD               nothing points here: must stay all zero
     STRUCTS             host-planted structs whose nested pointers are safe
@@ -29,6 +32,7 @@ U32 = (1 << 32) - 1
 MEMORY_MIB = 64
 RAM_END = MEMORY_MIB << 20
 ARENA = 0x400000
+OWN = (0x100000, ARENA)
 SCRATCH = (0x400000, 0x1000000)
 GUARD = (0x1000000, 0x1800000)
 STRUCTS = (0x1800000, 0x1C00000)
@@ -61,6 +65,7 @@ class FuzzGuest(Harness):
         self.generation = 0
         self.calls_run = 0
         self.calls: list[list[int]] = []
+        self.stopped_in: str | None = None     # where it stopped, for every later failure
 
     def boot(self, timeout: float = 20.0) -> None:
         hdr = struct.pack("<QQQQQQQQ", 0, HCPAGE, 0, 0, 0, 0, 0, 0)
@@ -74,7 +79,34 @@ class FuzzGuest(Harness):
 
     def check_alive(self) -> None:
         st = self.machine.status
-        assert st is None, f"the fuzz guest stopped: {st} console {self.machine.console.tail(500)!r}"
+        if st is None:
+            return
+        if self.stopped_in is None:
+            self.stopped_in = self._where_stopped()
+        raise AssertionError(f"the fuzz guest stopped: {st} {self.stopped_in} "
+                             f"console {self.machine.console.tail(500)!r}")
+
+    def _where_stopped(self) -> str:
+        """The table and call the guest was in when it stopped, and its RIP and RSP. The guest
+        is shared by every example of a test, so each later one fails on the stopped guest
+        too (and hypothesis shrinks to one of those): only this names the call that did it."""
+        try:
+            done = self.mem.read_u64(TABLE + 16)
+            if not self.generation:
+                where = "while booting"
+            elif self.mem.read_u64(TABLE + 56) == self.generation or done >= len(self.calls):
+                where = f"after table {self.generation}"
+            else:
+                call = ", ".join(f"{a:#x}" for a in self.calls[done])
+                where = f"in table {self.generation} at call {done} of {len(self.calls)}: ({call})"
+        except Exception as exc:  # noqa: BLE001 - the guest may have given up its table
+            where = f"in table {self.generation} (table unreadable: {exc})"
+        try:
+            regs = self.domain.query_registers()[0]["general"]
+            where += f", rip {regs['rip']:#x} rsp {regs['rsp']:#x}"
+        except Exception as exc:  # noqa: BLE001
+            where += f", registers unreadable ({exc})"
+        return where
 
     def run(self, calls, timeout: float = 60.0) -> list[tuple[int, int]]:
         """Run [(nr, a1..a5)] as one table; returns [(signed result, clobbered flag)]."""

@@ -6,7 +6,8 @@ Hypercalls that legitimately end or wreck the guest are steered, never skipped: 
 asks for an invalid reason (or a soft reset), a poll gets a timeout already past, and every
 op that maps, balloons or writes through a pointer nested in its struct gets a struct the
 host planted, whose nested pointers and frames lie in the zones meant for them
-(fuzzguest's memory layout). Such ops may still get a faulting pointer for the struct itself.
+(fuzzguest's memory layout), and whose extents (2**order frames) stay clear of the guest's own
+pages. Such ops may still get a faulting pointer for the struct itself.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Sequence
 from xend_lite.xen.xenabi import X
 from xend_lite.xen.abi import guest_layout
 
-from .fuzzguest import (ALIAS, BALLOON, END_SCRATCH, OVERLAY_ARENA, RAM_END, SCRATCH, STRUCTS, U32,
-                        U64)
+from .fuzzguest import (ALIAS, BALLOON, END_SCRATCH, OVERLAY_ARENA, OWN, RAM_END, SCRATCH, STRUCTS,
+                        U32, U64)
 
 HC = {name: getattr(X, "__HYPERVISOR_" + name) for name in (
     "xen_version", "memory_op", "hvm_op", "console_io", "sched_op", "sched_op_compat",
@@ -266,14 +267,34 @@ class TableMaker:
     def reservation(self) -> bytes:
         p = self.p
         n = p.choice((0, 1, 2, 5, 16, 64, U32, p.int(0, 40)))
-        listed = [self.frame() if p.chance(0.2) else p.int(BALLOON[0] // PAGE, BALLOON[1] // PAGE - 1)
-                  for _ in range(min(n, p.int(0, 24)))]
+        order = p.choice((0, 0, 1, 9, 10, 31, U32))
+        listed = [self.extent(order) for _ in range(min(n, p.int(0, 24)))]
+        if n > len(listed):
+            # the daemon, as Xen, reads nr_extents entries: past the listed ones lies whatever
+            # an earlier table left in the struct zone (a frame of GUARD, say), so a frame
+            # that cannot be RAM ends the list, and both stop there
+            listed.append(U64 if self.long else U32)
         fmt = "<Q" if self.long else "<I"
-        data = b"".join(struct.pack(fmt, f & (U64 if self.long else U32)) for f in listed)
+        data = b"".join(struct.pack(fmt, f) for f in listed)
         handle = self.place(data) if data and p.chance(0.8) else self.faulting()
         return self.pack("xen_memory_reservation", extent_start=handle, nr_extents=n,
-                         extent_order=p.choice((0, 0, 1, 9, 10, 31, U32)), mem_flags=self.word(),
-                         domid=p.choice(DOMIDS))
+                         extent_order=order, mem_flags=self.word(), domid=p.choice(DOMIDS))
+
+    def extent(self, order: int) -> int:
+        """The first frame of an extent of 2**order frames. A "low" frame starts below the
+        guest's image, but 2 MiB or more from it runs over the image, the hypercall page and
+        the table: decreasing that reservation balloons the running guest out from under
+        itself (as on Xen, which removes every frame of the extent), so such a start moves to
+        the balloon zone. The frame is judged as the guest's xen_pfn_t holds it (a 32-bit
+        guest's "huge" 1 << 40 is frame 0). Orders the daemon refuses are kept: the generator
+        does not rely on a refusal."""
+        p = self.p
+        first = self.frame() if p.chance(0.2) else p.int(BALLOON[0] // PAGE, BALLOON[1] // PAGE - 1)
+        first &= U64 if self.long else U32
+        last = first + (1 << min(order, 64)) - 1
+        if first < OWN[1] // PAGE and last >= OWN[0] // PAGE:
+            first = BALLOON[0] // PAGE + first
+        return first
 
     def add_to_physmap(self) -> bytes:
         p = self.p
@@ -388,6 +409,11 @@ class TableMaker:
             arg = self.struct_or_fault(lambda: self.pack(
                 "vcpu_register_vcpu_info", mfn=self.frame(), offset=p.choice((0, 64, 4032, 4033, 4096, U32)),
                 rsvd=p.choice((0, 0, 0, 1))))
+        elif cmd == X.VCPUOP_register_runstate_memory_area:
+            # the struct is a handle to the area the daemon rewrites on every block and poll:
+            # planted, so the area is where pointers may land, never over the guest itself
+            arg = self._ptr_or_struct(lambda: (self.pointer(64) & (U64 if self.long else U32))
+                                      .to_bytes(self.ulong, "little"))
         elif cmd == X.VCPUOP_set_singleshot_timer:
             arg = self._ptr_or_struct(lambda: struct.pack(
                 "<QI", p.choice((0, 1, U64, p.int(0, 1 << 40))), p.choice((0, 1, U32))))

@@ -107,7 +107,12 @@ STRUCT_OPS = ("memory_op", "event_channel_op", "grant_table_op", "sched_op", "vc
 
 def struct_fuzz(g, examples: int) -> int:
     """hypothesis draws every struct field, pointer class and sub-op; a failure shrinks to
-    the smallest table that still breaks a rule."""
+    the smallest table that still breaks a rule (a failure that stopped the shared guest
+    names, in its message, the table and call it stopped in: every later example fails too).
+
+    derandomize fixes the examples only for a given set of loaded xend_lite modules:
+    hypothesis mixes integer constants from the project's loaded modules into its draws, so
+    a run after other tests (which import more of them) draws other tables than a run alone."""
     ran = [0, 0]          # calls, tables
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,

@@ -73,3 +73,27 @@ def test_area_saved_and_loaded(harness):
     from xend_lite.errors import InvalidArgument
     with pytest.raises(InvalidArgument):
         h.xen.persist.prepare({"xen": st, "xen_overlay": h.xen.overlay.save()})
+
+
+def test_area_in_a_ballooned_out_frame_is_skipped_until_it_is_back(harness):
+    """The guest balloons out the frame its area lies in. Xen writes the area with a copy to
+    the guest that then fails and is skipped: blocking goes on as ever. Here too (no error to
+    the guest, no internal error), and once the frame is put back the area is written again,
+    with the blocked time of the while counted."""
+    h, w = harness, harness.bits // 8
+    area = SCRATCH + 0x10100                     # a frame of its own, away from the structs
+    h.put(ARG + 0x100, (area >> 12).to_bytes(w, "little"))
+    fmt = "<QQIIH" if h.bits == 64 else "<IIIIH"
+    resv = h.put(ARG + 0x40, struct.pack(fmt, h.ptr(ARG + 0x100), 1, 0, 0, X.DOMID_SELF))
+    got = h.run([register_call(h, area=area), (X.__HYPERVISOR_memory_op, X.XENMEM_decrease_reservation, resv),
+                 (SCHED_OP, X.SCHEDOP_block, 0), (SCHED_OP, X.SCHEDOP_block, 0),
+                 (X.__HYPERVISOR_memory_op, X.XENMEM_populate_physmap, resv),
+                 (SCHED_OP, X.SCHEDOP_block, 0)])
+    assert [rc for rc, _ in got] == [0, 1, 0, 0, 1, 0]
+    assert h.xen.internal_errors == 0, h.xen.counters()
+    lay = guest_layout("vcpu_runstate_info", h.bits == 64)
+    raw = h.mem.read(area, lay.size)
+    assert struct.unpack_from("<i", raw, 0)[0] == X.RUNSTATE_running
+    assert struct.unpack_from("<Q", raw, lay.offset("state_entry_time"))[0] > 0
+    blocked = struct.unpack_from("<4Q", raw, lay.offset("time"))[X.RUNSTATE_blocked]
+    assert blocked > 2_000_000       # the three blocks, the two while the frame was out too

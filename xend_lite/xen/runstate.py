@@ -3,7 +3,9 @@ long the vCPU has been running, runnable, blocked and offline (Linux takes its s
 from it, and BUGs when the registration fails).
 
 The area's guest-virtual address is translated when it is registered and kept as
-guest-physical pieces (Linux gives a per-CPU address that stays mapped). A vCPU is running
+guest-physical pieces (Linux gives a per-CPU address that stays mapped). An update that
+finds a piece no longer memory (ballooned out, an overlay page moved away) is skipped, as
+Xen skips a copy to the guest that faults. A vCPU is running
 from its registration on, blocked while it waits in SCHEDOP_block or SCHEDOP_poll, and
 running again when it wakes; it is never runnable or offline here (each vCPU has its own
 host thread), so its steal time is 0. Each rewrite sets XEN_RUNSTATE_UPDATE in
@@ -17,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from xend_lite.errors import InvalidArgument
+from xend_lite.errors import GuestMemoryError, InvalidArgument
 from xend_lite.xen.abi import guest_layout
 from xend_lite.xen.xenabi import X
 
@@ -73,7 +75,13 @@ class Runstates:
             if now > area.entry:
                 area.times[area.state] += now - area.entry
             area.state, area.entry = state, now
-            self._write(area)
+            try:
+                self._write(area)
+            except GuestMemoryError:
+                # the guest ballooned out the area's frame or moved the overlay page it lay
+                # in: Xen's copy to the guest fails the same way and the update is skipped.
+                # The times go on adding up; the area is written again once memory is back.
+                pass
 
     def _write(self, a: Area) -> None:
         lay = guest_layout("vcpu_runstate_info", a.long_mode)
