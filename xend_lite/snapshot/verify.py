@@ -27,13 +27,14 @@ def verify_memory(fd: int, h: ff.Header, regions: list[ff.RegionEntry],
     bad: list[tuple[int, int, SnapshotError]] = []    # region, chunk, what is wrong
     for ri, (r, (_, crcs)) in enumerate(zip(regions, sums)):
         data = _data_chunks(fd, h.mem_offset + r.offset, r.size, chunk)
-        for i, want in enumerate(crcs):
-            length = min(chunk, r.size - i * chunk)
-            if i in data:
-                jobs.append((ri, i, h.mem_offset + r.offset + i * chunk, length, want))
-            elif ff.zero_chunk_sum(length, h.format_version) != want:   # a hole: reads as zeros
-                bad.append((ri, i, _mismatch(r, i, chunk)))
+        hole = _first_bad_hole(crcs, data, r.size, chunk, h.format_version)
+        if hole is not None:
+            bad.append((ri, hole, _mismatch(r, hole, chunk)))
+        for i in sorted(data):
+            if hole is not None and i > hole:
                 break
+            length = min(chunk, r.size - i * chunk)
+            jobs.append((ri, i, h.mem_offset + r.offset + i * chunk, length, crcs[i]))
 
     def check(part: list[tuple[int, int, int, int, int]]) -> None:
         view = memoryview(bytearray(chunk))
@@ -65,6 +66,24 @@ def verify_memory(fd: int, h: ff.Header, regions: list[ff.RegionEntry],
             t.join()
     if bad:
         raise min(bad, key=lambda b: (b[0], b[1]))[2]
+
+
+def _first_bad_hole(crcs: list[int], data: set[int], size: int, chunk: int,
+                    version: int) -> int | None:
+    """The first chunk without data whose sum is not the sum of zeros (a hole reads as
+    zeros), or None. Counted in C: the full-length holes hold the zero sum exactly when the
+    zero sums among all full-length chunks, less those among the data chunks, are as many
+    as those holes; a per-chunk walk runs only to name the chunk when they are not."""
+    full = size // chunk
+    zero = ff.zero_chunk_sum(chunk, version)
+    holes = full - sum(1 for i in data if i < full)
+    zero_in_data = sum(1 for i in data if i < full and crcs[i] == zero)
+    if crcs[:full].count(zero) - zero_in_data != holes:
+        return next(i for i in range(full) if i not in data and crcs[i] != zero)
+    last = len(crcs) - 1
+    if last >= full and last not in data and crcs[last] != ff.zero_chunk_sum(size - full * chunk, version):
+        return last
+    return None
 
 
 def _mismatch(r: ff.RegionEntry, i: int, chunk: int) -> MemoryChecksumMismatch:
