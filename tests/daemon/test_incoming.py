@@ -94,6 +94,44 @@ async def test_a_second_load_during_the_first_is_refused(start_daemon, saved, sh
     assert (await call(d, "query-status"))["status"] == "running"
 
 
+async def test_a_load_refused_once_the_vm_is_built_leaves_a_new_standby(start_daemon, saved, short_tmp):
+    """The standby VM is spent by a load that reached it: the daemon makes another, keeps
+    waiting, and the next load runs on it."""
+    from tests.vmm.test_incoming import _with_bad_xen_state
+
+    d = await start_daemon(factory=real_domain_factory, incoming=True,
+                           socket=os.path.join(short_tmp, "in.sock"))
+    snapdir = d.cfg.snapshot_dir
+    first = d.controller._incoming.standby
+    assert first is not None
+    _with_bad_xen_state(os.path.join(snapdir, "counter.snap"), os.path.join(snapdir, "bad.snap"))
+    with pytest.raises(RpcError) as e:
+        await call(d, "snapshot-load", {"path": "bad.snap"})
+    assert "names vcpu 9" in str(e.value)
+    assert (await call(d, "query-status"))["status"] == "incoming" and d.domain is None
+    second = d.controller._incoming.standby
+    assert second is not None and second is not first and first.vm.fd < 0
+    res = await call(d, "snapshot-load", {"path": "counter.snap"})
+    assert d.domain.machine.vm is second.vm
+    assert set(res["phases"]) == {"queue", "open", "build", "load", "start", "reply"}
+    first_count = counter(d)
+    await wait_for(lambda: counter(d) > first_count + 1000, 10, "the restored guest to count")
+
+
+async def test_a_standby_that_cannot_serve_the_file_gives_way_to_a_new_vm(start_daemon, saved,
+                                                                          short_tmp):
+    d = await start_daemon(factory=real_domain_factory, incoming=True, vcpus=4,
+                           socket=os.path.join(short_tmp, "in.sock"))
+    standby = d.controller._incoming.standby
+    assert len(standby.vcpus) == 4                       # the daemon's settings
+    res = await call(d, "snapshot-load", {"path": "counter.snap"})
+    assert res["vcpus"] == 2 and len(d.domain.machine.runners) == 2
+    assert d.domain.machine.vm is not standby.vm and standby.vm.fd < 0
+    assert (await call(d, "query-status"))["status"] == "running"
+    first = counter(d)
+    await wait_for(lambda: counter(d) > first + 1000, 10, "the restored guest to count")
+
+
 async def test_incoming_and_restore_exclude_each_other(short_tmp):
     from xend_lite.daemon.main import main
 

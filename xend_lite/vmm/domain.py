@@ -19,12 +19,14 @@ from typing import Any, Callable
 from xend_lite.errors import InvalidArgument, NotFound, NotSupported, StateError
 from xend_lite.kvm import CAPABILITIES, Kvm
 from xend_lite.machine.acpi import install as install_acpi
-from xend_lite.machine.backing import INVALID_GPA
+from xend_lite.machine.acpi import reserve as reserve_acpi
+from xend_lite.machine.backing import INVALID_GPA, Backing
 from xend_lite.machine.console import ConsoleSink
 from xend_lite.machine.kernel import unpack_kernel
 from xend_lite.machine.loader import BootInfo, load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
 from xend_lite.machine.owner import VmOwner
+from xend_lite.machine.prepared import PreparedVm
 from xend_lite.vmm import inspect
 from xend_lite.vmm.spec import DomainSpec, read_image
 from xend_lite.xen import evtchn_admin
@@ -49,19 +51,37 @@ def native_hypercalls_allowed() -> bool:
 
 
 class Domain:
-    def __init__(self, config: Any, emit: Emit | None = None):
-        spec = config if isinstance(config, DomainSpec) else DomainSpec.from_config(config)
-        if spec.memory_mib < 16 or spec.memory_mib > 1 << 20:
-            raise InvalidArgument("memory must be between 16 MiB and 1 TiB")
-        self.spec = spec
-        self._emit = emit or (lambda _e, _d: None)
-        self.image = read_image(spec.image)
-        self.initrd = read_image(spec.initrd, "initrd") if spec.initrd is not None else None
-        self.kvm = Kvm(spec.kvm_path)
+    def __init__(self, config: Any, emit: Emit | None = None, *, prepared: PreparedVm | None = None,
+                 ram: Backing | None = None):
+        """``prepared``: a VM made ahead to build on (machine/prepared.py; its Kvm becomes
+        this domain's). ``ram``: guest RAM that holds a guest already (a snapshot's mapping,
+        see vmm/incoming.py): the image is then loaded only by a reset. The domain owns both
+        from here on, whether it is built or not."""
+        try:
+            spec = config if isinstance(config, DomainSpec) else DomainSpec.from_config(config)
+            if spec.memory_mib < 16 or spec.memory_mib > 1 << 20:
+                raise InvalidArgument("memory must be between 16 MiB and 1 TiB")
+            self.spec = spec
+            self._emit = emit or (lambda _e, _d: None)
+            self.image = read_image(spec.image)
+            self.initrd = read_image(spec.initrd, "initrd") if spec.initrd is not None else None
+            self.kvm = prepared.kvm if prepared is not None else Kvm(spec.kvm_path)
+        except BaseException:
+            if prepared is not None:
+                prepared.close()
+                prepared.kvm.close()
+            if ram is not None:
+                ram.close()
+            raise
         console = ConsoleSink(stdout=spec.console_stdout, log_path=spec.console_log)
         try:
-            self.machine = Machine(self.kvm, spec.memory_mib << 20, spec.vcpus, console)
+            self.machine = Machine(self.kvm, spec.memory_mib << 20, spec.vcpus, console,
+                                   prepared=prepared, ram=ram)
         except BaseException:
+            if prepared is not None:
+                prepared.close()     # when the machine did not take it
+            if ram is not None:
+                ram.close()
             self.kvm.close()
             raise
         self._closed = False
@@ -70,7 +90,11 @@ class Domain:
         try:
             self.xen: XenPlatform | None = self._build_xen() if spec.xen else None
             self.machine.add_shutdown_listener(self._on_shutdown)
-            self.boot = self._load()
+            self.boot: BootInfo | None = None
+            if ram is None:
+                self.boot = self._load()
+            elif self.xen is not None:
+                reserve_acpi(self.machine)   # the tables are in the restored RAM
         except BaseException:
             self.close()
             raise
@@ -164,10 +188,13 @@ class Domain:
             return
         self._closed = True
         self._stop_detach()
+        xen = getattr(self, "xen", None)
         try:
-            if getattr(self, "xen", None) is not None:
-                self.xen.close()
+            if xen is not None:
+                xen.close()
             self.machine.close()
+            if xen is not None:
+                xen.overlay.close()     # its pages, once no vCPU can reach them
         finally:
             self.kvm.close()
 
@@ -289,7 +316,20 @@ class Domain:
         self._stop_detach()
         from xend_lite.vmm.persist import load_domain
 
-        info = load_domain(self, path, verify)
+        return self._detach_later(load_domain(self, path, verify), path)
+
+    def restore_in_place(self, snap: Any, path: Any) -> dict:
+        """Apply an open, validated snapshot to a domain built on its RAM (``ram`` from
+        persist.ram_backing): vmm/incoming.py's restore."""
+        return self._on_owner(self._restore_in_place, snap, path)
+
+    def _restore_in_place(self, snap: Any, path: Any) -> dict:
+        from xend_lite.vmm.persist import apply_snapshot
+
+        return self._detach_later(apply_snapshot(self, snap, path, ram_in_place=True), path)
+
+    def _detach_later(self, info: dict, path: Any) -> dict:
+        """RAM restored from a file moves off it in the background (see ``detached``)."""
         fd, offset = info.pop("_detach")
         self.detached.clear()
         stop = threading.Event()

@@ -54,6 +54,9 @@ log = logging.getLogger("xend_lite.xen")
 
 U64 = (1 << 64) - 1
 Emit = Callable[[str, dict], None]
+#: the MSRs the platform sends to user space (a VM made before its platform can trap them
+#: ahead: machine/prepared.py)
+TRAPPED_MSRS = (xcpuid.HYPERCALL_MSR,)
 
 
 @dataclass(frozen=True)
