@@ -111,7 +111,10 @@ class Machine:
                 r.on_failure = self._runner_failed
             self._power_on = list(p.power_on)
             self._vm_power_on = p.vm_power_on
+            self._parked = list(p.threads)     # see spawn
         except BaseException:
+            for t in p.threads:
+                t.cancel()
             self.owner.close()
             for v in p.vcpus:
                 v.close()
@@ -225,10 +228,23 @@ class Machine:
         if self.irqchip:
             self._rebuild_apic_map()
         for r in self.runners:
-            r.start(paused=paused)
+            r.start(paused=paused, spawn=self.spawn)
         if paused:
             self.wait_runners(lambda r: r.state in (VcpuState.PAUSED, VcpuState.STOPPED))
         self.state = "paused" if paused else "running"
+
+    def spawn(self, work: Callable[[], object], name: str) -> threading.Thread:
+        """A daemon thread running ``work``: a thread made ahead with the VM (PreparedVm,
+        already scheduled: handing it work waits for nothing) while there is one, else a
+        new one."""
+        try:
+            t = self._parked.pop()
+        except IndexError:
+            t = threading.Thread(target=work, name=name, daemon=True)
+            t.start()
+            return t
+        t.launch(work, name)
+        return t
 
     def _rebuild_apic_map(self) -> None:
         """KVM routes IPIs through a map from APIC IDs to vCPUs that it builds while each
@@ -400,6 +416,8 @@ class Machine:
             return
         self.stop()
         self._closed = True
+        while self._parked:
+            self._parked.pop().cancel()
         if self.owner is not None:
             self.owner.close()
         for r in self.runners:

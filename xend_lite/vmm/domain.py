@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any, Callable
 
 from xend_lite.errors import InvalidArgument, NotFound, NotSupported, StateError
@@ -28,6 +27,7 @@ from xend_lite.machine.machine import Machine, ShutdownStatus
 from xend_lite.machine.owner import VmOwner
 from xend_lite.machine.prepared import PreparedVm
 from xend_lite.vmm import inspect
+from xend_lite.vmm.detach import RamDetach
 from xend_lite.vmm.spec import DomainSpec, read_image
 from xend_lite.xen import evtchn_admin
 from xend_lite.xen.hypercall_patch import patch_xen_hypercalls
@@ -37,8 +37,6 @@ from xend_lite.xen.platform import OverlayChange, XenConfig, XenPlatform
 log = logging.getLogger("xend_lite.domain")
 
 Emit = Callable[[str, dict], None]
-DETACH_DELAY = 0.2   # seconds between a restore and moving its RAM off the snapshot file
-DETACH_STOP = 30.0   # seconds to wait for a move of RAM to give up
 
 
 #: set to 0 in the daemon's environment to serve every hypercall in Python (the switch for a
@@ -85,7 +83,7 @@ class Domain:
             self.kvm.close()
             raise
         self._closed = False
-        self._detach_job: tuple[threading.Thread, threading.Event] | None = None
+        self._detach_job: RamDetach | None = None
         self.detached = threading.Event()   # set once restored RAM no longer uses its file
         try:
             self.xen: XenPlatform | None = self._build_xen() if spec.xen else None
@@ -332,44 +330,14 @@ class Domain:
         """RAM restored from a file moves off it in the background (see ``detached``)."""
         fd, offset = info.pop("_detach")
         self.detached.clear()
-        stop = threading.Event()
-        t = threading.Thread(target=self._detach, args=(fd, offset, stop, os.fspath(path)),
-                             name="ram-detach", daemon=True)
-        self._detach_job = (t, stop)
-        t.start()
+        self._detach_job = RamDetach(self.machine, fd, offset, os.fspath(path), self.detached)
+        self._detach_job.schedule()
         return info
 
-    def _detach(self, fd: int, offset: int, stop: threading.Event, path: str) -> None:
-        from xend_lite.vmm.persist import release_lease
-
-        try:
-            # let the restored guest get going first; the read lease covers the wait
-            if stop.wait(DETACH_DELAY):
-                return
-            t0 = time.monotonic()
-            if self.machine.detach_ram(fd, offset, stop):
-                log.info("guest RAM no longer depends on %s (moved in %.3f s)", path,
-                         time.monotonic() - t0)
-                self.detached.set()
-        except Exception:  # noqa: BLE001 - the VM runs on from the file; say why
-            log.exception("moving guest RAM off %s failed; the VM keeps using the file", path)
-        finally:
-            release_lease(fd)
-            os.close(fd)
-
     def _stop_detach(self) -> None:
-        """Stop a move of RAM and wait for it. On the owner, its last step is served while
-        waiting (it is a request to the owner)."""
         job, self._detach_job = self._detach_job, None
-        if job is None:
-            return
-        t, stop = job
-        stop.set()
-        owner = self.machine.owner
-        if owner is not None and owner.on_owner():
-            owner.wait_until(lambda: not t.is_alive(), DETACH_STOP)
-        else:
-            t.join(DETACH_STOP)
+        if job is not None:
+            job.stop()
 
     @staticmethod
     def snapshot_describe(path: Any) -> dict:

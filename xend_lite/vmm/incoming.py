@@ -58,7 +58,8 @@ class Incoming:
             log.warning("no standby VM (%s): a load will build its VM", exc)
             return
         try:
-            p = PreparedVm.make(kvm, self.spec.vcpus)
+            # a thread for each vCPU and one for the Xen platform's timers
+            p = PreparedVm.make(kvm, self.spec.vcpus, park_threads=self.spec.vcpus + 1)
             try:
                 if self.spec.xen:
                     p.trap_msrs(list(TRAPPED_MSRS))
