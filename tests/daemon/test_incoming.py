@@ -137,3 +137,33 @@ async def test_incoming_and_restore_exclude_each_other(short_tmp):
 
     assert main(["--incoming", "--restore", os.path.join(short_tmp, "x.snap"),
                  "--socket", os.path.join(short_tmp, "s.sock")]) == 78
+
+
+WARM_THEN_LOAD = r"""
+import sys
+from xend_lite.daemon.config import DaemonConfig
+from xend_lite.daemon.controller import _incoming, _warm_up
+from xend_lite.snapshot.confine import ConfinedPath
+
+root, name = sys.argv[1], sys.argv[2]
+incoming = _warm_up(DaemonConfig(incoming=True, snapshot_dir=root), _incoming)
+before = set(sys.modules)
+domain, _ = incoming.restore(None, ConfinedPath(root, name), True)
+domain.start()
+domain.close()
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_the_first_load_after_the_warm_up_imports_nothing(saved, short_tmp):
+    """What the waiting daemon loads ahead covers the whole load path (ctypes for the
+    confined open among it, about 2 ms to import): the load imports no module of its own."""
+    import subprocess
+    import sys
+
+    snapdir = os.path.join(short_tmp, "snap")      # the saving daemon's (conftest)
+    assert os.path.exists(os.path.join(snapdir, "counter.snap"))
+    out = subprocess.run([sys.executable, "-c", WARM_THEN_LOAD, snapdir, "counter.snap"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == []

@@ -262,6 +262,16 @@ def _accepted(name: str, names: set[str]) -> bool:
     return name in names or split_section_name(name)[0] in names
 
 
+def warm_up() -> None:
+    """Do ahead what the first load in a process does once (load what a confined open
+    needs; sum an all-zero chunk, which every hole is checked against), for a daemon that
+    waits for a snapshot to load."""
+    from xend_lite.snapshot import confine
+
+    confine.warm_up()
+    ff.zero_chunk_sum(ff.CHUNK_SIZE)
+
+
 def check_sections(names: Iterable[str], required: Iterable[str] = (),
                    allowed: Iterable[str] | None = None) -> None:
     """Raise MissingSection when a ``required`` section is not among ``names``, and, when
