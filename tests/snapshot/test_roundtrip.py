@@ -366,6 +366,40 @@ def test_verify_memory_checks_the_sum_of_every_hole(tmp_path):
     assert ei.value.offset == 1 * MiB
 
 
+def test_verify_memory_reads_only_the_data_of_a_chunk(tmp_path, monkeypatch):
+    """Of a chunk with data, only its data extents are read; the zeros around them are
+    summed unread. A byte changed in the data is still found."""
+    size = 4 * MiB
+    fd = memfd(size)
+    try:
+        os.pwrite(fd, os.urandom(PAGE), MiB + 5 * PAGE)      # two pages of one chunk,
+        os.pwrite(fd, os.urandom(PAGE), 2 * MiB - PAGE)      # the second at its end
+        save_snapshot(tmp_path / "s", [ClockState(1)], [MemoryRegion("ram", 0, size, fd)])
+    finally:
+        os.close(fd)
+    with load_snapshot(tmp_path / "s", CLASSES) as snap:
+        at = snap.region("ram").file_offset
+    with open(tmp_path / "s", "rb") as f:
+        if os.lseek(f.fileno(), at, os.SEEK_DATA) != at + MiB + 5 * PAGE:
+            pytest.skip("the file system does not report the file's holes")
+    real, read = os.preadv, []
+
+    def counting(fd, buffers, offset, *a):
+        n = real(fd, buffers, offset, *a)
+        if offset >= at:
+            read.append(n)
+        return n
+    monkeypatch.setattr(os, "preadv", counting)
+    load_snapshot(tmp_path / "s", CLASSES, verify_memory=True).close()
+    assert sum(read) == 2 * PAGE
+    raw = bytearray((tmp_path / "s").read_bytes())
+    raw[at + 2 * MiB - 1] ^= 0x10
+    _write_sparse(tmp_path / "bad", raw)
+    with pytest.raises(MemoryChecksumMismatch) as ei:
+        load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
+    assert ei.value.offset == MiB
+
+
 def test_verify_memory_checks_every_lane_of_a_chunk(tmp_path):
     """A flipped byte anywhere in a chunk (each of its four checksum lanes, both ends) is
     found; the file is otherwise left whole."""
