@@ -161,3 +161,37 @@ def test_a_failed_load_spends_the_standby_and_a_new_one_serves_the_next(saved, i
         assert wait_for(lambda: counters(d)[0] > before[0] + 1000)
     finally:
         d.close()
+
+
+def test_the_store_comes_from_the_snapshot_or_else_from_the_toolstack(saved, incomings, tmp_path):
+    """A restored guest's xenstore is the saved one (the toolstack's tree is not written
+    first); a snapshot saved before the store was (no xenstore section) gets the tree."""
+    spec, path = saved
+    plain = Domain(spec)
+    try:
+        plain.snapshot_load(path)
+        want = plain.xenstore("read", "/local/domain/1/memory/target")
+        plain.xenstore("write", "/local/domain/1/data/mark", b"from the guest")
+        plain.pause()
+        marked = str(tmp_path / "marked.snap")
+        plain.snapshot_save(marked)
+    finally:
+        plain.close()
+    nostore = str(tmp_path / "nostore.snap")
+    with load_snapshot(path, CLASSES) as snap:
+        states = {k: v for k, v in snap.states.items() if k != "xenstore"}
+        r = snap.region("ram")
+        save_snapshot(nostore, states, [MemoryRegion("ram", 0, r.size, fd=snap.fd, offset=r.file_offset)])
+    inc = incomings(spec)
+    for file, mark in ((marked, b"from the guest"), (nostore, None)):
+        inc.prepare()
+        d, _ = inc.restore(None, file)
+        try:
+            assert d.xen.tree_pending is None
+            assert d.xenstore("read", "/local/domain/1/memory/target") == want
+            if mark is None:
+                assert "mark" not in d.xenstore("ls", "/local/domain/1/data")
+            else:
+                assert d.xenstore("read", "/local/domain/1/data/mark") == mark
+        finally:
+            d.close()

@@ -86,7 +86,8 @@ class Domain:
         self._detach_job: RamDetach | None = None
         self.detached = threading.Event()   # set once restored RAM no longer uses its file
         try:
-            self.xen: XenPlatform | None = self._build_xen() if spec.xen else None
+            self.xen: XenPlatform | None = self._build_xen(store_tree=ram is None) \
+                if spec.xen else None
             self.machine.add_shutdown_listener(self._on_shutdown)
             self.boot: BootInfo | None = None
             if ram is None:
@@ -97,14 +98,14 @@ class Domain:
             self.close()
             raise
 
-    def _build_xen(self) -> XenPlatform:
+    def _build_xen(self, store_tree: bool = True) -> XenPlatform:
         s = self.spec
         kvm_xen = bool(self.kvm.check_extension(CAPABILITIES["xen_hvm"])) \
             if "xen_hvm" in CAPABILITIES else False
         cfg = XenConfig(xen_version=s.xen_version, domid=s.domid, grant_frames=s.grant_frames,
                         backend=s.backend, kvm_xen_available=kvm_xen, name=s.name,
                         native_hypercalls=s.native_hypercalls and native_hypercalls_allowed())
-        return XenPlatform(self.machine, cfg, self._emit)
+        return XenPlatform(self.machine, cfg, self._emit, store_tree=store_tree)
 
     def _load(self) -> BootInfo:
         """Load the image (and initrd); in Xen mode Linux's direct vmcall/vmmcall hypercalls

@@ -14,6 +14,7 @@ loop. The table itself is built in one place, ``dispatch.py``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import TYPE_CHECKING, Callable
@@ -94,8 +95,19 @@ Handler = Callable[..., int]
 
 
 def _arity(fn: Handler) -> int:
-    """How many argument registers a handler takes (it is called with exactly those)."""
-    params = list(inspect.signature(fn).parameters.values())[1:]   # after the Call
+    """How many argument registers a handler takes (it is called with exactly those).
+    A method's is worked out once per function, not once per domain."""
+    func = getattr(fn, "__func__", None)
+    return _method_arity(func) if func is not None else _params_arity(fn, 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _method_arity(func: Callable[..., int]) -> int:
+    return _params_arity(func, 2)           # after self and the Call
+
+
+def _params_arity(fn: Callable[..., int], skip: int) -> int:
+    params = list(inspect.signature(fn).parameters.values())[skip:]
     return 5 if any(p.kind == p.VAR_POSITIONAL for p in params) else len(params)
 
 
