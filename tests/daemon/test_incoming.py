@@ -62,8 +62,11 @@ async def test_incoming_waits_then_restores_a_guest_that_goes_on(start_daemon, s
     assert e.value.error_class == "NotFound"
     assert (await call(d, "query-status"))["status"] == "incoming" and d.domain is None
 
+    reader = d.controller.console.attach(write=False)
     res = await call(d, "snapshot-load", {"path": "counter.snap"})
     assert res["memory_mib"] == 48 and res["vcpus"] == 2     # the file's shape, not the default
+    d.domain.machine.console.write(b"from the restored guest")   # as its console port does
+    assert await asyncio.wait_for(reader.get(), 5) == b"from the restored guest"
     assert (await call(d, "query-status"))["status"] == "running"
     m = d.domain.machine
     assert m.memory_bytes == 48 << 20 and len(m.runners) == 2
