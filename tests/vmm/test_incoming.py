@@ -195,3 +195,22 @@ def test_the_store_comes_from_the_snapshot_or_else_from_the_toolstack(saved, inc
                 assert d.xenstore("read", "/local/domain/1/data/mark") == mark
         finally:
             d.close()
+
+
+def test_the_guest_image_is_read_ahead_and_kept_for_a_reset(saved, incomings, tmp_path):
+    """The waiting daemon reads its guest image with the standby: a load does not read it
+    again (the file may be gone by then), and a reset of the restored guest boots it."""
+    spec, path = saved
+    img = tmp_path / "kept.elf"
+    img.write_bytes(open(spec.image, "rb").read())
+    inc = incomings(spec._replace(image=str(img)))
+    inc.prepare()
+    img.unlink()
+    d, _ = inc.restore(None, path)
+    try:
+        d.start()
+        assert wait_for(lambda: counters(d)[0] > 1000)
+        d.reset()                                    # the image again, from memory
+        assert wait_for(lambda: d.boot is not None and counters(d)[1] > 5)
+    finally:
+        d.close()

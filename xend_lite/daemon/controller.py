@@ -492,13 +492,11 @@ def _warm_up(spec: Any, make_incoming: Callable[[Any], Any]) -> Any:
     from xend_lite.snapshot import reader
     from xend_lite.snapshot.state import check_state_class
     from xend_lite.vmm.persist import CLASSES
-    from xend_lite.vmm.spec import read_image
 
     for cls in CLASSES:          # their codecs are compiled once, at first use
         check_state_class(cls)
     reader.warm_up()
-    read_image(getattr(spec, "image", None))
-    incoming = make_incoming(spec)
+    incoming = make_incoming(spec)        # its prepare reads the guest image
     incoming.prepare()
     return incoming
 

@@ -28,7 +28,7 @@ from xend_lite.machine.owner import VmOwner
 from xend_lite.machine.prepared import PreparedVm
 from xend_lite.vmm import inspect
 from xend_lite.vmm.detach import RamDetach
-from xend_lite.vmm.spec import DomainSpec, read_image
+from xend_lite.vmm.spec import DomainSpec, GuestImages
 from xend_lite.xen import evtchn_admin
 from xend_lite.xen.hypercall_patch import patch_xen_hypercalls
 from xend_lite.xen.overlay import OverlayDevice
@@ -50,19 +50,19 @@ def native_hypercalls_allowed() -> bool:
 
 class Domain:
     def __init__(self, config: Any, emit: Emit | None = None, *, prepared: PreparedVm | None = None,
-                 ram: Backing | None = None):
+                 ram: Backing | None = None, images: GuestImages | None = None):
         """``prepared``: a VM made ahead to build on (machine/prepared.py; its Kvm becomes
         this domain's). ``ram``: guest RAM that holds a guest already (a snapshot's mapping,
         see vmm/incoming.py): the image is then loaded only by a reset. The domain owns both
-        from here on, whether it is built or not."""
+        from here on, whether it is built or not. ``images``: the spec's image and initrd,
+        read already."""
         try:
             spec = config if isinstance(config, DomainSpec) else DomainSpec.from_config(config)
             if spec.memory_mib < 16 or spec.memory_mib > 1 << 20:
                 raise InvalidArgument("memory must be between 16 MiB and 1 TiB")
             self.spec = spec
             self._emit = emit or (lambda _e, _d: None)
-            self.image = read_image(spec.image)
-            self.initrd = read_image(spec.initrd, "initrd") if spec.initrd is not None else None
+            self.image, self.initrd = images or GuestImages.read(spec)
             self.kvm = prepared.kvm if prepared is not None else Kvm(spec.kvm_path)
         except BaseException:
             if prepared is not None:

@@ -21,12 +21,12 @@ import threading
 import time
 from typing import Any, Callable
 
-from xend_lite.errors import SnapshotError
+from xend_lite.errors import LoaderError, SnapshotError
 from xend_lite.kvm import Kvm
 from xend_lite.machine.prepared import PreparedVm
 from xend_lite.vmm.domain import Domain, Emit
 from xend_lite.vmm.persist import open_snapshot, ram_backing, shape_of
-from xend_lite.vmm.spec import DomainSpec
+from xend_lite.vmm.spec import DomainSpec, GuestImages
 from xend_lite.xen.platform import TRAPPED_MSRS
 
 log = logging.getLogger("xend_lite.incoming")
@@ -41,6 +41,7 @@ class Incoming:
         self.spec = spec if isinstance(spec, DomainSpec) else DomainSpec.from_config(spec)
         self._standby: PreparedVm | None = None
         self._lock = threading.Lock()       # the standby, between prepare, a load and close
+        self._images: GuestImages | None = None     # read ahead; again at a load if it failed
 
     @property
     def standby(self) -> PreparedVm | None:
@@ -49,6 +50,11 @@ class Incoming:
     def prepare(self) -> None:
         """Make the standby VM, unless there is one. A failure is logged: loads then build
         their VM anew, and report the reason if that fails too."""
+        if self._images is None:
+            try:
+                self._images = GuestImages.read(self.spec)
+            except LoaderError as exc:          # a load reports it, if it is still so
+                log.warning("%s", exc)
         with self._lock:
             if self._standby is not None:
                 return
@@ -101,7 +107,7 @@ class Incoming:
             spec = self.spec._replace(**{k: shape[k] for k in SHAPE if k in shape})
             t1 = time.perf_counter()
             ram = ram_backing(snap)
-            domain = Domain(spec, emit, prepared=self._take(spec), ram=ram)
+            domain = Domain(spec, emit, prepared=self._take(spec), ram=ram, images=self._images)
             t2 = time.perf_counter()
             try:
                 info = domain.restore_in_place(snap, path)
