@@ -10,7 +10,7 @@ import time
 import pytest
 
 from xend_lite.errors import InvalidArgument
-from xend_lite.kvm import Kvm, Regs
+from xend_lite.kvm import Regs
 from xend_lite.machine.loader import BootCpu, flat32_sregs
 from xend_lite.machine.machine import Machine
 from xend_lite.machine.owner import VmOwner
@@ -18,12 +18,6 @@ from xend_lite.machine.prepared import ParkedThread, PreparedVm
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
-
-
-@pytest.fixture
-def kvm():
-    with Kvm() as k:
-        yield k
 
 
 def spin_on_every_vcpu(m: Machine) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import gc
 import os
-import struct
-import time
 
 import pytest
 
+from tests.xen.test_persist import SHINFO, counters, wait_for
 from xend_lite.errors import SnapshotError
 from xend_lite.snapshot import MemoryRegion, load_snapshot, save_snapshot
 from xend_lite.vmm.domain import Domain
@@ -21,22 +20,7 @@ from xend_lite.vmm.spec import DomainSpec
 
 pytestmark = pytest.mark.kvm
 
-COUNTER = 0x300000          # tests/xen/guests/counter64.S
-SHINFO = 0x800000
 MIB = 48
-
-
-def counters(d):
-    return struct.unpack("<QQQ", d.machine.mem.read(COUNTER, 24))
-
-
-def wait_for(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from xend_lite.errors import InvalidArgument, NotSupported, StateError
+from xend_lite.errors import InvalidArgument, StateError
 from xend_lite.kvm import CpuidEntry, Kvm, Regs, Sregs, exits
 from xend_lite.kvm import const as K
 from xend_lite.machine import ram as ramswap
@@ -30,7 +30,6 @@ from xend_lite.machine.exitmap import ExitMap, MsrReadHandler, MsrWriteHandler
 from xend_lite.machine.guestmem import GuestMemory
 from xend_lite.machine.halts import HALT_CHECK_EVERY, HaltWatch
 from xend_lite.machine.memmap import MemoryMap, RamRegion
-from xend_lite.machine.msrfilter import msr_filter_ranges
 from xend_lite.machine.owner import VmOwner
 from xend_lite.machine.prepared import PreparedVm, check_vcpus, vcpu_cpuid
 from xend_lite.machine.quirks import HostQuirks
@@ -113,16 +112,11 @@ class Machine:
             self._vm_power_on = p.vm_power_on
             self._parked = list(p.threads)     # see spawn
         except BaseException:
-            for t in p.threads:
-                t.cancel()
-            self.owner.close()
-            for v in p.vcpus:
-                v.close()
-            self.vm.close()
+            p.release()
             if self.ram is not None:
                 self.ram.close()
             raise
-        self._user_msr_enabled = p.user_msrs
+        self._base = p      # what the machine was built on (its MSR filter, see register_msr)
         self.xen_mode = False  # set by the Xen emulation; devices such as xen_overlay need it
         self.acpi_rsdp = 0     # where machine.acpi laid the RSDP (0: no ACPI tables)
         self._closed = False
@@ -150,14 +144,7 @@ class Machine:
         """Trap an MSR to user space. A read handler returning None, or a write handler
         returning False, injects #GP as the hardware would."""
         self.exits.register_msr(index, read, write)
-        if not (self.kvm.check_extension(K.KVM_CAP_X86_USER_SPACE_MSR)
-                and self.kvm.check_extension(K.KVM_CAP_X86_MSR_FILTER)):
-            raise NotSupported("this host's KVM cannot trap MSRs to user space "
-                               "(KVM_CAP_X86_USER_SPACE_MSR / KVM_CAP_X86_MSR_FILTER)")
-        if not self._user_msr_enabled:
-            self.vm.enable_cap(K.KVM_CAP_X86_USER_SPACE_MSR, K.KVM_MSR_EXIT_REASON_FILTER)
-            self._user_msr_enabled = True
-        self.vm.set_msr_filter(msr_filter_ranges(self.exits.trapped_msrs()))
+        self._base.trap_msrs(self.exits.trapped_msrs())
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         """Replace every vCPU's CPUID table (before start)."""

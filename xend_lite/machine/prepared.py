@@ -103,8 +103,9 @@ class PreparedVm:
             self.vcpus.append(v)
 
     def trap_msrs(self, indices: list[int]) -> None:
-        """Send exactly these MSRs to user space (KVM_MSR_EXIT_REASON_FILTER exits). The
-        machine's own filter, when it traps the same MSRs, is then not set again."""
+        """Send exactly these MSRs to user space (KVM_MSR_EXIT_REASON_FILTER exits), ahead
+        or for the machine built on this VM (Machine.register_msr); a filter KVM holds
+        already is not set again."""
         if not (self.kvm.check_extension(K.KVM_CAP_X86_USER_SPACE_MSR)
                 and self.kvm.check_extension(K.KVM_CAP_X86_MSR_FILTER)):
             raise NotSupported("this host's KVM cannot trap MSRs to user space "
@@ -116,8 +117,11 @@ class PreparedVm:
 
     def close(self) -> None:
         """Release what was made, unless a Machine owns it now."""
-        if self.adopted:
-            return
+        if not self.adopted:
+            self.release()
+
+    def release(self) -> None:
+        """Release what was made, adopted or not (a Machine that failed to build on it)."""
         self.adopted = True     # nothing may adopt it after this
         for t in self.threads:
             t.cancel()
