@@ -62,6 +62,41 @@ def test_chunk_sum_matches_its_definition(path, n):
     assert csum.crc32c(data) == ref_crc32c(data)
 
 
+@pytest.mark.parametrize("n", [0, 1, 3, 8, 255, 4096, 65537, 1 << 20, (1 << 32) + 5])
+def test_zeros_are_summed_without_reading_them(n):
+    rng = random.Random(n)
+    for crc in (0, 0xFFFFFFFF, rng.getrandbits(32)):
+        got = csum.crc32c_zeros(n, crc)
+        if n <= 1 << 20:
+            assert got == csum.crc32c(bytes(n), crc)
+        if n < 5000:
+            assert got == ref_crc32c(bytes(n), crc)
+    # long runs: the sum of a+b zeros continues the sum of a zeros
+    assert csum.crc32c_zeros(n + 12345, 7) == csum.crc32c_zeros(12345, csum.crc32c_zeros(n, 7))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_sparse_chunk_sums_as_the_whole_one(path, seed):
+    """Extents of data at any offsets (across lane bounds, at either end, one byte long)
+    with zeros between them sum as the full chunk does."""
+    rng = random.Random(seed)
+    n = rng.choice([ff.PAGE_SIZE, 16 * ff.PAGE_SIZE + 8, ff.CHUNK_SIZE, 100, 33])
+    data = bytearray(n)
+    extents = []
+    pos = 0
+    while pos < n:
+        pos += rng.choice([0, 1, 7, 4096, n // 4 - 3, n // 3])
+        length = min(n - pos, rng.choice([1, 8, 13, 4096, n // 4 + 1]))
+        if length <= 0:
+            break
+        chunk = rng.randbytes(length)
+        data[pos:pos + length] = chunk
+        extents.append((pos, chunk))
+        pos += length + 1
+    assert csum.sparse_chunk_sum(n, extents) == csum.chunk_sum(bytes(data)) == ref_chunk_sum(bytes(data))
+    assert csum.sparse_chunk_sum(n, []) == csum.chunk_sum(bytes(n))
+
+
 def test_both_implementations_agree_on_a_whole_chunk():
     data = os.urandom(ff.CHUNK_SIZE)
     was = lib.xl_set_hw(1)

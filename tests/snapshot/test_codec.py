@@ -159,3 +159,62 @@ def test_property_random_bytes_soak(raw):
     except CodecError:
         return
     assert encode(v) == raw
+
+
+def _slow(raw: bytes):
+    """The path-naming decoder alone (what decode falls back to)."""
+    d = codec._Decoder(raw)
+    v = d.value("", 0)
+    if d.pos != d.end:
+        raise CodecError(f"{d.end - d.pos} bytes left over after the value")
+    return v
+
+
+def _outcome(fn, raw):
+    try:
+        return "ok", encode(fn(raw))
+    except CodecError as err:
+        return "error", str(err)
+
+
+def _fast_accepts(raw: bytes):
+    try:
+        v, pos = codec._fast(raw, 0, 0)
+    except (codec._Refused, IndexError, UnicodeDecodeError, RecursionError):
+        return None
+    return (v,) if pos == len(raw) else None
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values, st.data())
+def test_property_the_fast_decoder_accepts_only_what_the_other_does(v, data):
+    """decode() tries a decoder that keeps no paths first: whatever it accepts, the
+    path-naming decoder accepts as the same value, and decode's answer, value or error
+    message, is the path-naming decoder's."""
+    b = bytearray(encode(v))
+    if data.draw(st.booleans()):
+        for _ in range(data.draw(st.integers(1, 4))):
+            b[data.draw(st.integers(0, len(b) - 1))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        b = b[:data.draw(st.integers(0, len(b)))]
+    raw = bytes(b)
+    fast = _fast_accepts(raw)
+    if fast is not None:
+        assert _outcome(_slow, raw) == ("ok", encode(fast[0]))
+    assert _outcome(decode, raw) == _outcome(_slow, raw)
+
+
+@pytest.mark.parametrize("raw", [
+    bytes([codec.T_UINT, 0x80, 0x00]),                       # not the shortest form
+    bytes([codec.T_UINT]) + b"\xff" * 9 + b"\x02",           # past 64 bits
+    bytes([codec.T_NINT]) + b"\xff" * 9 + b"\x01",           # -2**64
+    bytes([codec.T_DICT, 2, 1]) + b"a" + bytes([0, 1]) + b"a" + bytes([0]),   # a key twice
+    bytes([codec.T_STR, 2, 0xC3, 0x28]),                     # not UTF-8
+    bytes([codec.T_LIST, 1]) * 70 + bytes([0]),              # deeper than MAX_DEPTH
+    bytes([codec.T_FLOAT, 0, 0, 0]),                         # a short float
+    bytes([0x0A]),                                           # no such tag
+])
+def test_the_fast_decoder_refuses_what_the_other_refuses(raw):
+    assert _fast_accepts(raw) is None
+    with pytest.raises(CodecError):
+        decode(raw)

@@ -35,6 +35,7 @@ from .helpers import (
     MiB,
     close_regions,
     fill_pages,
+    fix_header_crc,
     memfd,
     read_all,
     sample_states,
@@ -304,6 +305,106 @@ def test_verify_memory_reports_the_first_bad_chunk_whichever_thread_finds_it(tmp
         with pytest.raises(MemoryChecksumMismatch) as ei:
             load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
         assert ei.value.offset == first * MiB and f"chunk {first}" in str(ei.value)
+
+
+def _write_sparse(path, image: bytes) -> None:
+    """Write a file image with its all-zero pages left as holes, as the writer leaves them."""
+    with open(path, "wb") as f:
+        f.truncate(len(image))
+        for at in range(0, len(image), PAGE):
+            page = image[at:at + PAGE]
+            if page.count(0) != len(page):
+                f.seek(at)
+                f.write(page)
+
+
+def test_verify_memory_checks_the_sum_of_every_hole(tmp_path):
+    """A chunk with no data must carry the sum of zeros: a stored sum changed (and the
+    header checksum made to match) is refused for a full chunk and for the short last one,
+    and of two faults the first in the file is named, a hole or a chunk with data."""
+    size = 5 * MiB + 8 * PAGE                       # five full chunks and a short one
+    fd = memfd(size)
+    try:
+        os.pwrite(fd, os.urandom(PAGE), 1 * MiB)    # chunks 1 and 3 hold data
+        os.pwrite(fd, os.urandom(PAGE), 3 * MiB + PAGE)
+        save_snapshot(tmp_path / "s", [ClockState(1)], [MemoryRegion("ram", 0, size, fd)])
+    finally:
+        os.close(fd)
+    raw = (tmp_path / "s").read_bytes()
+    h = ff.Header(*ff.HEADER.unpack(raw[:ff.HEADER_SIZE])[1:])
+    sums_at = ff.HEADER_SIZE + h.meta_len - 4 * ff.chunk_count(size, h.chunk_size)
+    with load_snapshot(tmp_path / "s", CLASSES, verify_memory=True) as snap:
+        data_at = snap.region("ram").file_offset
+
+    def damaged(sums: list[int], data_chunk: int | None = None) -> None:
+        bad = bytearray(raw)
+        for i in sums:
+            bad[sums_at + 4 * i] ^= 1
+        if data_chunk is not None:
+            bad[data_at + data_chunk * MiB + PAGE // 2 + (data_chunk == 3) * PAGE] ^= 1
+        fix_header_crc(bad)
+        _write_sparse(tmp_path / "bad", bad)
+
+    for hole in (0, 2, 4, 5):                       # 5 is the short last chunk
+        damaged([hole])
+        with pytest.raises(MemoryChecksumMismatch) as ei:
+            load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
+        assert ei.value.offset == hole * MiB, hole
+        with load_snapshot(tmp_path / "bad", CLASSES):
+            pass                                    # the metadata alone is whole
+    damaged([4], data_chunk=3)                      # a data chunk before the bad hole
+    with pytest.raises(MemoryChecksumMismatch) as ei:
+        load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
+    assert ei.value.offset == 3 * MiB
+    damaged([2], data_chunk=3)                      # the bad hole first
+    with pytest.raises(MemoryChecksumMismatch) as ei:
+        load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
+    assert ei.value.offset == 2 * MiB
+    damaged([1])                                    # a data chunk's sum: found by reading it
+    with pytest.raises(MemoryChecksumMismatch) as ei:
+        load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
+    assert ei.value.offset == 1 * MiB
+
+
+def test_verify_memory_reads_only_the_data_of_a_chunk(tmp_path, monkeypatch):
+    """Of a chunk with data, only its data extents are read; the zeros around them are
+    summed unread. A byte changed in the data is still found."""
+    size = 4 * MiB
+    fd = memfd(size)
+    try:
+        os.pwrite(fd, os.urandom(PAGE), MiB + 5 * PAGE)      # two pages of one chunk,
+        os.pwrite(fd, os.urandom(PAGE), 2 * MiB - PAGE)      # the second at its end
+        save_snapshot(tmp_path / "s", [ClockState(1)], [MemoryRegion("ram", 0, size, fd)])
+    finally:
+        os.close(fd)
+    with load_snapshot(tmp_path / "s", CLASSES) as snap:
+        at = snap.region("ram").file_offset
+    with open(tmp_path / "s", "rb") as f:
+        if os.lseek(f.fileno(), at, os.SEEK_DATA) != at + MiB + 5 * PAGE:
+            pytest.skip("the file system does not report the file's holes")
+    real_v, real, read = os.preadv, os.pread, []
+
+    def counting_v(fd, buffers, offset, *a):
+        n = real_v(fd, buffers, offset, *a)
+        if offset >= at:
+            read.append(n)
+        return n
+
+    def counting(fd, n, offset):
+        data = real(fd, n, offset)
+        if offset >= at:
+            read.append(len(data))
+        return data
+    monkeypatch.setattr(os, "preadv", counting_v)
+    monkeypatch.setattr(os, "pread", counting)
+    load_snapshot(tmp_path / "s", CLASSES, verify_memory=True).close()
+    assert sum(read) == 2 * PAGE
+    raw = bytearray((tmp_path / "s").read_bytes())
+    raw[at + 2 * MiB - 1] ^= 0x10
+    _write_sparse(tmp_path / "bad", raw)
+    with pytest.raises(MemoryChecksumMismatch) as ei:
+        load_snapshot(tmp_path / "bad", CLASSES, verify_memory=True)
+    assert ei.value.offset == MiB
 
 
 def test_verify_memory_checks_every_lane_of_a_chunk(tmp_path):

@@ -235,3 +235,36 @@ def test_hypercall_from_user_mode_is_refused(run_to_done):
     user, kernel = struct.unpack("<qq", d.machine.mem.read(0x300000, 16))
     assert kernel == 4 << 16 | 16
     assert user == errno("EPERM")
+
+
+def test_handler_arity_is_the_signatures_count(harness_factory):
+    """A handler is called with as many argument registers as it has parameters after the
+    Call (5 with *args): read from its code object, the count is inspect.signature's, for
+    every handler of a domain and for the other shapes a handler may take."""
+    import functools
+    import inspect
+
+    from xend_lite.xen.dispatch import hypercall_table
+    from xend_lite.xen.hypercall import _arity
+
+    def by_signature(fn):
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        return 5 if any(p.kind == p.VAR_POSITIONAL for p in params) else len(params)
+
+    class Ops:
+        def none(self, c): return 0
+        def two(self, c, a, b=1): return 0
+        def rest(self, c, a, *more): return 0
+        def keyword(self, c, a, *, k=1): return 0
+        def keywords(self, c, a, **kw): return 0
+
+    def plain(c, a, b, d): return 0
+
+    ops = Ops()
+    shapes = [ops.none, ops.two, ops.rest, ops.keyword, ops.keywords, plain,
+              functools.wraps(plain)(lambda *a, **k: plain(*a, **k)), functools.partial(plain)]
+    h = harness_factory(64)
+    table = hypercall_table(h.domain.xen)
+    for fn in [*table.values(), *shapes]:
+        assert _arity(fn) == by_signature(fn), fn
+    assert [_arity(fn) for fn in shapes] == [0, 2, 5, 2, 2, 3, 3, 3]

@@ -222,3 +222,29 @@ def test_the_operator_needs_force_to_move_what_the_guest_mapped(harness_factory)
     assert again["gpa"] == 0x840000 and "guest_not_told" not in again
     forced = [dt for e, dt in h.events if e == "XEN_OVERLAY_MAPPED" and dt["by"] == "operator"]
     assert forced[0]["guest_not_told"] is True and "guest_not_told" not in forced[1]
+
+
+def test_grant_pages_are_mapped_when_first_used_and_saved_and_loaded_as_before(harness_factory):
+    """The device maps a page of its memfd when the page is first asked for: a new domain
+    has only shared_info mapped; a grant frame written and mapped comes back from a save,
+    a page never used is zero."""
+    h = harness_factory(64)
+    h.run([])
+    ov = h.domain.overlay
+    assert [b.name for b in ov.pages.made()] == ["shared_info"]
+    assert len(ov.pages) == 65 and "grant:63" in ov.pages and "grant:64" not in ov.pages
+    h.domain.overlay_map("grant:5", 0x900000)
+    ov.pages["grant:5"].view[:8] = b"granted!"
+    assert [b.name for b in ov.pages.made()] == ["shared_info", "grant:5"]
+    st = ov.save()
+    assert st.contents == {"grant:5": b"granted!" + bytes(4088)} and st.gpas == {"grant:5": 0x900000}
+    other = harness_factory(64)
+    other.run([])
+    other.domain.machine.pause()
+    try:
+        other.domain.overlay.load(st)
+    finally:
+        other.domain.machine.resume()
+    assert bytes(other.domain.overlay.pages["grant:5"].view[:8]) == b"granted!"
+    assert other.domain.overlay.gpa("grant:5") == 0x900000
+    assert bytes(other.domain.overlay.pages["grant:7"].view) == bytes(4096)

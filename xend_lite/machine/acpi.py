@@ -142,6 +142,16 @@ def install(machine: Machine, ports: AcpiPorts = PORTS) -> int:
     """Lay the tables for the machine's vCPUs in their reserved page, serve the ports they
     name, and return the RSDP's address (kept in ``machine.acpi_rsdp`` for the loader).
     Again after a reset (which clears RAM): the page and the ports are set up once."""
+    reserve(machine, ports)
+    blob, rsdp = build(ACPI_GPA, len(machine.runners), ports)
+    machine.mem.write(ACPI_GPA, blob.ljust(ACPI_SIZE, b"\0"))
+    machine.acpi_rsdp = rsdp
+    return rsdp
+
+
+def reserve(machine: Machine, ports: AcpiPorts = PORTS) -> None:
+    """Reserve the tables' page and serve their ports, once, without writing the tables:
+    for RAM that holds them already (a restored guest's)."""
     mm = machine.memmap
     if not any(name == "acpi" for _g, _n, name in mm.reserved):
         mm.reserved.append((ACPI_GPA, ACPI_SIZE, "acpi"))
@@ -150,10 +160,6 @@ def install(machine: Machine, ports: AcpiPorts = PORTS) -> int:
         machine.exits.register_io_out(ports.reset, lambda r, ex: _reset(machine, r, ex))
         machine.exits.register_io_in(ports.sleep_status,
                                      lambda _r, ex: bytes(ex.size * ex.count))
-    blob, rsdp = build(ACPI_GPA, len(machine.runners), ports)
-    machine.mem.write(ACPI_GPA, blob.ljust(ACPI_SIZE, b"\0"))
-    machine.acpi_rsdp = rsdp
-    return rsdp
 
 
 def _sleep_control(machine: Machine, runner: VcpuRunner, ex: exits.IoOut) -> None:

@@ -14,15 +14,13 @@ Threads and what they own:
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from xend_lite.errors import InvalidArgument, NotSupported, StateError
+from xend_lite.errors import InvalidArgument, StateError
 from xend_lite.kvm import CpuidEntry, Kvm, Regs, Sregs, exits
 from xend_lite.kvm import const as K
 from xend_lite.machine import ram as ramswap
@@ -32,16 +30,13 @@ from xend_lite.machine.exitmap import ExitMap, MsrReadHandler, MsrWriteHandler
 from xend_lite.machine.guestmem import GuestMemory
 from xend_lite.machine.halts import HALT_CHECK_EVERY, HaltWatch
 from xend_lite.machine.memmap import MemoryMap, RamRegion
-from xend_lite.machine.msrfilter import msr_filter_ranges
 from xend_lite.machine.owner import VmOwner
-from xend_lite.machine.power import VcpuPowerOn, VmPowerOn
+from xend_lite.machine.prepared import PreparedVm, check_vcpus, vcpu_cpuid
 from xend_lite.machine.quirks import HostQuirks
 from xend_lite.machine.vcpu import VcpuRunner, VcpuState
 
 log = logging.getLogger("xend_lite.machine")
 
-TSS_ADDR = 0xFFFB_D000
-IDENTITY_MAP_ADDR = 0xFFFB_C000
 PAUSE_TIMEOUT = 10.0
 
 
@@ -65,11 +60,21 @@ class BootCpu:
 
 class Machine:
     def __init__(self, kvm: Kvm, memory_bytes: int, vcpus: int = 1, console: ConsoleSink | None = None,
-                 irqchip: bool = True, quirks: bool = True):
+                 irqchip: bool = True, quirks: bool = True, *, prepared: PreparedVm | None = None,
+                 ram: Backing | None = None):
+        """``prepared``: the VM made ahead (machine/prepared.py) to build on, made here when
+        not given; it must fit (``prepared.unfit``). ``ram``: the memory that backs guest RAM
+        (e.g. a snapshot's copy-on-write mapping), fresh zeroed memory when not given; the
+        machine owns both from here on."""
         if memory_bytes < 2 * 1024 * 1024 or memory_bytes % PAGE_SIZE:
             raise InvalidArgument("guest memory must be at least 2 MiB and a multiple of 4 KiB")
-        if not 1 <= vcpus <= 64:
-            raise InvalidArgument("vcpus must be between 1 and 64")
+        check_vcpus(vcpus)
+        if ram is not None and ram.size != memory_bytes:
+            raise InvalidArgument(f"RAM backing is {ram.size} bytes, the guest has {memory_bytes}")
+        if prepared is not None:
+            why = prepared.unfit(vcpus, irqchip)
+            if why is not None:
+                raise InvalidArgument(f"the prepared VM cannot serve this machine: {why}")
         self.kvm = kvm
         self.console = console or ConsoleSink()
         self.memory_bytes = memory_bytes
@@ -79,20 +84,20 @@ class Machine:
         self.runners: list[VcpuRunner] = []
         self._transient: list[VcpuRunner] = []    # paused for one memory-map change
         self._pause_depth = 0
-        self.vm = kvm.create_vm()
-        self.owner: VmOwner | None = None
+        p = prepared or PreparedVm.make(kvm, vcpus, irqchip)
+        p.adopted = True
+        self.vm = p.vm
+        self.owner: VmOwner | None = p.owner
+        self.ram = ram
         try:
-            self.vm.set_tss_addr(TSS_ADDR)
-            self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-            if irqchip:
-                self.vm.create_irqchip()
-                self.vm.create_pit2()
-            self.ram = Backing.anonymous("ram", memory_bytes)
+            p.add_vcpus(vcpus)
+            if self.ram is None:
+                self.ram = Backing.anonymous("ram", memory_bytes)
             low = min(memory_bytes, LOW_RAM_TOP)
             regions = [RamRegion(0, low, self.ram, 0)]
             if memory_bytes > low:
                 regions.append(RamRegion(HIGH_RAM_BASE, memory_bytes - low, self.ram, low))
-            self.cpuid: list[CpuidEntry] = kvm.supported_cpuid()
+            self.cpuid: list[CpuidEntry] = p.cpuid
             self.phys_bits = _phys_bits(self.cpuid)
             self.memmap = MemoryMap(self.vm, regions, phys_bits=self.phys_bits, remap_overlays=True,
                                     before_slot_change=self._vcpus_out)
@@ -100,23 +105,21 @@ class Machine:
             # what this host's KVM cannot emulate, carried out where the result is exact
             self.quirks = HostQuirks(self.mem) if quirks else None
             self.exits.quirks = self.quirks
-            self.owner = VmOwner()
-            self.runners = [VcpuRunner(self.vm.create_vcpu(i), self.owner, self.exits)
-                            for i in range(vcpus)]
+            self.runners = [VcpuRunner(v, self.owner, self.exits) for v in p.vcpus]
             for r in self.runners:
-                r.vcpu.set_cpuid2(vcpu_cpuid(self.cpuid, r.index))
                 r.on_failure = self._runner_failed
-            self._power_on = [VcpuPowerOn.capture(r.vcpu, irqchip) for r in self.runners]
-            self._vm_power_on = VmPowerOn.capture(self.vm) if irqchip else None
+            self._power_on = list(p.power_on)
+            self._vm_power_on = p.vm_power_on
+            self._parked = list(p.threads)     # see spawn
         except BaseException:
-            if self.owner is not None:
-                self.owner.close()
-            self.vm.close()
+            p.release()
+            if self.ram is not None:
+                self.ram.close()
             raise
+        self._base = p      # what the machine was built on (its MSR filter, see register_msr)
         self.xen_mode = False  # set by the Xen emulation; devices such as xen_overlay need it
         self.acpi_rsdp = 0     # where machine.acpi laid the RSDP (0: no ACPI tables)
         self._closed = False
-        self._user_msr_enabled = False
         self.state = "created"
         self.status: ShutdownStatus | None = None
         self._status_lock = threading.Lock()
@@ -141,14 +144,7 @@ class Machine:
         """Trap an MSR to user space. A read handler returning None, or a write handler
         returning False, injects #GP as the hardware would."""
         self.exits.register_msr(index, read, write)
-        if not (self.kvm.check_extension(K.KVM_CAP_X86_USER_SPACE_MSR)
-                and self.kvm.check_extension(K.KVM_CAP_X86_MSR_FILTER)):
-            raise NotSupported("this host's KVM cannot trap MSRs to user space "
-                               "(KVM_CAP_X86_USER_SPACE_MSR / KVM_CAP_X86_MSR_FILTER)")
-        if not self._user_msr_enabled:
-            self.vm.enable_cap(K.KVM_CAP_X86_USER_SPACE_MSR, K.KVM_MSR_EXIT_REASON_FILTER)
-            self._user_msr_enabled = True
-        self.vm.set_msr_filter(msr_filter_ranges(self.exits.trapped_msrs()))
+        self._base.trap_msrs(self.exits.trapped_msrs())
 
     def set_cpuid(self, entries: list[CpuidEntry]) -> None:
         """Replace every vCPU's CPUID table (before start)."""
@@ -219,10 +215,23 @@ class Machine:
         if self.irqchip:
             self._rebuild_apic_map()
         for r in self.runners:
-            r.start(paused=paused)
+            r.start(paused=paused, spawn=self.spawn)
         if paused:
             self.wait_runners(lambda r: r.state in (VcpuState.PAUSED, VcpuState.STOPPED))
         self.state = "paused" if paused else "running"
+
+    def spawn(self, work: Callable[[], object], name: str) -> threading.Thread:
+        """A daemon thread running ``work``: a thread made ahead with the VM (PreparedVm,
+        already scheduled: handing it work waits for nothing) while there is one, else a
+        new one."""
+        try:
+            t = self._parked.pop()
+        except IndexError:
+            t = threading.Thread(target=work, name=name, daemon=True)
+            t.start()
+            return t
+        t.launch(work, name)
+        return t
 
     def _rebuild_apic_map(self) -> None:
         """KVM routes IPIs through a map from APIC IDs to vCPUs that it builds while each
@@ -394,6 +403,8 @@ class Machine:
             return
         self.stop()
         self._closed = True
+        while self._parked:
+            self._parked.pop().cancel()
         if self.owner is not None:
             self.owner.close()
         for r in self.runners:
@@ -411,20 +422,6 @@ class Machine:
                  "rip": r.vcpu.synced_rip() if r.vcpu.fd >= 0 else 0,
                  "exits": dict(r.exit_counts), "thread_id": r.thread.native_id if r.thread else None}
                 for r in self.runners]
-
-
-def vcpu_cpuid(entries: list[CpuidEntry], apic_id: int) -> list[CpuidEntry]:
-    """The table as one vCPU sees it: its own initial APIC ID (KVM gives vCPU n the APIC ID
-    n) in leaf 1 EBX[31:24] and as the x2APIC ID of the topology leaves (0xB, 0x1F) in EDX.
-    An OS that compares a CPU's CPUID with the MADT (Linux's SMP bring-up) needs them."""
-    out = []
-    for e in entries:
-        if e.function == 1:
-            e = replace(e, ebx=(e.ebx & 0x00FFFFFF) | (apic_id & 0xFF) << 24)
-        elif e.function in (0xB, 0x1F):
-            e = replace(e, edx=apic_id)
-        out.append(e)
-    return out
 
 
 def _phys_bits(cpuid: list[CpuidEntry]) -> int:

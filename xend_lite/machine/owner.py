@@ -39,7 +39,7 @@ log = logging.getLogger("xend_lite.owner")
 
 T = TypeVar("T")
 _Item = tuple[Callable[..., Any], tuple, concurrent.futures.Future]
-_Timer = tuple[float, int, float, Callable[[], Any]]     # due, sequence, period, work
+_Timer = tuple[float, int, float | None, Callable[[], Any]]   # due, sequence, period (None: once), work
 
 
 class OwnerClosed(StateError):
@@ -101,6 +101,12 @@ class VmOwner:
         backs off while there is nothing to do)."""
         with self._cond:
             heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._seq), seconds, fn))
+            self._cond.notify_all()
+
+    def after(self, seconds: float, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the owner once, ``seconds`` from now (unless it closes first)."""
+        with self._cond:
+            heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._seq), None, fn))
             self._cond.notify_all()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -186,6 +192,8 @@ class VmOwner:
                 wait = float(asked)
         except Exception:  # noqa: BLE001 - a periodic check must not end the owner
             log.exception("periodic work on the VM owner failed")
+        if period is None:           # once (after)
+            return
         with self._cond:
             heapq.heappush(self._timers, (time.monotonic() + wait, seq, period, fn))
 

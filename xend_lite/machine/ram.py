@@ -25,7 +25,8 @@ def replace_ram(m: Machine, backing: Backing, overlays: dict[str, tuple[int, Bac
                 ballooned: list[int] | None = None) -> None:
     """Back guest RAM with ``backing`` (same size; e.g. a snapshot's copy-on-write mapping),
     and with the given overlays and ballooned frames, in one change of the memory map. The old
-    backing is closed."""
+    backing is closed. Given the RAM it has, only the overlays and ballooned frames change
+    (KVM's slots only where they do)."""
     if backing.size != m.memory_bytes:
         raise InvalidArgument(f"RAM backing is {backing.size} bytes, the guest has {m.memory_bytes}")
 
@@ -38,6 +39,9 @@ def replace_ram(m: Machine, backing: Backing, overlays: dict[str, tuple[int, Bac
 def _swap(m: Machine, backing: Backing, overlays=None, ballooned=None) -> None:
     mm = m.memmap
     old = m.ram
+    if backing is old:
+        mm.replace(overlays=overlays, ballooned=ballooned)
+        return
     mm.forget_remaps()
     mm.replace(ram=[RamRegion(r.gpa, r.size, backing, r.offset) for r in mm.ram],
                overlays=overlays, ballooned=ballooned)

@@ -97,12 +97,17 @@ class VcpuRunner:
 
     # -- the owner's side ----------------------------------------------------------------
 
-    def start(self, paused: bool = False) -> None:
+    def start(self, paused: bool = False,
+              spawn: Callable[[Callable[[], None], str], threading.Thread] | None = None) -> None:
+        """Start the vCPU's thread, with ``spawn(work, name)`` when given (Machine.spawn)."""
         self.started = False   # a secondary vCPU waiting for INIT/SIPI has not started
         self._refresh_started()
         with self._cond:
             self._pause_req = paused
             self._stop_req = False
+        if spawn is not None:
+            self.thread = spawn(self._main, f"vcpu{self.index}")
+            return
         self.thread = threading.Thread(target=self._main, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 

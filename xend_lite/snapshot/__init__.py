@@ -36,6 +36,7 @@ from xend_lite.snapshot.codec import CodecError
 _LAZY = {
     "LoadedRegion": "reader", "LoadedSnapshot": "reader", "SectionInfo": "reader",
     "SnapshotHeader": "reader", "describe": "reader", "load_snapshot": "reader",
+    "check_sections": "reader",
     "State": "state", "registered_states": "state", "section_name": "state",
     "MemoryRegion": "writer", "SnapshotInfo": "writer", "save_snapshot": "writer",
     "wait_reclaimed": "target", "check_target": "target", "remove_stale_temps": "target",
@@ -61,7 +62,8 @@ __all__ = [
     "State", "registered_states", "section_name",
     "save_snapshot", "wait_reclaimed", "check_target", "remove_stale_temps", "MemoryRegion",
     "SnapshotInfo", "ConfinedPath",
-    "load_snapshot", "LoadedSnapshot", "LoadedRegion", "SectionInfo", "SnapshotHeader",
+    "load_snapshot", "check_sections", "LoadedSnapshot", "LoadedRegion", "SectionInfo",
+    "SnapshotHeader",
     "describe",
     "SnapshotError", "SnapshotIOError", "SnapshotReadError", "SnapshotWriteError",
     "BadMagic", "UnsupportedFormat", "ChecksumMismatch", "SectionChecksumMismatch",

@@ -17,6 +17,7 @@ from cffi import FFI
 CDEF = """
 uint32_t xl_chunk_sum(const uint8_t *p, size_t n);
 uint32_t xl_crc32c(uint32_t crc, const uint8_t *p, size_t n);
+uint32_t xl_crc32c_zeros(uint32_t crc, uint64_t n);
 int xl_hw_crc(void);
 int xl_set_hw(int on);
 int xl_writeback(int fd, int64_t offset, int64_t nbytes);
@@ -147,6 +148,41 @@ static uint32_t update(uint32_t c, const uint8_t *p, size_t n)
 uint32_t xl_crc32c(uint32_t crc, const uint8_t *p, size_t n)
 {
     return ~update(~crc, p, n);
+}
+
+/* Polynomials over GF(2) modulo the CRC-32C polynomial P, in the bit order the reflected
+   CRC register uses: bit 31 holds the coefficient of x^0, bit 0 that of x^31. One step of
+   the register with a zero input bit multiplies its polynomial by x (mod P), so running it
+   over n zero bytes multiplies it by x^(8n) mod P. */
+static uint32_t gf_mul(uint32_t a, uint32_t b)
+{
+    uint32_t r = 0;
+    for (int i = 0; i < 32; i++) {
+        if (a & (0x80000000u >> i))
+            r ^= b;
+        b = (b >> 1) ^ (POLY & (0u - (b & 1u)));     /* b = b * x mod P */
+    }
+    return r;
+}
+
+static uint32_t xpow8[64];       /* x^(8 * 2^k) mod P */
+
+__attribute__((constructor))
+static void setup_zeros(void)
+{
+    xpow8[0] = 0x80000000u >> 8;                       /* x^8 */
+    for (int k = 1; k < 64; k++)
+        xpow8[k] = gf_mul(xpow8[k - 1], xpow8[k - 1]);
+}
+
+/* CRC-32C continued from crc over n zero bytes, without touching n bytes. */
+uint32_t xl_crc32c_zeros(uint32_t crc, uint64_t n)
+{
+    uint32_t m = 0x80000000u;                          /* x^0 */
+    for (int k = 0; n; k++, n >>= 1)
+        if (n & 1)
+            m = gf_mul(m, xpow8[k]);
+    return ~gf_mul(m, ~crc);
 }
 
 uint32_t xl_chunk_sum(const uint8_t *p, size_t n)

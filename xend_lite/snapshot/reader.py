@@ -56,6 +56,7 @@ __all__ = [
     "LoadedRegion",
     "LoadedSnapshot",
     "SectionInfo",
+    "check_sections",
     "SnapshotHeader",
     "load_snapshot",
     "describe",
@@ -261,6 +262,34 @@ def _accepted(name: str, names: set[str]) -> bool:
     return name in names or split_section_name(name)[0] in names
 
 
+def warm_up() -> None:
+    """Do ahead what the first load in a process does once (load what a confined open
+    needs; sum an all-zero chunk, which every hole is checked against), for a daemon that
+    waits for a snapshot to load."""
+    from xend_lite.snapshot import confine
+
+    confine.warm_up()
+    ff.zero_chunk_sum(ff.CHUNK_SIZE)
+
+
+def check_sections(names: Iterable[str], required: Iterable[str] = (),
+                   allowed: Iterable[str] | None = None) -> None:
+    """Raise MissingSection when a ``required`` section is not among ``names``, and, when
+    ``allowed`` is given, UnexpectedSection for a section in neither (by full or base name).
+    For a caller that learns what it requires from the file itself."""
+    names, required = list(names), list(required)
+    missing = tuple(r for r in required if r not in names)
+    if missing:
+        raise MissingSection(f"snapshot lacks required section(s) "
+                             f"{', '.join(map(repr, missing))}", missing)
+    if allowed is not None:
+        ok = set(required) | set(allowed)
+        extra = tuple(n for n in names if not _accepted(n, ok))
+        if extra:
+            raise UnexpectedSection(f"snapshot holds unexpected section(s) "
+                                    f"{', '.join(map(repr, extra))}", extra)
+
+
 def load_snapshot(path: str | os.PathLike[str],
                   classes: Mapping[str, type[State]] | Iterable[type[State]] | None = None,
                   required: Iterable[str] = (),
@@ -286,16 +315,7 @@ def load_snapshot(path: str | os.PathLike[str],
             if _lookup(cmap, s.name) is None:
                 raise UnknownSection(f"section {s.name!r}: no state class is known for it",
                                      s.name)
-        missing = tuple(r for r in required if r not in names)
-        if missing:
-            raise MissingSection(f"snapshot lacks required section(s) "
-                                 f"{', '.join(map(repr, missing))}", missing)
-        if allowed is not None:
-            ok = set(required) | set(allowed)
-            extra = tuple(n for n in names if not _accepted(n, ok))
-            if extra:
-                raise UnexpectedSection(f"snapshot holds unexpected section(s) "
-                                        f"{', '.join(map(repr, extra))}", extra)
+        check_sections(names, required, allowed)
         states: dict[str, State] = {}
         for s, blob in zip(p.sections, p.payloads):
             cls = _lookup(cmap, s.name)

@@ -13,20 +13,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any, Callable
 
 from xend_lite.errors import InvalidArgument, NotFound, NotSupported, StateError
 from xend_lite.kvm import CAPABILITIES, Kvm
 from xend_lite.machine.acpi import install as install_acpi
-from xend_lite.machine.backing import INVALID_GPA
+from xend_lite.machine.acpi import reserve as reserve_acpi
+from xend_lite.machine.backing import INVALID_GPA, Backing
 from xend_lite.machine.console import ConsoleSink
 from xend_lite.machine.kernel import unpack_kernel
 from xend_lite.machine.loader import BootInfo, load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
 from xend_lite.machine.owner import VmOwner
+from xend_lite.machine.prepared import PreparedVm
 from xend_lite.vmm import inspect
-from xend_lite.vmm.spec import DomainSpec, read_image
+from xend_lite.vmm.detach import RamDetach
+from xend_lite.vmm.spec import DomainSpec, GuestImages
 from xend_lite.xen import evtchn_admin
 from xend_lite.xen.hypercall_patch import patch_xen_hypercalls
 from xend_lite.xen.overlay import OverlayDevice
@@ -35,8 +37,6 @@ from xend_lite.xen.platform import OverlayChange, XenConfig, XenPlatform
 log = logging.getLogger("xend_lite.domain")
 
 Emit = Callable[[str, dict], None]
-DETACH_DELAY = 0.2   # seconds between a restore and moving its RAM off the snapshot file
-DETACH_STOP = 30.0   # seconds to wait for a move of RAM to give up
 
 
 #: set to 0 in the daemon's environment to serve every hypercall in Python (the switch for a
@@ -49,40 +49,63 @@ def native_hypercalls_allowed() -> bool:
 
 
 class Domain:
-    def __init__(self, config: Any, emit: Emit | None = None):
-        spec = config if isinstance(config, DomainSpec) else DomainSpec.from_config(config)
-        if spec.memory_mib < 16 or spec.memory_mib > 1 << 20:
-            raise InvalidArgument("memory must be between 16 MiB and 1 TiB")
-        self.spec = spec
-        self._emit = emit or (lambda _e, _d: None)
-        self.image = read_image(spec.image)
-        self.initrd = read_image(spec.initrd, "initrd") if spec.initrd is not None else None
-        self.kvm = Kvm(spec.kvm_path)
+    def __init__(self, config: Any, emit: Emit | None = None, *, prepared: PreparedVm | None = None,
+                 ram: Backing | None = None, images: GuestImages | None = None):
+        """``prepared``: a VM made ahead to build on (machine/prepared.py; its Kvm becomes
+        this domain's). ``ram``: guest RAM that holds a guest already (a snapshot's mapping,
+        see vmm/incoming.py): the image is then loaded only by a reset. The domain owns both
+        from here on, whether it is built or not. ``images``: the spec's image and initrd,
+        read already."""
+        try:
+            spec = config if isinstance(config, DomainSpec) else DomainSpec.from_config(config)
+            if spec.memory_mib < 16 or spec.memory_mib > 1 << 20:
+                raise InvalidArgument("memory must be between 16 MiB and 1 TiB")
+            self.spec = spec
+            self._emit = emit or (lambda _e, _d: None)
+            self.image, self.initrd = images or GuestImages.read(spec)
+            self.kvm = prepared.kvm if prepared is not None else Kvm(spec.kvm_path)
+        except BaseException:
+            if prepared is not None:
+                prepared.close()
+                prepared.kvm.close()
+            if ram is not None:
+                ram.close()
+            raise
         console = ConsoleSink(stdout=spec.console_stdout, log_path=spec.console_log)
         try:
-            self.machine = Machine(self.kvm, spec.memory_mib << 20, spec.vcpus, console)
+            self.machine = Machine(self.kvm, spec.memory_mib << 20, spec.vcpus, console,
+                                   prepared=prepared, ram=ram)
         except BaseException:
+            if prepared is not None:
+                prepared.close()     # when the machine did not take it
+            if ram is not None:
+                ram.close()
             self.kvm.close()
             raise
         self._closed = False
-        self._detach_job: tuple[threading.Thread, threading.Event] | None = None
+        self._detach_job: RamDetach | None = None
         self.detached = threading.Event()   # set once restored RAM no longer uses its file
         try:
-            self.xen: XenPlatform | None = self._build_xen() if spec.xen else None
+            self.xen: XenPlatform | None = self._build_xen(store_tree=ram is None) \
+                if spec.xen else None
             self.machine.add_shutdown_listener(self._on_shutdown)
-            self.boot = self._load()
+            self.boot: BootInfo | None = None
+            if ram is None:
+                self.boot = self._load()
+            elif self.xen is not None:
+                reserve_acpi(self.machine)   # the tables are in the restored RAM
         except BaseException:
             self.close()
             raise
 
-    def _build_xen(self) -> XenPlatform:
+    def _build_xen(self, store_tree: bool = True) -> XenPlatform:
         s = self.spec
         kvm_xen = bool(self.kvm.check_extension(CAPABILITIES["xen_hvm"])) \
             if "xen_hvm" in CAPABILITIES else False
         cfg = XenConfig(xen_version=s.xen_version, domid=s.domid, grant_frames=s.grant_frames,
                         backend=s.backend, kvm_xen_available=kvm_xen, name=s.name,
                         native_hypercalls=s.native_hypercalls and native_hypercalls_allowed())
-        return XenPlatform(self.machine, cfg, self._emit)
+        return XenPlatform(self.machine, cfg, self._emit, store_tree=store_tree)
 
     def _load(self) -> BootInfo:
         """Load the image (and initrd); in Xen mode Linux's direct vmcall/vmmcall hypercalls
@@ -164,10 +187,13 @@ class Domain:
             return
         self._closed = True
         self._stop_detach()
+        xen = getattr(self, "xen", None)
         try:
-            if getattr(self, "xen", None) is not None:
-                self.xen.close()
+            if xen is not None:
+                xen.close()
             self.machine.close()
+            if xen is not None:
+                xen.overlay.close()     # its pages, once no vCPU can reach them
         finally:
             self.kvm.close()
 
@@ -289,47 +315,30 @@ class Domain:
         self._stop_detach()
         from xend_lite.vmm.persist import load_domain
 
-        info = load_domain(self, path, verify)
+        return self._detach_later(load_domain(self, path, verify), path)
+
+    def restore_in_place(self, snap: Any, path: Any) -> dict:
+        """Apply an open, validated snapshot to a domain built on its RAM (``ram`` from
+        persist.ram_backing): vmm/incoming.py's restore."""
+        return self._on_owner(self._restore_in_place, snap, path)
+
+    def _restore_in_place(self, snap: Any, path: Any) -> dict:
+        from xend_lite.vmm.persist import apply_snapshot
+
+        return self._detach_later(apply_snapshot(self, snap, path, ram_in_place=True), path)
+
+    def _detach_later(self, info: dict, path: Any) -> dict:
+        """RAM restored from a file moves off it in the background (see ``detached``)."""
         fd, offset = info.pop("_detach")
         self.detached.clear()
-        stop = threading.Event()
-        t = threading.Thread(target=self._detach, args=(fd, offset, stop, os.fspath(path)),
-                             name="ram-detach", daemon=True)
-        self._detach_job = (t, stop)
-        t.start()
+        self._detach_job = RamDetach(self.machine, fd, offset, os.fspath(path), self.detached)
+        self._detach_job.schedule()
         return info
 
-    def _detach(self, fd: int, offset: int, stop: threading.Event, path: str) -> None:
-        from xend_lite.vmm.persist import release_lease
-
-        try:
-            # let the restored guest get going first; the read lease covers the wait
-            if stop.wait(DETACH_DELAY):
-                return
-            t0 = time.monotonic()
-            if self.machine.detach_ram(fd, offset, stop):
-                log.info("guest RAM no longer depends on %s (moved in %.3f s)", path,
-                         time.monotonic() - t0)
-                self.detached.set()
-        except Exception:  # noqa: BLE001 - the VM runs on from the file; say why
-            log.exception("moving guest RAM off %s failed; the VM keeps using the file", path)
-        finally:
-            release_lease(fd)
-            os.close(fd)
-
     def _stop_detach(self) -> None:
-        """Stop a move of RAM and wait for it. On the owner, its last step is served while
-        waiting (it is a request to the owner)."""
         job, self._detach_job = self._detach_job, None
-        if job is None:
-            return
-        t, stop = job
-        stop.set()
-        owner = self.machine.owner
-        if owner is not None and owner.on_owner():
-            owner.wait_until(lambda: not t.is_alive(), DETACH_STOP)
-        else:
-            t.join(DETACH_STOP)
+        if job is not None:
+            job.stop()
 
     @staticmethod
     def snapshot_describe(path: Any) -> dict:

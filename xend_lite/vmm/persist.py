@@ -19,7 +19,7 @@ from xend_lite.errors import InvalidArgument, SnapshotError
 from xend_lite.kvm import const
 from xend_lite.machine.backing import Backing
 from xend_lite.machine.cpustate import apply_vcpu, apply_vm, capture_vcpu, capture_vm
-from xend_lite.snapshot import MemoryRegion, State, load_snapshot, save_snapshot
+from xend_lite.snapshot import MemoryRegion, State, check_sections, load_snapshot, save_snapshot
 from xend_lite.vmm.shape import DomainShapeState
 from xend_lite.xen.persist import OPTIONAL, SECTIONS, STATE_CLASSES
 
@@ -186,70 +186,106 @@ def _check(domain: Domain, snap: Any, path: Any) -> tuple[MemoryMapState, Any]:
     return mm, region
 
 
+def sections(vcpus: int, xen: bool) -> tuple[list[str], tuple[str, ...]]:
+    """The sections a domain of that shape requires, and the others it allows."""
+    required = [f"cpu/{i}" for i in range(vcpus)] + ["vm", "memory_map"]
+    if xen:
+        required += [s for s in SECTIONS if s not in OPTIONAL]
+    return required, ((*OPTIONAL, "domain") if xen else ("domain",))
+
+
 def load_domain(domain: Domain, path: Any, verify: bool = True) -> dict:
     """Validate ``path`` against this domain, then apply it (the VM paused or not started).
     ``verify`` also checks guest memory against its chunk checksums first (reading the data
     the file holds, skipping holes); without it only the metadata is checked and restore
     time does not depend on how much memory the guest used."""
-    m = domain.machine
-    n = len(m.runners)
-    xen = domain.xen is not None
-    required = [f"cpu/{i}" for i in range(n)] + ["vm", "memory_map"]
-    if xen:
-        required += [s for s in SECTIONS if s not in OPTIONAL]
-    snap = load_snapshot(path, CLASSES, required=required,
-                         allowed=(*OPTIONAL, "domain") if xen else ("domain",),
-                         verify_memory=verify)
+    required, allowed = sections(len(domain.machine.runners), domain.xen is not None)
+    snap = load_snapshot(path, CLASSES, required=required, allowed=allowed, verify_memory=verify)
     try:
-        mm, region = _check(domain, snap, path)
-        st = snap.states
-        try:
-            prep = domain.xen.persist.prepare(st) if xen else None
-        except InvalidArgument as exc:
-            raise SnapshotError(f"snapshot {path}: {exc}") from exc
-        # -- everything checked: apply ------------------------------------------------------
-        _hold_lease(snap.fd)
-        overlays = domain.xen.persist.overlay_mappings(prep) if prep is not None else {}
-        backing = Backing.from_file("ram", snap.fd, region.file_offset, region.size)
-        backing.fd = -1  # the mapping outlives the file descriptor, closed below
-        m.replace_ram(backing, overlays=overlays, ballooned=mm.ballooned)
-        apply_vm(m.vm, st["vm"].as_dict(m.irqchip), m.irqchip)
-        for i, r in enumerate(m.runners):
-            cpu = st[f"cpu/{i}"]
-            apply_vcpu(r.vcpu, cpu.as_dict(), m.irqchip)
-            r.started = cpu.mp_state != const.KVM_MP_STATE_UNINITIALIZED
-        if prep is not None:
-            domain.xen.persist.apply(prep)
-        # RAM is still the file's pages: hand the caller the same file (not whatever has the
-        # path now) to move RAM off it
-        detach = (os.dup(snap.fd), region.file_offset)
-        return {"path": os.fspath(path), "size": os.fstat(snap.fd).st_size, "_detach": detach}
+        return apply_snapshot(domain, snap, path)
     finally:
         snap.close()
+
+
+def open_snapshot(path: Any, verify: bool = True) -> Any:
+    """Open and validate a snapshot for a domain that is yet to be built on it: every
+    section decoded (and memory checked with ``verify``), then the sections its own shape
+    requires (``shape_of``). The caller closes it."""
+    snap = load_snapshot(path, CLASSES, required=["memory_map"], verify_memory=verify)
+    try:
+        shape = shape_of(snap, path)
+        check_sections([s.name for s in snap.sections], *sections(shape["vcpus"], shape["xen"]))
+        return snap
+    except BaseException:
+        snap.close()
+        raise
+
+
+def ram_backing(snap: Any) -> Backing:
+    """Guest RAM as a copy-on-write mapping of the snapshot's memory (it outlives the fd)."""
+    region = snap.region("ram")
+    backing = Backing.from_file("ram", snap.fd, region.file_offset, region.size)
+    backing.fd = -1
+    return backing
+
+
+def apply_snapshot(domain: Domain, snap: Any, path: Any, ram_in_place: bool = False) -> dict:
+    """Check a validated snapshot against this domain, then apply it. ``ram_in_place``: the
+    machine was built on this snapshot's RAM (``ram_backing``), so only the overlay pages and
+    ballooned frames are laid into its memory map. Returns what the caller reports, and in
+    ``_detach`` a descriptor of the same file (not whatever has the path by now) and the RAM's
+    offset in it, to move RAM off it later."""
+    m = domain.machine
+    xen = domain.xen is not None
+    mm, region = _check(domain, snap, path)
+    st = snap.states
+    try:
+        prep = domain.xen.persist.prepare(st) if xen else None
+    except InvalidArgument as exc:
+        raise SnapshotError(f"snapshot {path}: {exc}") from exc
+    # -- everything checked: apply ----------------------------------------------------------
+    _hold_lease(snap.fd)
+    overlays = domain.xen.persist.overlay_mappings(prep) if prep is not None else {}
+    m.replace_ram(m.ram if ram_in_place else ram_backing(snap), overlays=overlays,
+                  ballooned=mm.ballooned)
+    apply_vm(m.vm, st["vm"].as_dict(m.irqchip), m.irqchip)
+    for i, r in enumerate(m.runners):
+        cpu = st[f"cpu/{i}"]
+        apply_vcpu(r.vcpu, cpu.as_dict(), m.irqchip)
+        r.started = cpu.mp_state != const.KVM_MP_STATE_UNINITIALIZED
+    if prep is not None:
+        domain.xen.persist.apply(prep)
+    detach = (os.dup(snap.fd), region.file_offset)
+    return {"path": os.fspath(path), "size": os.fstat(snap.fd).st_size, "_detach": detach}
 
 
 def snapshot_shape(path: Any) -> dict[str, Any]:
-    """What a domain must be to take the snapshot at ``path``: ``memory_mib``, ``vcpus``,
-    ``xen`` and, in Xen mode, ``grant_frames``; with the snapshot's domain section also
-    ``xen_version`` and ``domid``. Reads the file's header, table and states (memory is not
-    read); a bad file raises its SnapshotError."""
+    """What a domain must be to take the snapshot at ``path`` (see ``shape_of``); memory is
+    not read, a bad file raises its SnapshotError."""
     snap = load_snapshot(path, CLASSES, required=["memory_map"], verify_memory=False)
     try:
-        mm: MemoryMapState = snap.states["memory_map"]
-        if mm.ram_bytes <= 0 or mm.ram_bytes % (1 << 20):
-            raise SnapshotError(f"snapshot {path}: guest RAM of {mm.ram_bytes} bytes is not "
-                                "a whole number of MiB")
-        shape: dict[str, Any] = {"memory_mib": mm.ram_bytes >> 20, "vcpus": mm.vcpus,
-                                 "xen": "xen" in snap.states}
-        overlay = snap.states.get("xen_overlay")
-        if overlay is not None:
-            shape["grant_frames"] = overlay.grant_frames
-        dom = snap.states.get("domain")
-        if isinstance(dom, DomainShapeState):
-            if (dom.memory_mib, dom.vcpus) != (shape["memory_mib"], shape["vcpus"]):
-                raise SnapshotError(f"snapshot {path}: its domain and memory_map sections disagree")
-            shape.update(xen=dom.xen, xen_version=dom.xen_version, domid=dom.domid,
-                         grant_frames=dom.grant_frames)
-        return shape
+        return shape_of(snap, path)
     finally:
         snap.close()
+
+
+def shape_of(snap: Any, path: Any) -> dict[str, Any]:
+    """What a domain must be to take this snapshot: ``memory_mib``, ``vcpus``, ``xen`` and,
+    in Xen mode, ``grant_frames``; with the snapshot's domain section also ``xen_version``
+    and ``domid``."""
+    mm: MemoryMapState = snap.states["memory_map"]
+    if mm.ram_bytes <= 0 or mm.ram_bytes % (1 << 20):
+        raise SnapshotError(f"snapshot {path}: guest RAM of {mm.ram_bytes} bytes is not "
+                            "a whole number of MiB")
+    shape: dict[str, Any] = {"memory_mib": mm.ram_bytes >> 20, "vcpus": mm.vcpus,
+                             "xen": "xen" in snap.states}
+    overlay = snap.states.get("xen_overlay")
+    if overlay is not None:
+        shape["grant_frames"] = overlay.grant_frames
+    dom = snap.states.get("domain")
+    if isinstance(dom, DomainShapeState):
+        if (dom.memory_mib, dom.vcpus) != (shape["memory_mib"], shape["vcpus"]):
+            raise SnapshotError(f"snapshot {path}: its domain and memory_map sections disagree")
+        shape.update(xen=dom.xen, xen_version=dom.xen_version, domid=dom.domid,
+                     grant_frames=dom.grant_frames)
+    return shape

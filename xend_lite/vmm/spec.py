@@ -39,6 +39,18 @@ class DomainSpec(NamedTuple):
         return cls(**kw)
 
 
+class GuestImages(NamedTuple):
+    """A spec's guest image and initrd, as read."""
+
+    image: bytes
+    initrd: bytes | None
+
+    @classmethod
+    def read(cls, spec: DomainSpec) -> GuestImages:
+        return cls(read_image(spec.image),
+                   read_image(spec.initrd, "initrd") if spec.initrd is not None else None)
+
+
 def read_image(path: str | None, what: str = "guest image") -> bytes:
     if path is None:
         from xend_lite.guests import default_image

@@ -132,6 +132,9 @@ class XenPersist:
         p.overlay.load(prep.overlay, remap=False)
         if prep.xenstore is not None:
             prep.xenstore()
+        elif p.tree_pending is not None:       # a snapshot from before the store was saved
+            p.xenstore.write_domain_tree(p.tree_pending)
+        p.tree_pending = None
         # a fresh time record before the guest runs: it must match the guest's TSC as it is
         # now (a host may not give the saved TSC back), not as it was when saved
         p.time.publish_from(p.machine.runners[0].vcpu)

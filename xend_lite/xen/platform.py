@@ -54,6 +54,9 @@ log = logging.getLogger("xend_lite.xen")
 
 U64 = (1 << 64) - 1
 Emit = Callable[[str, dict], None]
+#: the MSRs the platform sends to user space (a VM made before its platform can trap them
+#: ahead: machine/prepared.py)
+TRAPPED_MSRS = (xcpuid.HYPERCALL_MSR,)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,11 @@ class OverlayChange:
 
 
 class XenPlatform:
-    def __init__(self, machine: Machine, cfg: XenConfig, emit: Emit | None = None):
+    def __init__(self, machine: Machine, cfg: XenConfig, emit: Emit | None = None, *,
+                 store_tree: bool = True):
+        """``store_tree`` False: the guest comes from a snapshot, whose xenstore replaces
+        the toolstack's tree; the tree is kept back (``tree_pending``) and written only if
+        the snapshot has no store (persist.apply)."""
         try:
             major, minor = xcpuid.parse_version(cfg.xen_version)
         except ValueError as exc:
@@ -123,7 +130,8 @@ class XenPlatform:
                                        cfg.native_hypercalls)
         self.hypercalls = Hypercalls(machine.mem, hypercall_table(self), self.native)
         self._persist: XenPersist | None = None
-        self._install()
+        self.tree_pending: DomainInfo | None = None
+        self._install(store_tree)
 
     def _tick(self) -> None:
         """The timer thread's regular work: refresh guest time, retry untaken upcalls."""
@@ -143,7 +151,7 @@ class XenPlatform:
 
     # -- set-up --------------------------------------------------------------------------
 
-    def _install(self) -> None:
+    def _install(self, store_tree: bool) -> None:
         m = self.machine
         cfg = xcpuid.XenCpuidConfig(*self.version_tuple, self.domid, self.time.tsc_khz)
         for r in m.runners:
@@ -152,7 +160,7 @@ class XenPlatform:
         m.exits.register_doorbell(HYPERCALL_PORT, self.hypercalls.on_hypercall, hook=NATIVE_HOOK,
                                   ctx=self.native.ctx)
         self.ring_poll = RingPoll(lambda: m.state == "running", [self.console.serve, self.xenstore.serve])
-        self._default_params()
+        self._default_params(store_tree)
         m.owner.every(POLL_EVERY, self.ring_poll)
 
     def _reserve_special_pages(self) -> tuple[int, int]:
@@ -165,8 +173,9 @@ class XenPlatform:
             mm.reserved.append((console, PAGE_SIZE, "xen-console"))
         return store, console
 
-    def _default_params(self) -> None:
-        """The store and console ports, bound to their backends, and the toolstack's tree."""
+    def _default_params(self, store_tree: bool = True) -> None:
+        """The store and console ports, bound to their backends, and the toolstack's tree
+        (kept back in ``tree_pending`` unless ``store_tree``)."""
         ev = self.evtchn
         store_port, store_dport = ev.bind_to_daemon(lambda: self._guest_signalled(self.xenstore.serve))
         console_port, console_dport = ev.bind_to_daemon(lambda: self._guest_signalled(self.console.serve))
@@ -177,10 +186,13 @@ class XenPlatform:
                             X.HVM_PARAM_CONSOLE_PFN: self.console_gpa >> 12,
                             X.HVM_PARAM_STORE_EVTCHN: store_port,
                             X.HVM_PARAM_CONSOLE_EVTCHN: console_port})
-        self.xenstore.write_domain_tree(DomainInfo(
+        tree = DomainInfo(
             name=self.cfg.name, memory_kib=self.machine.memory_bytes >> 10, vcpus=self.nr_vcpus,
             store_port=store_port, store_ring_ref=self.store_gpa >> 12,
-            console_port=console_port, console_ring_ref=self.console_gpa >> 12))
+            console_port=console_port, console_ring_ref=self.console_gpa >> 12)
+        self.tree_pending = None if store_tree else tree
+        if store_tree:
+            self.xenstore.write_domain_tree(tree)
 
     def _guest_signalled(self, serve: Callable[[], bool]) -> None:
         self.ring_poll.activity()

@@ -45,8 +45,7 @@ class Timers:
 
     def _ensure(self) -> None:
         if self._thread is None and not self._closed:
-            self._thread = threading.Thread(target=self._run, name="xen-timers", daemon=True)
-            self._thread.start()
+            self._thread = self.machine.spawn(self._run, "xen-timers")
 
     def set(self, vcpu: int, deadline_ns: int) -> None:
         with self._cond:
