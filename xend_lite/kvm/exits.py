@@ -2,47 +2,22 @@
 
 An exit reason the bindings do not know is data (:class:`Unknown`), never an exception.
 
-The values behave as frozen dataclasses would (fields by keyword or position, assignment
-refused, equal and hashed by their fields, shown as ``IoOut(port=..., ...)``, usable in
-``match``) but are written out: as @dataclass(frozen=True, slots=True) the fourteen of
-them cost about 5 ms of every daemon start, their methods compiled while importing.
+The values are frozen records (xend_lite/record.py: fields by keyword or position,
+assignment refused, equal and hashed by their fields, shown as ``IoOut(port=..., ...)``)
+usable in ``match``, each with its own ``__init__``: an IoOut is made for every port exit.
+As frozen dataclasses the fourteen of them cost about 5 ms of every daemon start.
 """
 
 from __future__ import annotations
 
-from dataclasses import FrozenInstanceError
-
 from xend_lite.kvm._ffi import ffi, lib
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
-_set = object.__setattr__
 
-
-class _Exit:
-    """The shared behaviour: immutable, compared and hashed by type and fields."""
-
-    __slots__: tuple[str, ...] = ()
+class _Exit(Frozen):
+    __slots__ = ()
     __match_args__: tuple[str, ...] = ()
-
-    def _fields(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is self.__class__:
-            return self._fields() == other._fields()  # type: ignore[attr-defined]
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__qualname__}({shown})"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
 class IoOut(_Exit):

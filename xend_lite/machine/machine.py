@@ -14,12 +14,9 @@ Threads and what they own:
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from xend_lite.errors import InvalidArgument, NotSupported, StateError
@@ -37,6 +34,8 @@ from xend_lite.machine.owner import VmOwner
 from xend_lite.machine.power import VcpuPowerOn, VmPowerOn
 from xend_lite.machine.quirks import HostQuirks
 from xend_lite.machine.vcpu import VcpuRunner, VcpuState
+from xend_lite.record import Frozen, Record
+from xend_lite.record import set_field as _set
 
 log = logging.getLogger("xend_lite.machine")
 
@@ -45,22 +44,29 @@ IDENTITY_MAP_ADDR = 0xFFFB_C000
 PAUSE_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class ShutdownStatus:
+class ShutdownStatus(Frozen):
     """Why the run ended: reason is poweroff, reboot, crash, suspend, watchdog, triple-fault,
     halted, internal-error or stopped; code is the guest's shutdown code where it gave one."""
 
+    __slots__ = ("reason", "code", "detail")
     reason: str
-    code: int = 0
-    detail: str = ""
+    code: int
+    detail: str
+
+    def __init__(self, reason: str, code: int = 0, detail: str = ""):
+        _set(self, "reason", reason)
+        _set(self, "code", code)
+        _set(self, "detail", detail)
 
 
-@dataclass(slots=True)
-class BootCpu:
+class BootCpu(Record):
     """Where a vCPU starts: full register and segment state."""
 
-    regs: Regs
-    sregs: Sregs
+    __slots__ = ("regs", "sregs")
+
+    def __init__(self, regs: Regs, sregs: Sregs):
+        self.regs = regs
+        self.sregs = sregs
 
 
 class Machine:
@@ -420,9 +426,9 @@ def vcpu_cpuid(entries: list[CpuidEntry], apic_id: int) -> list[CpuidEntry]:
     out = []
     for e in entries:
         if e.function == 1:
-            e = replace(e, ebx=(e.ebx & 0x00FFFFFF) | (apic_id & 0xFF) << 24)
+            e = e.replace(ebx=(e.ebx & 0x00FFFFFF) | (apic_id & 0xFF) << 24)
         elif e.function in (0xB, 0x1F):
-            e = replace(e, edx=apic_id)
+            e = e.replace(edx=apic_id)
         out.append(e)
     return out
 
