@@ -22,15 +22,18 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.daemon.console_stream import ConsoleHub
-from xend_lite.daemon.jobs import IDLE, SnapshotJob, memory_size
 from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
 from xend_lite.daemon.snapdir import SnapshotDir
 from xend_lite.errors import InvalidArgument, SnapshotError, StateError
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 from xend_lite.vmm.api import VmApi, VmFactory
+
+if TYPE_CHECKING:   # the snapshot jobs are loaded by the first save or load
+    from xend_lite.daemon.jobs import SnapshotJob
 
 log = logging.getLogger("xend_lite.controller")
 
@@ -48,12 +51,16 @@ SHAPE = ("memory_mib", "vcpus", "grant_frames")
 REBOOT_REASONS = ("reboot",)
 
 
-@dataclass(frozen=True)
-class GuestStop:
+class GuestStop(Frozen):
     """What the loop is told when the guest ends its run."""
 
+    __slots__ = ("reason", "code")
     reason: str
     code: int
+
+    def __init__(self, reason: str, code: int):
+        _set(self, "reason", reason)
+        _set(self, "code", code)
 
 
 def exit_status_for(stop: GuestStop) -> int:
@@ -282,7 +289,11 @@ class Controller:
     def snapshot_job(self) -> dict:
         """The save or load running now (answered on the loop: the owner is busy with it)."""
         job = self.job
-        return dict(IDLE) if job is None else job.describe()
+        if job is None:
+            from xend_lite.daemon.jobs import IDLE
+
+            return dict(IDLE)
+        return job.describe()
 
     async def close(self) -> None:
         """Stop the vCPUs and release the VM (console flushed); its owner thread ends."""
@@ -421,6 +432,8 @@ class Controller:
 
     @requires(R.RUNNING, R.PAUSED)
     def _snapshot_save(self, path: str, paused: bool) -> dict:
+        from xend_lite.daemon.jobs import SnapshotJob
+
         was_running = self._pause_for()
         self._set_state(R.SAVING)
         t0 = time.monotonic()
@@ -442,6 +455,8 @@ class Controller:
 
     @requires(R.RUNNING, R.PAUSED)
     def _snapshot_load(self, path: str, verify: bool = True) -> dict:
+        from xend_lite.daemon.jobs import SnapshotJob, memory_size
+
         was_running = self._pause_for()
         self._set_state(R.RESTORING)
         t0 = time.monotonic()

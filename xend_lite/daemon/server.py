@@ -18,7 +18,6 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -32,6 +31,7 @@ from xend_lite.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from xend_lite.daemon.rpc import INVALID_REQUEST, MAX_BODY, Dispatcher, RpcContext, error_reply
 from xend_lite.daemon.tokens import token_matches
 from xend_lite.errors import XendLiteError
+from xend_lite.record import Record
 
 log = logging.getLogger("xend_lite.server")
 
@@ -49,17 +49,21 @@ class ListenError(Exception):
 
 # -- listeners -----------------------------------------------------------------------------
 
-@dataclass
-class Listener:
-    sock: socket.socket
-    kind: str             # "unix" or "tcp"
-    where: str            # path or host:port, for logs
-    owned_path: str | None = None  # a socket file we created and must remove
+class Listener(Record):
+    __slots__ = ("sock", "kind", "where", "owned_path")
+
+    def __init__(self, sock: socket.socket, kind: str, where: str, owned_path: str | None = None):
+        self.sock = sock
+        self.kind = kind                # "unix" or "tcp"
+        self.where = where              # path or host:port, for logs
+        self.owned_path = owned_path    # a socket file we created and must remove
 
 
-@dataclass
-class Listeners:
-    items: list[Listener] = field(default_factory=list)
+class Listeners(Record):
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[Listener] | None = None):
+        self.items = [] if items is None else items
 
     def close(self) -> None:
         for lst in self.items:
