@@ -32,8 +32,9 @@ from xend_lite.record import Frozen
 from xend_lite.record import set_field as _set
 from xend_lite.vmm.api import VmApi, VmFactory
 
-if TYPE_CHECKING:   # the snapshot jobs are loaded by the first save or load
-    from xend_lite.daemon.jobs import SnapshotJob
+if TYPE_CHECKING:
+    from xend_lite.daemon.early import EarlyStart
+    from xend_lite.daemon.jobs import SnapshotJob   # loaded by the first save or load
 
 log = logging.getLogger("xend_lite.controller")
 
@@ -173,12 +174,17 @@ class Controller:
 
     # -- upper half: called on the event loop -------------------------------------------
 
-    async def build(self) -> None:
-        """Build the VM on a worker thread (the loop never blocks)."""
+    async def build(self, early: EarlyStart | None = None) -> None:
+        """Build the VM on a worker thread (the loop never blocks), or take over the one
+        ``early`` is building."""
         check_state(self._state, (R.CREATED,), "build")
         if self.domain is None:
             self.attach_loop()
-            self.domain = await asyncio.to_thread(self._factory, self._spec, self._domain_event)
+            if early is not None:
+                early.attach(self._domain_event)
+                self.domain = await asyncio.wrap_future(early.domain)
+            else:
+                self.domain = await asyncio.to_thread(self._factory, self._spec, self._domain_event)
             self.domain.add_console_listener(
                 lambda data: self._to_loop(self.console.publish, bytes(data)))
 
