@@ -30,16 +30,15 @@ from xend_lite.daemon.snapdir import SnapshotDir
 from xend_lite.errors import InvalidArgument, SnapshotError, StateError
 from xend_lite.record import Frozen
 from xend_lite.record import set_field as _set
-from xend_lite.vmm.api import VmApi, VmFactory
 
 if TYPE_CHECKING:
     from xend_lite.daemon.early import EarlyStart
     from xend_lite.daemon.jobs import SnapshotJob   # loaded by the first save or load
+    from xend_lite.vmm.api import VmApi, VmFactory  # only named in annotations here
 
 log = logging.getLogger("xend_lite.controller")
 
 R = RunState
-DomainFactory = VmFactory
 
 # The Domain's read-only methods the control plane may call.
 QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_hypercalls",
@@ -76,7 +75,7 @@ def exit_status_for(stop: GuestStop) -> int:
 
 
 class Controller:
-    def __init__(self, factory: DomainFactory, spec: Any, *, snapshot_dir: str = ".",
+    def __init__(self, factory: VmFactory, spec: Any, *, snapshot_dir: str = ".",
                  publish: Callable[[str, dict, float], None] | None = None,
                  on_guest_stop: Callable[[GuestStop], None] | None = None,
                  on_state: Callable[[RunState], None] | None = None,
