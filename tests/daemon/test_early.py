@@ -1,11 +1,13 @@
 """The early start (early.py): sockets bound before the VM is built on a thread, the daemon
 taking both over. Events of the build reach the daemon in order, a stop signal that comes
-before the loop is handled cleanly, a failed start closes what was built, and a socket that
-cannot be made stops the start before any VM exists."""
+before the loop is handled cleanly, a failed start closes what was built, a socket that
+cannot be made stops the start before any VM exists, and the garbage collector, off during
+the start, is on again after it (with the start's objects frozen only when it succeeded)."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -19,6 +21,16 @@ from xend_lite.daemon.early import EarlyStart
 from xend_lite.daemon.exitcodes import ExitCode, StartError
 from xend_lite.daemon.service import Daemon
 from xend_lite.daemon.systemd import Notifier
+
+
+@pytest.fixture(autouse=True)
+def collector():
+    """Each test starts with the collector on and must leave it on; frozen objects are
+    given back to it, for the tests that follow."""
+    assert gc.isenabled()
+    yield
+    gc.unfreeze()
+    assert gc.isenabled(), "the start left the garbage collector off"
 
 
 class Recorder(FakeDomain):
@@ -40,6 +52,7 @@ def _early(short_tmp, factory=Recorder, **kw) -> tuple[EarlyStart, object]:
 async def test_the_daemon_takes_over_the_early_build_and_its_events(short_tmp):
     early, cfg = _early(short_tmp)
     assert os.path.exists(cfg.socket)                 # bound before the daemon exists
+    assert not gc.isenabled()                         # off while the start runs
     early.domain.result(10)                           # built, its events held meanwhile
     d = Daemon(cfg, Recorder, notifier=Notifier({}), env={}, early=early)
     seen = []
@@ -52,6 +65,7 @@ async def test_the_daemon_takes_over_the_early_build_and_its_events(short_tmp):
         steps = [ev for ev in seen if ev.get("event") == "BUILD_STEP"]
         assert [ev["data"]["i"] for ev in steps] == [0, 1, 2]
         assert d.controller.state.value == "running"
+        assert gc.isenabled() and gc.get_freeze_count() > 0   # READY=1: frozen, back on
     finally:
         d.request_exit(0, "test done")
         await d.stop()
@@ -89,6 +103,7 @@ async def test_a_start_failing_before_the_build_is_used_closes_the_vm(short_tmp)
     assert d.controller.domain is None
     assert early.domain.result().closed
     assert not os.path.exists(cfg.socket)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_a_socket_in_use_stops_the_start_before_any_vm(short_tmp):
@@ -106,3 +121,4 @@ def test_a_socket_in_use_stops_the_start_before_any_vm(short_tmp):
     assert info.value.code == ExitCode.SOCKET
     assert built == []
     assert signal.getsignal(signal.SIGTERM) is before   # handlers given back
+    assert gc.isenabled() and gc.get_freeze_count() == 0

@@ -128,6 +128,8 @@ class Daemon:
         log.info("xend-lite serving on %s (pid %d), guest %s", ", ".join(self.addresses),
                  os.getpid(), state.value)
         self.notifier.ready(self._status_line(state))
+        if self._early is not None:
+            self._early.settle()
         interval = self.notifier.watchdog_interval
         if interval:
             self._spawn(self._watchdog(interval))
@@ -235,6 +237,8 @@ class Daemon:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+            if self._early is not None:
+                self._early.settle(freeze=False)    # a start that failed: collector back on
 
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
