@@ -115,14 +115,16 @@ class Daemon:
         token = self._open_listeners()
         self.controller.snapshots.prepare()
         self.controller.attach_loop()
+        # the application is made while an early build may still run (it needs no VM); it
+        # serves only once the guest runs
+        app = make_app(self.controller, self.events, daemon=self, token=token)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self.runner.setup()
         if self.cfg.incoming:
             state = RunState.INCOMING   # nothing is built until snapshot-load
             await self.controller.warm_up()
         else:
             state = await self._build_and_boot()
-        app = make_app(self.controller, self.events, daemon=self, token=token)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        await self.runner.setup()
         await self.connections.serve(self.runner.server,
                                      [(lst.sock, lst.kind == "tcp") for lst in self.listeners.items])
         log.info("xend-lite serving on %s (pid %d), guest %s", ", ".join(self.addresses),
