@@ -5,7 +5,6 @@ smallest configuration measured in the same run."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import time
@@ -34,7 +33,7 @@ def _machine(kvm, image: bytes, vcpus: int, ram: int):
     info = load_image(m, image, flat_gpa=LOAD_GPA)
     for i in range(vcpus):
         bc = boot_cpu(m, info, i)
-        m.set_boot_cpu(i, dataclasses.replace(bc, regs=dataclasses.replace(bc.regs, rsp=0x170000 - i * 0x4000)))
+        m.set_boot_cpu(i, bc.replace(regs=bc.regs.replace(rsp=0x170000 - i * 0x4000)))
     return m
 
 

@@ -14,7 +14,7 @@ import pytest
 from tests.daemon.conftest import wait_for
 from xend_lite.cli.ctl import Client, RpcError
 from xend_lite.daemon.events import EventBus
-from xend_lite.daemon.server import ListenError, bind_unix
+from xend_lite.daemon.listen import ListenError, bind_unix
 from xend_lite.daemon.service import ExitCode, StartError
 
 TOKEN = "s3cret-token-0123456789abcdef"

@@ -3,7 +3,6 @@ around and beneath it: no lost write, no crash, RAM beneath intact."""
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 import time
 
@@ -27,7 +26,7 @@ def hammer_domain(guest_image, tmp_path) -> Domain:
     try:
         for i in range(2):
             bc = boot_cpu(d.machine, d.boot, i)
-            d.machine.set_boot_cpu(i, dataclasses.replace(bc, regs=dataclasses.replace(bc.regs, rsi=i)))
+            d.machine.set_boot_cpu(i, bc.replace(regs=bc.regs.replace(rsi=i)))
     except BaseException:
         d.close()
         raise

@@ -163,7 +163,7 @@ def test_bad_snapshot_refused_and_vm_unchanged(domains, counter_image, tmp_path,
 def test_states_round_trip_through_the_codec(domains, counter_image):
     from xend_lite.snapshot.state import decode_state, encode_state
     from xend_lite.xen.state import XenState
-    from xend_lite.xen.overlay import OverlayState
+    from xend_lite.xen.state import OverlayState
 
     a = domains(counter_image)
     a.start()
@@ -212,7 +212,7 @@ def test_newer_or_malformed_overlay_section_refused(domains, counter_image, tmp_
     from dataclasses import dataclass
 
     from xend_lite.snapshot import SectionVersionError
-    from xend_lite.xen.overlay import OverlayState
+    from xend_lite.xen.state import OverlayState
 
     a = domains(counter_image)
     a.start()

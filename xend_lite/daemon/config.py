@@ -12,12 +12,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, NamedTuple
 
 from xend_lite.daemon.snapdir import check_config_name
 from xend_lite.daemon.tokens import check_token_file
 from xend_lite.errors import ConfigError
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 MiB = 1 << 20
 BACKENDS = ("auto", "userspace", "kvm-xen")
@@ -64,52 +65,85 @@ class TcpAddress(NamedTuple):
             return self.host == "localhost"
 
 
-@dataclass(frozen=True)
-class DaemonConfig:
+class DaemonConfig(Frozen):
     """Everything the daemon needs, validated. Field names shared with the Xen layer's
     DomainSpec (image ... kvm_path) feed it directly."""
 
+    __slots__ = ("image", "initrd", "cmdline", "memory_mib", "vcpus", "xen_version", "domid",
+                 "backend", "grant_frames", "console_log", "console_stdout", "start_paused",
+                 "on_poweroff", "on_reboot", "kvm_path", "socket", "tcp", "token_file",
+                 "snapshot_dir", "log_level", "save_on_stop", "restore", "incoming", "debug",
+                 "config_file")
     # guest
-    image: str | None = None
-    initrd: str | None = None
-    cmdline: str = ""
-    memory_mib: int = 128
-    vcpus: int = 1
-    xen_version: str = "4.16"
-    domid: int = 1
-    backend: str = "auto"
-    grant_frames: int = 64
-    console_log: str | None = None
-    console_stdout: bool = False
-    start_paused: bool = False
-    on_poweroff: str = "exit"
-    on_reboot: str = "reset"
-    kvm_path: str = "/dev/kvm"
+    image: str | None
+    initrd: str | None
+    cmdline: str
+    memory_mib: int
+    vcpus: int
+    xen_version: str
+    domid: int
+    backend: str
+    grant_frames: int
+    console_log: str | None
+    console_stdout: bool
+    start_paused: bool
+    on_poweroff: str
+    on_reboot: str
+    kvm_path: str
     # control plane
-    socket: str = ""
-    tcp: TcpAddress | None = None
-    token_file: str | None = None
+    socket: str
+    tcp: TcpAddress | None
+    token_file: str | None
     # daemon
-    snapshot_dir: str = ""
-    log_level: str = "info"
-    save_on_stop: str | None = None
+    snapshot_dir: str
+    log_level: str
+    save_on_stop: str | None
     # command line only
-    restore: str | None = None
-    incoming: bool = False      # build no VM until snapshot-load
-    debug: bool = False
-    config_file: str | None = None
+    restore: str | None
+    incoming: bool      # build no VM until snapshot-load
+    debug: bool
+    config_file: str | None
 
-    def __post_init__(self) -> None:
-        if not self.socket:
-            object.__setattr__(self, "socket", default_socket_path())
-        if not self.snapshot_dir:
-            object.__setattr__(self, "snapshot_dir", default_snapshot_dir())
+    def __init__(self, image: str | None = None, initrd: str | None = None, cmdline: str = "",
+                 memory_mib: int = 128, vcpus: int = 1, xen_version: str = "4.16", domid: int = 1,
+                 backend: str = "auto", grant_frames: int = 64, console_log: str | None = None,
+                 console_stdout: bool = False, start_paused: bool = False,
+                 on_poweroff: str = "exit", on_reboot: str = "reset", kvm_path: str = "/dev/kvm",
+                 socket: str = "", tcp: TcpAddress | None = None, token_file: str | None = None,
+                 snapshot_dir: str = "", log_level: str = "info", save_on_stop: str | None = None,
+                 restore: str | None = None, incoming: bool = False, debug: bool = False,
+                 config_file: str | None = None):
+        _set(self, "image", image)
+        _set(self, "initrd", initrd)
+        _set(self, "cmdline", cmdline)
+        _set(self, "memory_mib", memory_mib)
+        _set(self, "vcpus", vcpus)
+        _set(self, "xen_version", xen_version)
+        _set(self, "domid", domid)
+        _set(self, "backend", backend)
+        _set(self, "grant_frames", grant_frames)
+        _set(self, "console_log", console_log)
+        _set(self, "console_stdout", console_stdout)
+        _set(self, "start_paused", start_paused)
+        _set(self, "on_poweroff", on_poweroff)
+        _set(self, "on_reboot", on_reboot)
+        _set(self, "kvm_path", kvm_path)
+        _set(self, "socket", socket or default_socket_path())
+        _set(self, "tcp", tcp)
+        _set(self, "token_file", token_file)
+        _set(self, "snapshot_dir", snapshot_dir or default_snapshot_dir())
+        _set(self, "log_level", log_level)
+        _set(self, "save_on_stop", save_on_stop)
+        _set(self, "restore", restore)
+        _set(self, "incoming", incoming)
+        _set(self, "debug", debug)
+        _set(self, "config_file", config_file)
         if self.tcp is not None and not self.token_file:
             raise ConfigError("control.tcp is set but control.token_file is not: TCP needs a bearer "
                               "token (write one to a file and set control.token_file / --token-file)")
 
     def with_overrides(self, **kw: Any) -> DaemonConfig:
-        return replace(self, **kw)
+        return self.replace(**kw)
 
 
 # -- checks: each takes the raw value and returns the normalized one or raises ValueError ---
@@ -288,7 +322,7 @@ def build_config(file_values: dict[str, Any] | None = None,
         key = KEYS_BY_FIELD.get(name)
         values[name] = raw if key is None or (name == "tcp" and isinstance(raw, TcpAddress)) \
             else _check(key, raw, key.dotted)
-    allowed = {f.name for f in fields(DaemonConfig)}
+    allowed = set(DaemonConfig.__slots__)
     unknown = set(values) - allowed
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")

@@ -32,10 +32,12 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 log = logging.getLogger("xend_lite.connections")
 
@@ -57,11 +59,18 @@ BACKLOG = 4096
 ACCEPTS_PER_TURN = 100
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_connections: int = MAX_CONNECTIONS
-    max_unauthenticated: int = MAX_UNAUTHENTICATED
-    request_timeout: float = REQUEST_TIMEOUT
+class Limits(Frozen):
+    __slots__ = ("max_connections", "max_unauthenticated", "request_timeout")
+    max_connections: int
+    max_unauthenticated: int
+    request_timeout: float
+
+    def __init__(self, max_connections: int = MAX_CONNECTIONS,
+                 max_unauthenticated: int = MAX_UNAUTHENTICATED,
+                 request_timeout: float = REQUEST_TIMEOUT):
+        _set(self, "max_connections", max_connections)
+        _set(self, "max_unauthenticated", max_unauthenticated)
+        _set(self, "request_timeout", request_timeout)
 
     @classmethod
     def for_fd_limit(cls, nofile: int, in_use: int, listeners: int = 1) -> Limits:

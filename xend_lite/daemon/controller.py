@@ -22,20 +22,23 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.daemon.console_stream import ConsoleHub
-from xend_lite.daemon.jobs import IDLE, SnapshotJob, memory_size
 from xend_lite.daemon.runstate import ALL_STATES, RunState, check_state, requires
 from xend_lite.daemon.snapdir import SnapshotDir
 from xend_lite.errors import InvalidArgument, SnapshotError, StateError
-from xend_lite.vmm.api import VmApi, VmFactory
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
+
+if TYPE_CHECKING:
+    from xend_lite.daemon.early import EarlyStart
+    from xend_lite.daemon.jobs import SnapshotJob   # loaded by the first save or load
+    from xend_lite.vmm.api import VmApi, VmFactory  # only named in annotations here
 
 log = logging.getLogger("xend_lite.controller")
 
 R = RunState
-DomainFactory = VmFactory
 
 # The Domain's read-only methods the control plane may call.
 QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_hypercalls",
@@ -46,12 +49,16 @@ QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_
 REBOOT_REASONS = ("reboot",)
 
 
-@dataclass(frozen=True)
-class GuestStop:
+class GuestStop(Frozen):
     """What the loop is told when the guest ends its run."""
 
+    __slots__ = ("reason", "code")
     reason: str
     code: int
+
+    def __init__(self, reason: str, code: int):
+        _set(self, "reason", reason)
+        _set(self, "code", code)
 
 
 def exit_status_for(stop: GuestStop) -> int:
@@ -66,7 +73,7 @@ def exit_status_for(stop: GuestStop) -> int:
 
 
 class Controller:
-    def __init__(self, factory: DomainFactory, spec: Any, *, snapshot_dir: str = ".",
+    def __init__(self, factory: VmFactory, spec: Any, *, snapshot_dir: str = ".",
                  publish: Callable[[str, dict, float], None] | None = None,
                  on_guest_stop: Callable[[GuestStop], None] | None = None,
                  on_state: Callable[[RunState], None] | None = None,
@@ -166,12 +173,17 @@ class Controller:
 
     # -- upper half: called on the event loop -------------------------------------------
 
-    async def build(self) -> None:
-        """Build the VM on a worker thread (the loop never blocks)."""
+    async def build(self, early: EarlyStart | None = None) -> None:
+        """Build the VM on a worker thread (the loop never blocks), or take over the one
+        ``early`` is building."""
         check_state(self._state, (R.CREATED,), "build")
         if self.domain is None:
             self.attach_loop()
-            self.domain = await asyncio.to_thread(self._factory, self._spec, self._domain_event)
+            if early is not None:
+                early.attach(self._domain_event)
+                self.domain = await asyncio.wrap_future(early.domain)
+            else:
+                self.domain = await asyncio.to_thread(self._factory, self._spec, self._domain_event)
             self.domain.add_console_listener(
                 lambda data: self._to_loop(self.console.publish, bytes(data)))
 
@@ -296,7 +308,11 @@ class Controller:
     def snapshot_job(self) -> dict:
         """The save or load running now (answered on the loop: the owner is busy with it)."""
         job = self.job
-        return dict(IDLE) if job is None else job.describe()
+        if job is None:
+            from xend_lite.daemon.jobs import IDLE
+
+            return dict(IDLE)
+        return job.describe()
 
     async def close(self) -> None:
         """Stop the vCPUs and release the VM (console flushed); its owner thread ends."""
@@ -437,6 +453,8 @@ class Controller:
 
     @requires(R.RUNNING, R.PAUSED)
     def _snapshot_save(self, path: str, paused: bool) -> dict:
+        from xend_lite.daemon.jobs import SnapshotJob
+
         was_running = self._pause_for()
         self._set_state(R.SAVING)
         t0 = time.monotonic()
@@ -458,6 +476,8 @@ class Controller:
 
     @requires(R.RUNNING, R.PAUSED)
     def _snapshot_load(self, path: str, verify: bool = True) -> dict:
+        from xend_lite.daemon.jobs import SnapshotJob, memory_size
+
         was_running = self._pause_for()
         self._set_state(R.RESTORING)
         t0 = time.monotonic()

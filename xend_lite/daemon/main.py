@@ -52,7 +52,8 @@ import os
 from typing import Any
 
 from xend_lite.daemon.config import KEYS, load_config
-from xend_lite.daemon.service import Daemon, DomainFactory, ExitCode, StartError, real_domain_factory
+from xend_lite.daemon.early import DomainFactory, EarlyStart, real_domain_factory
+from xend_lite.daemon.exitcodes import ExitCode, StartError
 from xend_lite.daemon.systemd import setup_logging
 from xend_lite.errors import ConfigError
 
@@ -180,7 +181,17 @@ def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None 
     real = domain_factory is None
     try:
         preflight(cfg, check_kvm=real)
-        daemon = Daemon(cfg, domain_factory or real_domain_factory)
+        factory = domain_factory or real_domain_factory
+        # sockets bound and the VM building (early.py) while the rest of the daemon loads
+        early = None if cfg.incoming else EarlyStart(cfg, factory)
+        try:
+            from xend_lite.daemon.service import Daemon
+
+            daemon = Daemon(cfg, factory, early=early)
+        except BaseException:
+            if early is not None:
+                early.abandon()
+            raise
         return asyncio.run(daemon.run())
     except StartError as exc:
         return _start_failed(exc, debug)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from xend_lite.daemon.runstate import RunState
+from xend_lite.record import Record
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -23,10 +23,12 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 OVERLAY_EVENTS = {"XEN_OVERLAY_MAPPED": "mapped", "XEN_OVERLAY_UNMAPPED": "unmapped"}
 
 
-@dataclass
-class Histogram:
-    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
-    total: float = 0.0
+class Histogram(Record):
+    __slots__ = ("counts", "total")
+
+    def __init__(self, counts: list[int] | None = None, total: float = 0.0):
+        self.counts = [0] * (len(BUCKETS) + 1) if counts is None else counts
+        self.total = total
 
     def observe(self, seconds: float) -> None:
         i = 0
@@ -36,11 +38,13 @@ class Histogram:
         self.total += seconds
 
 
-@dataclass
-class SnapshotStats:
-    count: int = 0
-    seconds: float = 0.0
-    bytes: int = 0
+class SnapshotStats(Record):
+    __slots__ = ("count", "seconds", "bytes")
+
+    def __init__(self, count: int = 0, seconds: float = 0.0, bytes: int = 0):  # noqa: A002
+        self.count = count
+        self.seconds = seconds
+        self.bytes = bytes
 
 
 class Metrics:

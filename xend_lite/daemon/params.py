@@ -3,8 +3,10 @@ turns a request's params into keyword arguments or a ParamError naming the bad o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
+
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 U64_MAX = (1 << 64) - 1
 
@@ -45,12 +47,19 @@ def boolean(v: Any) -> bool:
     return v
 
 
-@dataclass(frozen=True)
-class Param:
+class Param(Frozen):
+    __slots__ = ("name", "check", "required", "default")
     name: str
     check: Callable[[Any], Any]
-    required: bool = True
-    default: Any = None
+    required: bool
+    default: Any
+
+    def __init__(self, name: str, check: Callable[[Any], Any], required: bool = True,
+                 default: Any = None):
+        _set(self, "name", name)
+        _set(self, "check", check)
+        _set(self, "required", required)
+        _set(self, "default", default)
 
 
 def opt(name: str, check: Callable[[Any], Any], default: Any) -> Param:

@@ -24,13 +24,14 @@ import inspect
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from jsonrpcserver import JsonRpcError, Success, async_dispatch_to_serializable
 
 from xend_lite.daemon.params import Param, ParamError, bind_params
 from xend_lite.errors import GuestMemoryError, StateError, XendLiteError
+from xend_lite.record import Frozen, Record
+from xend_lite.record import set_field as _set
 
 log = logging.getLogger("xend_lite.rpc")
 
@@ -42,25 +43,34 @@ INTERNAL_ERROR = -32603
 MAX_BODY = 1 << 20
 
 
-@dataclass
-class RpcContext:
+class RpcContext(Record):
     """What a method sees: the daemon's services, and actions to run once the HTTP reply
     has been sent (quit stops the daemon only after it answered)."""
 
-    controller: Any
-    daemon: Any = None
-    after_reply: list[Callable[[], Any]] = field(default_factory=list)
+    __slots__ = ("controller", "daemon", "after_reply")
+
+    def __init__(self, controller: Any, daemon: Any = None,
+                 after_reply: list[Callable[[], Any]] | None = None):
+        self.controller = controller
+        self.daemon = daemon
+        self.after_reply = [] if after_reply is None else after_reply
 
 
 MethodFn = Callable[..., Awaitable[Any]]
 
 
-@dataclass(frozen=True)
-class RpcMethod:
+class RpcMethod(Frozen):
+    __slots__ = ("name", "fn", "params", "doc")
     name: str
     fn: MethodFn
     params: tuple[Param, ...]
     doc: str
+
+    def __init__(self, name: str, fn: MethodFn, params: tuple[Param, ...], doc: str):
+        _set(self, "name", name)
+        _set(self, "fn", fn)
+        _set(self, "params", params)
+        _set(self, "doc", doc)
 
 
 METHODS: dict[str, RpcMethod] = {}

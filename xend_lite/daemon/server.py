@@ -1,30 +1,21 @@
-"""The HTTP side of the control plane: the aiohttp application (POST /rpc, GET /events), the
-bearer-token check for TCP clients, and the listening sockets.
+"""The HTTP side of the control plane: the aiohttp application (POST /rpc, GET /events) and
+the bearer-token check for TCP clients. The sockets it serves on are made in listen.py.
 
 Handlers only read the request and hand it on: JSON-RPC bodies to the Dispatcher, event
-subscribers to the EventBus. The sockets are made here (not by aiohttp) so the Unix socket is
-created 0600 from the start, a live daemon on the same path is detected instead of being
-unlinked, and sockets passed by systemd are used as they are.
+subscribers to the EventBus.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import json
 import logging
-import os
-import socket
-import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from xend_lite.daemon.config import TcpAddress
-from xend_lite.daemon.connections import BACKLOG, hold, on_response_prepare
+from xend_lite.daemon.connections import hold, on_response_prepare
 from xend_lite.daemon.console_stream import WriterBusy
 from xend_lite.daemon.events import EventBus
 from xend_lite.daemon.methods import CONSOLE_WRITE_MAX, METHODS
@@ -41,126 +32,6 @@ CONTROLLER = web.AppKey("controller", object)
 DAEMON = web.AppKey("daemon", object)
 TOKEN = web.AppKey("token", object)  # str | None
 WEBSOCKETS = web.AppKey("websockets", set)
-
-
-class ListenError(Exception):
-    """A listening socket could not be set up; the message says what and how to fix it."""
-
-
-# -- listeners -----------------------------------------------------------------------------
-
-@dataclass
-class Listener:
-    sock: socket.socket
-    kind: str             # "unix" or "tcp"
-    where: str            # path or host:port, for logs
-    owned_path: str | None = None  # a socket file we created and must remove
-
-
-@dataclass
-class Listeners:
-    items: list[Listener] = field(default_factory=list)
-
-    def close(self) -> None:
-        for lst in self.items:
-            with contextlib.suppress(OSError):
-                lst.sock.close()
-            remove_socket_file(lst.owned_path)
-        self.items.clear()
-
-
-def remove_socket_file(path: str | None) -> None:
-    if not path:
-        return
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not remove socket %s: %s", path, exc.strerror)
-
-
-def bind_unix(path: str) -> Listener:
-    """A listening Unix socket at ``path``, mode 0600, its directory created 0700 if
-    missing. A stale socket file (nobody answers) is replaced; a live one is an error."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise ListenError(f"cannot create the socket directory {directory}: {exc.strerror} "
-                          "(choose another path with --socket)") from None
-    if len(os.fsencode(path)) >= 108:
-        raise ListenError(f"socket path {path} is too long for a Unix socket (107 bytes at most): "
-                          "choose a shorter one with --socket")
-    if os.path.lexists(path):
-        st = os.lstat(path)
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ListenError(f"socket path {path} exists and is not a socket: remove it or choose "
-                              "another with --socket")
-        if _socket_answers(path):
-            raise ListenError(f"socket path {path} is in use by a running daemon: stop it, or give "
-                              "this one another --socket")
-        log.info("removing stale socket %s", path)
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ListenError(f"socket path {path} is in use: stop the other daemon or give this one "
-                              "another --socket") from None
-        raise ListenError(f"cannot bind {path}: {exc.strerror} (choose another path with --socket)") from None
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(BACKLOG)
-    sock.setblocking(False)
-    return Listener(sock, "unix", path, owned_path=path)
-
-
-def _socket_answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
-def bind_tcp(addr: TcpAddress) -> Listener:
-    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((addr.host, addr.port))
-        sock.listen(BACKLOG)
-    except OSError as exc:
-        sock.close()
-        how = ("stop what uses it or choose another port with --tcp" if exc.errno == errno.EADDRINUSE
-               else "check the address given with --tcp")
-        raise ListenError(f"cannot listen on tcp {addr}: {exc.strerror}: {how}") from None
-    sock.setblocking(False)
-    host, port = sock.getsockname()[:2]
-    if not addr.is_loopback:
-        log.warning("listening on tcp %s, which is not a loopback address: every client on that "
-                    "network can try the token", addr)
-    return Listener(sock, "tcp", str(TcpAddress(host, port)))
-
-
-def adopt(sock: socket.socket) -> Listener:
-    """A socket passed by systemd: used as it is, never unlinked by us."""
-    if sock.family == socket.AF_UNIX:
-        name = sock.getsockname()
-        where = name.decode(errors="replace") if isinstance(name, bytes) else (name or "(unnamed)")
-        return Listener(sock, "unix", where)
-    host, port = sock.getsockname()[:2]
-    return Listener(sock, "tcp", str(TcpAddress(host, port)))
 
 
 # -- the application -----------------------------------------------------------------------

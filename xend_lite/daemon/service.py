@@ -15,56 +15,31 @@ import os
 import signal
 import sys
 import time
-from enum import IntEnum
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
-from xend_lite.daemon.config import DaemonConfig, read_token
+from xend_lite.daemon.config import DaemonConfig
 from xend_lite.daemon.connections import ConnectionGuard, start_guard
 from xend_lite.daemon.controller import REBOOT_REASONS, Controller, GuestStop, exit_status_for
+from xend_lite.daemon.early import DomainFactory, EarlyStart, real_domain_factory
 from xend_lite.daemon.events import EventBus
+from xend_lite.daemon.exitcodes import ExitCode, StartError
+from xend_lite.daemon.listen import Listeners, open_listeners
 from xend_lite.daemon.metrics import Metrics
 from xend_lite.daemon.runstate import RunState
-from xend_lite.daemon.server import WEBSOCKETS, Listeners, ListenError, adopt, bind_tcp, bind_unix, make_app
-from xend_lite.daemon.systemd import Notifier, listen_fds
+from xend_lite.daemon.server import WEBSOCKETS, make_app
+from xend_lite.daemon.systemd import Notifier
 from xend_lite.machine.native import set_mmap_threshold
 from xend_lite.errors import (ConfigError, InvalidArgument, LoaderError, NotFound, NotSupported,
                               SnapshotError, XendLiteError)
-from xend_lite.vmm.api import VmApi
+
+__all__ = ["Daemon", "DomainFactory", "ExitCode", "StartError", "classify_build_error",
+           "real_domain_factory"]
 
 log = logging.getLogger("xend_lite.daemon")
 
 RECLAIM_WAIT = 30.0    # seconds a stopping daemon waits for replaced snapshots to be freed
-
-
-class ExitCode(IntEnum):
-    """The daemon's exit statuses. A guest poweroff exits with the guest's own code."""
-
-    OK = 0
-    FAILURE = 1        # a failure after start (details in the log), or a guest crash
-    USAGE = 2          # unknown option or missing option argument
-    SNAPSHOT = 65      # --restore: the snapshot is missing or cannot be loaded
-    IMAGE = 66         # the guest image is missing, unreadable or not loadable
-    KVM = 69           # /dev/kvm is missing, not accessible, or lacks what we need
-    SOFTWARE = 70      # an internal error while starting
-    SOCKET = 73        # the control socket (or TCP address) is in use or cannot be made
-    CONFIG = 78        # the configuration (file or options) is invalid
-
-
-class StartError(Exception):
-    def __init__(self, code: ExitCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-DomainFactory = Callable[[Any, Callable[[str, dict], None]], Any]
-
-
-def real_domain_factory(cfg: Any, emit: Callable[[str, dict], None]) -> VmApi:
-    from xend_lite.vmm.domain import Domain
-
-    return Domain(cfg, emit)
 
 
 def classify_build_error(exc: BaseException, cfg: DaemonConfig) -> StartError:
@@ -91,8 +66,10 @@ def classify_build_error(exc: BaseException, cfg: DaemonConfig) -> StartError:
 
 class Daemon:
     def __init__(self, cfg: DaemonConfig, domain_factory: DomainFactory = real_domain_factory,
-                 notifier: Notifier | None = None, env: dict[str, str] | None = None):
+                 notifier: Notifier | None = None, env: dict[str, str] | None = None,
+                 early: EarlyStart | None = None):
         self.cfg = cfg
+        self._early = early
         self.events = EventBus()
         self.metrics = Metrics()
         self.events.observers.append(self.metrics.event)
@@ -138,26 +115,30 @@ class Daemon:
         token = self._open_listeners()
         self.controller.snapshots.prepare()
         self.controller.attach_loop()
+        # the application is made while an early build may still run (it needs no VM); it
+        # serves only once the guest runs
+        app = make_app(self.controller, self.events, daemon=self, token=token)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self.runner.setup()
         if self.cfg.incoming:
             state = RunState.INCOMING   # nothing is built until snapshot-load
             await self.controller.warm_up()
         else:
             state = await self._build_and_boot()
-        app = make_app(self.controller, self.events, daemon=self, token=token)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        await self.runner.setup()
         await self.connections.serve(self.runner.server,
                                      [(lst.sock, lst.kind == "tcp") for lst in self.listeners.items])
         log.info("xend-lite serving on %s (pid %d), guest %s", ", ".join(self.addresses),
                  os.getpid(), state.value)
         self.notifier.ready(self._status_line(state))
+        if self._early is not None:
+            self._early.settle()
         interval = self.notifier.watchdog_interval
         if interval:
             self._spawn(self._watchdog(interval))
 
     async def _build_and_boot(self) -> RunState:
         try:
-            await self.controller.build()
+            await self.controller.build(self._early)
         except Exception as exc:  # noqa: BLE001 - each kind gets its own exit status
             raise classify_build_error(exc, self.cfg) from exc
         if self.cfg.restore:
@@ -211,31 +192,10 @@ class Daemon:
                 log.error("cannot remove %s: %s", path, err)
 
     def _open_listeners(self) -> str | None:
-        passed = listen_fds(self._env if self._env is not None else None)
-        token = None
-        try:
-            if passed:
-                for sock in passed:
-                    self.listeners.items.append(adopt(sock))
-                log.info("using %d socket(s) passed by the service manager", len(passed))
-            else:
-                self.listeners.items.append(bind_unix(self.cfg.socket))
-            has_tcp = any(lst.kind == "tcp" for lst in self.listeners.items)
-            if self.cfg.tcp is not None and not passed:
-                token = read_token(self.cfg.token_file)  # before binding: no open port without it
-                self.listeners.items.append(bind_tcp(self.cfg.tcp))
-            elif has_tcp:
-                if not self.cfg.token_file:
-                    raise ConfigError("a TCP socket was passed but control.token_file is not set: TCP "
-                                      "clients need a bearer token (--token-file)")
-                token = read_token(self.cfg.token_file)
-        except ListenError as exc:
-            self.listeners.close()
-            raise StartError(ExitCode.SOCKET, str(exc)) from exc
-        except ConfigError as exc:
-            self.listeners.close()
-            raise StartError(ExitCode.CONFIG, str(exc)) from exc
-        return token
+        if self._early is not None:      # bound by main() before the VM was built
+            self.listeners = self._early.listeners
+            return self._early.token
+        return open_listeners(self.cfg, self.listeners, self._env)
 
     # -- running -------------------------------------------------------------------------
 
@@ -263,6 +223,9 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
             loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored: restart to reload"))
+            if self._early is not None:   # the loop's handlers replaced those of main()
+                for sig in self._early.signals:
+                    self._on_signal(sig)
         try:
             try:
                 await self.start()
@@ -276,6 +239,8 @@ class Daemon:
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+            if self._early is not None:
+                self._early.settle(freeze=False)    # a start that failed: collector back on
 
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
@@ -345,6 +310,8 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.cfg.save_on_stop and self.controller.domain is not None:
             await self._save_for_next_start()
+        if self._early is not None and self.controller.domain is None:
+            await asyncio.to_thread(self._early.discard)   # a start that failed before the VM
         await self.controller.close()
         await asyncio.sleep(0)  # let the events the close published reach the bus
         self.events.close()

@@ -111,7 +111,7 @@ class SnapshotDir:
         if not os.path.isdir(self.path):
             return 0
         self._warn_if_shared()
-        from xend_lite.snapshot.target import remove_stale_temps
+        from xend_lite.snapshot.temps import remove_stale_temps
 
         removed = 0
         try:

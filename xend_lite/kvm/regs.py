@@ -3,32 +3,41 @@ synced copy in kvm_run holds. ``*_from_c`` / ``*_to_c`` are the only places thes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from xend_lite.record import Frozen, Record
+from xend_lite.record import set_field as _set
+
+# Records (xend_lite/record.py), not dataclasses: every daemon start imports these.
 
 
-@dataclass(slots=True)
-class Regs:
-    rax: int = 0
-    rbx: int = 0
-    rcx: int = 0
-    rdx: int = 0
-    rsi: int = 0
-    rdi: int = 0
-    rsp: int = 0
-    rbp: int = 0
-    r8: int = 0
-    r9: int = 0
-    r10: int = 0
-    r11: int = 0
-    r12: int = 0
-    r13: int = 0
-    r14: int = 0
-    r15: int = 0
-    rip: int = 0
-    rflags: int = 2
+class Regs(Record):
+    __slots__ = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+                 "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+
+    def __init__(self, rax: int = 0, rbx: int = 0, rcx: int = 0, rdx: int = 0, rsi: int = 0,
+                 rdi: int = 0, rsp: int = 0, rbp: int = 0, r8: int = 0, r9: int = 0,
+                 r10: int = 0, r11: int = 0, r12: int = 0, r13: int = 0, r14: int = 0,
+                 r15: int = 0, rip: int = 0, rflags: int = 2):
+        self.rax = rax
+        self.rbx = rbx
+        self.rcx = rcx
+        self.rdx = rdx
+        self.rsi = rsi
+        self.rdi = rdi
+        self.rsp = rsp
+        self.rbp = rbp
+        self.r8 = r8
+        self.r9 = r9
+        self.r10 = r10
+        self.r11 = r11
+        self.r12 = r12
+        self.r13 = r13
+        self.r14 = r14
+        self.r15 = r15
+        self.rip = rip
+        self.rflags = rflags
 
 
-REG_NAMES = tuple(f.name for f in fields(Regs))
+REG_NAMES = Regs.__slots__
 
 
 def regs_from_c(c) -> Regs:
@@ -40,52 +49,69 @@ def regs_to_c(regs: Regs, c) -> None:
         setattr(c, n, getattr(regs, n) & 0xFFFFFFFFFFFFFFFF)
 
 
-@dataclass(slots=True)
-class Segment:
-    base: int = 0
-    limit: int = 0xFFFF
-    selector: int = 0
-    type: int = 0
-    present: int = 1
-    dpl: int = 0
-    db: int = 0
-    s: int = 1
-    l: int = 0  # noqa: E741 - the kernel's name
-    g: int = 0
-    avl: int = 0
-    unusable: int = 0
+class Segment(Record):
+    __slots__ = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g",
+                 "avl", "unusable")
+
+    # the kernel's field names, "type" and "l" among them
+    def __init__(self, base: int = 0, limit: int = 0xFFFF, selector: int = 0,
+                 type: int = 0, present: int = 1, dpl: int = 0, db: int = 0,  # noqa: A002
+                 s: int = 1, l: int = 0, g: int = 0, avl: int = 0, unusable: int = 0):  # noqa: E741
+        self.base = base
+        self.limit = limit
+        self.selector = selector
+        self.type = type
+        self.present = present
+        self.dpl = dpl
+        self.db = db
+        self.s = s
+        self.l = l  # noqa: E741
+        self.g = g
+        self.avl = avl
+        self.unusable = unusable
 
 
-SEG_FIELDS = tuple(f.name for f in fields(Segment))
+SEG_FIELDS = Segment.__slots__
 SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
 
-@dataclass(slots=True)
-class Dtable:
-    base: int = 0
-    limit: int = 0
+class Dtable(Record):
+    __slots__ = ("base", "limit")
+
+    def __init__(self, base: int = 0, limit: int = 0):
+        self.base = base
+        self.limit = limit
 
 
-@dataclass(slots=True)
-class Sregs:
-    cs: Segment = field(default_factory=Segment)
-    ds: Segment = field(default_factory=Segment)
-    es: Segment = field(default_factory=Segment)
-    fs: Segment = field(default_factory=Segment)
-    gs: Segment = field(default_factory=Segment)
-    ss: Segment = field(default_factory=Segment)
-    tr: Segment = field(default_factory=Segment)
-    ldt: Segment = field(default_factory=Segment)
-    gdt: Dtable = field(default_factory=Dtable)
-    idt: Dtable = field(default_factory=Dtable)
-    cr0: int = 0
-    cr2: int = 0
-    cr3: int = 0
-    cr4: int = 0
-    cr8: int = 0
-    efer: int = 0
-    apic_base: int = 0
-    interrupt_bitmap: tuple[int, ...] = (0, 0, 0, 0)
+class Sregs(Record):
+    __slots__ = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt", "gdt", "idt", "cr0", "cr2",
+                 "cr3", "cr4", "cr8", "efer", "apic_base", "interrupt_bitmap")
+
+    def __init__(self, cs: Segment | None = None, ds: Segment | None = None,
+                 es: Segment | None = None, fs: Segment | None = None, gs: Segment | None = None,
+                 ss: Segment | None = None, tr: Segment | None = None, ldt: Segment | None = None,
+                 gdt: Dtable | None = None, idt: Dtable | None = None, cr0: int = 0,
+                 cr2: int = 0, cr3: int = 0, cr4: int = 0, cr8: int = 0, efer: int = 0,
+                 apic_base: int = 0, interrupt_bitmap: tuple[int, ...] = (0, 0, 0, 0)):
+        # a segment or table not given is a fresh default one, as each Sregs has its own
+        self.cs = Segment() if cs is None else cs
+        self.ds = Segment() if ds is None else ds
+        self.es = Segment() if es is None else es
+        self.fs = Segment() if fs is None else fs
+        self.gs = Segment() if gs is None else gs
+        self.ss = Segment() if ss is None else ss
+        self.tr = Segment() if tr is None else tr
+        self.ldt = Segment() if ldt is None else ldt
+        self.gdt = Dtable() if gdt is None else gdt
+        self.idt = Dtable() if idt is None else idt
+        self.cr0 = cr0
+        self.cr2 = cr2
+        self.cr3 = cr3
+        self.cr4 = cr4
+        self.cr8 = cr8
+        self.efer = efer
+        self.apic_base = apic_base
+        self.interrupt_bitmap = interrupt_bitmap
 
 
 def sregs_from_c(c) -> Sregs:
@@ -115,9 +141,15 @@ def sregs_to_c(s: Sregs, c) -> None:
         c.interrupt_bitmap[i] = v
 
 
-@dataclass(frozen=True, slots=True)
-class Translation:
+class Translation(Frozen):
+    __slots__ = ("physical_address", "valid", "writeable", "usermode")
     physical_address: int
     valid: bool
     writeable: bool
     usermode: bool
+
+    def __init__(self, physical_address: int, valid: bool, writeable: bool, usermode: bool):
+        _set(self, "physical_address", physical_address)
+        _set(self, "valid", valid)
+        _set(self, "writeable", writeable)
+        _set(self, "usermode", usermode)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from xend_lite.kvm._ffi import ffi, lib
 from xend_lite.kvm.errors import KvmError, check
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 KVM_DEVICE = "/dev/kvm"
 
 
-@dataclass(frozen=True, slots=True)
-class CpuidEntry:
+class CpuidEntry(Frozen):
+    __slots__ = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
     function: int
     index: int
     flags: int
@@ -20,6 +21,16 @@ class CpuidEntry:
     ebx: int
     ecx: int
     edx: int
+
+    def __init__(self, function: int, index: int, flags: int, eax: int, ebx: int, ecx: int,
+                 edx: int):
+        _set(self, "function", function)
+        _set(self, "index", index)
+        _set(self, "flags", flags)
+        _set(self, "eax", eax)
+        _set(self, "ebx", ebx)
+        _set(self, "ecx", ecx)
+        _set(self, "edx", edx)
 
 
 class Kvm:

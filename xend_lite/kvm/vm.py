@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xend_lite.kvm._ffi import ffi, lib
 from xend_lite.kvm.errors import check
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 if TYPE_CHECKING:
     from xend_lite.kvm.system import Kvm
     from xend_lite.kvm.vcpu import Vcpu
 
 
-@dataclass(frozen=True, slots=True)
-class MsrFilterRange:
+class MsrFilterRange(Frozen):
     """Let KVM handle MSRs [base, base+nmsrs) for ``flags`` operations except where the
     bitmap bit is 0: those go to user space (with KVM_MSR_EXIT_REASON_FILTER enabled)."""
 
+    __slots__ = ("flags", "base", "bitmap")
     flags: int
     base: int
     bitmap: bytes  # one bit per MSR, 1 = allow in kernel
+
+    def __init__(self, flags: int, base: int, bitmap: bytes):
+        _set(self, "flags", flags)
+        _set(self, "base", base)
+        _set(self, "bitmap", bitmap)
 
     @property
     def nmsrs(self) -> int:

@@ -19,8 +19,10 @@ only what the machine serves (layouts from the ACPI specification, 6.x):
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 if TYPE_CHECKING:
     from xend_lite.kvm import exits
@@ -43,13 +45,18 @@ S5_SLP_TYP = 5
 RESET_VALUE = 1
 
 
-@dataclass(frozen=True)
-class AcpiPorts:
+class AcpiPorts(Frozen):
     """The I/O ports behind the FADT's sleep control, sleep status and reset registers."""
 
-    sleep_control: int = 0x604
-    sleep_status: int = 0x605
-    reset: int = 0x606
+    __slots__ = ("sleep_control", "sleep_status", "reset")
+    sleep_control: int
+    sleep_status: int
+    reset: int
+
+    def __init__(self, sleep_control: int = 0x604, sleep_status: int = 0x605, reset: int = 0x606):
+        _set(self, "sleep_control", sleep_control)
+        _set(self, "sleep_status", sleep_status)
+        _set(self, "reset", reset)
 
 
 PORTS = AcpiPorts()

@@ -6,7 +6,6 @@ and apply run with the vCPU paused on the thread that owns the machine.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from xend_lite.kvm import Dtable, KvmError, Regs, Segment, Sregs, Vcpu, Vm
@@ -29,7 +28,7 @@ def readable_msrs(vcpu: Vcpu, indices: list[int]) -> dict[int, int]:
 
 
 def sregs_to_dict(s: Sregs) -> dict[str, Any]:
-    return asdict(s) | {"interrupt_bitmap": list(s.interrupt_bitmap)}
+    return s.as_dict() | {"interrupt_bitmap": list(s.interrupt_bitmap)}
 
 
 def sregs_from_dict(d: dict[str, Any]) -> Sregs:
@@ -47,7 +46,7 @@ def sregs_from_dict(d: dict[str, Any]) -> Sregs:
 def capture_vcpu(vcpu: Vcpu, msr_indices: list[int], irqchip: bool = True) -> dict[str, Any]:
     vcpu.flush_dirty_regs()
     return {
-        "regs": asdict(vcpu.get_regs()),
+        "regs": vcpu.get_regs().as_dict(),
         "sregs": sregs_to_dict(vcpu.get_sregs()),
         "xsave": vcpu.get_xsave(),
         "xcrs": vcpu.get_xcrs(),

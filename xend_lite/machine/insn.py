@@ -4,9 +4,9 @@ mode only; anything outside that shape is refused with the reason."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from xend_lite.kvm import Regs
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 U64 = (1 << 64) - 1
 GPR = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
@@ -20,10 +20,10 @@ class Undecodable(Exception):
     """Not an instruction of the shape this module decodes."""
 
 
-@dataclass(frozen=True)
-class MemOperand:
+class MemOperand(Frozen):
     """A decoded 0F-opcode instruction with a memory operand, in 64-bit mode."""
 
+    __slots__ = ("prefixes", "rex", "opcode", "reg", "segment", "address", "length")
     prefixes: bytes       # the legacy prefixes, in order (segment overrides included)
     rex: int              # 0 when absent
     opcode: bytes         # 0F xx
@@ -31,6 +31,16 @@ class MemOperand:
     segment: str | None   # "fs" or "gs" when overridden (the others have base 0 in 64-bit mode)
     address: int          # the effective address (before any segment base)
     length: int           # the whole instruction, in bytes
+
+    def __init__(self, prefixes: bytes, rex: int, opcode: bytes, reg: int, segment: str | None,
+                 address: int, length: int):
+        _set(self, "prefixes", prefixes)
+        _set(self, "rex", rex)
+        _set(self, "opcode", opcode)
+        _set(self, "reg", reg)
+        _set(self, "segment", segment)
+        _set(self, "address", address)
+        _set(self, "length", length)
 
 
 def decode_0f_mem(insn: bytes, regs: Regs, rip: int) -> MemOperand:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import lzma
 import struct
 import zlib
-from dataclasses import dataclass
 
 from xend_lite.errors import LoaderError
 from xend_lite.machine import native
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 MAX_KERNEL_BYTES = 512 << 20
 ELF_MAGIC = b"\x7fELF"
@@ -47,10 +48,11 @@ FORMATS: tuple[tuple[bytes, str], ...] = (
 SUPPORTED = ("lz4", "gzip", "xz", "none")
 
 
-@dataclass(frozen=True)
-class SetupHeader:
+class SetupHeader(Frozen):
     """What xend-lite reads from a bzImage's setup header."""
 
+    __slots__ = ("version", "setup_sects", "payload_offset", "payload_length", "pref_address",
+                 "init_size", "kernel_version")
     version: tuple[int, int]
     setup_sects: int
     payload_offset: int      # from the start of the file
@@ -59,15 +61,32 @@ class SetupHeader:
     init_size: int
     kernel_version: str      # "" when the header names none
 
+    def __init__(self, version: tuple[int, int], setup_sects: int, payload_offset: int,
+                 payload_length: int, pref_address: int, init_size: int, kernel_version: str):
+        _set(self, "version", version)
+        _set(self, "setup_sects", setup_sects)
+        _set(self, "payload_offset", payload_offset)
+        _set(self, "payload_length", payload_length)
+        _set(self, "pref_address", pref_address)
+        _set(self, "init_size", init_size)
+        _set(self, "kernel_version", kernel_version)
 
-@dataclass(frozen=True)
-class Kernel:
+
+class Kernel(Frozen):
     """An image ready for the ELF loader, and where it came from."""
 
+    __slots__ = ("elf", "container", "compression", "header")
     elf: bytes
     container: str                    # "elf" or "bzimage"
-    compression: str | None = None    # the payload's format, for a bzImage
-    header: SetupHeader | None = None
+    compression: str | None           # the payload's format, for a bzImage
+    header: SetupHeader | None
+
+    def __init__(self, elf: bytes, container: str, compression: str | None = None,
+                 header: SetupHeader | None = None):
+        _set(self, "elf", elf)
+        _set(self, "container", container)
+        _set(self, "compression", compression)
+        _set(self, "header", header)
 
 
 def _err(msg: str) -> LoaderError:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from xend_lite.errors import InvalidArgument, StateError
@@ -34,28 +33,37 @@ from xend_lite.machine.owner import VmOwner
 from xend_lite.machine.prepared import PreparedVm, check_vcpus, vcpu_cpuid
 from xend_lite.machine.quirks import HostQuirks
 from xend_lite.machine.vcpu import VcpuRunner, VcpuState
+from xend_lite.record import Frozen, Record
+from xend_lite.record import set_field as _set
 
 log = logging.getLogger("xend_lite.machine")
 
 PAUSE_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class ShutdownStatus:
+class ShutdownStatus(Frozen):
     """Why the run ended: reason is poweroff, reboot, crash, suspend, watchdog, triple-fault,
     halted, internal-error or stopped; code is the guest's shutdown code where it gave one."""
 
+    __slots__ = ("reason", "code", "detail")
     reason: str
-    code: int = 0
-    detail: str = ""
+    code: int
+    detail: str
+
+    def __init__(self, reason: str, code: int = 0, detail: str = ""):
+        _set(self, "reason", reason)
+        _set(self, "code", code)
+        _set(self, "detail", detail)
 
 
-@dataclass(slots=True)
-class BootCpu:
+class BootCpu(Record):
     """Where a vCPU starts: full register and segment state."""
 
-    regs: Regs
-    sregs: Sregs
+    __slots__ = ("regs", "sregs")
+
+    def __init__(self, regs: Regs, sregs: Sregs):
+        self.regs = regs
+        self.sregs = sregs
 
 
 class Machine:

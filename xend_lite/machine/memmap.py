@@ -12,36 +12,51 @@ pauses the vCPUs first when slots change.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from xend_lite.errors import InvalidArgument, NotFound
 from xend_lite.machine.backing import PAGE_SHIFT, PAGE_SIZE, Backing
 from xend_lite.machine.native import map_shared_fixed
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 
-@dataclass(frozen=True, slots=True)
-class RamRegion:
+class RamRegion(Frozen):
+    __slots__ = ("gpa", "size", "backing", "offset")
     gpa: int
     size: int
     backing: Backing
     offset: int  # into the backing
+
+    def __init__(self, gpa: int, size: int, backing: Backing, offset: int):
+        _set(self, "gpa", gpa)
+        _set(self, "size", size)
+        _set(self, "backing", backing)
+        _set(self, "offset", offset)
 
     @property
     def end(self) -> int:
         return self.gpa + self.size
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(Frozen):
     """One contiguous, backed stretch of guest-physical space (one KVM slot)."""
 
+    __slots__ = ("gpa", "size", "backing", "offset", "kind", "name")
     gpa: int
     size: int
     backing: Backing
     offset: int
     kind: str  # "ram" | "overlay"
     name: str
+
+    def __init__(self, gpa: int, size: int, backing: Backing, offset: int, kind: str, name: str):
+        _set(self, "gpa", gpa)
+        _set(self, "size", size)
+        _set(self, "backing", backing)
+        _set(self, "offset", offset)
+        _set(self, "kind", kind)
+        _set(self, "name", name)
 
     @property
     def end(self) -> int:

@@ -3,14 +3,14 @@ machine is made and put back by a reset (with the machine paused, on the owner).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from xend_lite.kvm import Regs, Sregs, Vcpu, Vm
 from xend_lite.kvm import const as K
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 
-@dataclass(frozen=True)
-class VcpuPowerOn:
+class VcpuPowerOn(Frozen):
+    __slots__ = ("regs", "sregs", "fpu", "lapic", "mp_state", "events", "xcrs")
     regs: Regs
     sregs: Sregs
     fpu: bytes
@@ -18,6 +18,16 @@ class VcpuPowerOn:
     mp_state: int
     events: bytes
     xcrs: bytes
+
+    def __init__(self, regs: Regs, sregs: Sregs, fpu: bytes, lapic: bytes | None, mp_state: int,
+                 events: bytes, xcrs: bytes):
+        _set(self, "regs", regs)
+        _set(self, "sregs", sregs)
+        _set(self, "fpu", fpu)
+        _set(self, "lapic", lapic)
+        _set(self, "mp_state", mp_state)
+        _set(self, "events", events)
+        _set(self, "xcrs", xcrs)
 
     @classmethod
     def capture(cls, v: Vcpu, irqchip: bool) -> VcpuPowerOn:
@@ -37,12 +47,18 @@ class VcpuPowerOn:
         v.reload_synced()
 
 
-@dataclass(frozen=True)
-class VmPowerOn:
+class VmPowerOn(Frozen):
+    __slots__ = ("pic0", "pic1", "ioapic", "pit")
     pic0: bytes
     pic1: bytes
     ioapic: bytes
     pit: bytes
+
+    def __init__(self, pic0: bytes, pic1: bytes, ioapic: bytes, pit: bytes):
+        _set(self, "pic0", pic0)
+        _set(self, "pic1", pic1)
+        _set(self, "ioapic", ioapic)
+        _set(self, "pit", pit)
 
     @classmethod
     def capture(cls, vm: Vm) -> VmPowerOn:

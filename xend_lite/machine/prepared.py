@@ -170,8 +170,8 @@ def vcpu_cpuid(entries: list[CpuidEntry], apic_id: int) -> list[CpuidEntry]:
     out = []
     for e in entries:
         if e.function == 1:
-            e = replace(e, ebx=(e.ebx & 0x00FFFFFF) | (apic_id & 0xFF) << 24)
+            e = e.replace(ebx=(e.ebx & 0x00FFFFFF) | (apic_id & 0xFF) << 24)
         elif e.function in (0xB, 0x1F):
-            e = replace(e, edx=apic_id)
+            e = e.replace(edx=apic_id)
         out.append(e)
     return out

@@ -29,12 +29,13 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xend_lite.errors import GuestMemoryError
 from xend_lite.kvm import KvmError, Regs, Segment, Sregs, exits
 from xend_lite.machine.insn import Undecodable, decode_0f_mem
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 
 if TYPE_CHECKING:
     from xend_lite.kvm import Vcpu
@@ -57,11 +58,16 @@ INT3, FWAIT = 0xCC, 0x9B
 LDMXCSR = b"\x0f\xae"
 
 
-@dataclass(frozen=True)
-class Quirk:
+class Quirk(Frozen):
+    __slots__ = ("name", "instruction", "handling")
     name: str
     instruction: str    # what the host cannot emulate
     handling: str       # what is done instead
+
+    def __init__(self, name: str, instruction: str, handling: str):
+        _set(self, "name", name)
+        _set(self, "instruction", instruction)
+        _set(self, "handling", handling)
 
 
 QUIRKS = {q.name: q for q in (

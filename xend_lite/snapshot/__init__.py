@@ -6,34 +6,18 @@ file before anything is applied and hands back decoded states and where each mem
 lies in the file; :func:`describe` summarises a file without reading memory.
 """
 
-from xend_lite.snapshot.errors import (
-    BadMagic,
-    ChecksumMismatch,
-    DuplicateSection,
-    MalformedSnapshot,
-    MemoryChecksumMismatch,
-    MemoryTableError,
-    MissingSection,
-    SectionChecksumMismatch,
-    SectionVersionError,
-    SnapshotError,
-    SnapshotIOError,
-    SnapshotReadError,
-    SnapshotWriteError,
-    StateClassError,
-    StateDecodeError,
-    StateEncodeError,
-    TargetRefused,
-    Truncated,
-    UnexpectedSection,
-    UnknownSection,
-    UnsupportedFormat,
+# Everything is imported when first asked for: a VM that boots without saving or loading
+# needs only State (its components declare what they would save), and a daemon only the
+# confined paths of its snapshot directory.
+_ERRORS = (
+    "BadMagic", "ChecksumMismatch", "DuplicateSection", "MalformedSnapshot",
+    "MemoryChecksumMismatch", "MemoryTableError", "MissingSection", "SectionChecksumMismatch",
+    "SectionVersionError", "SnapshotError", "SnapshotIOError", "SnapshotReadError",
+    "SnapshotWriteError", "StateClassError", "StateDecodeError", "StateEncodeError",
+    "TargetRefused", "Truncated", "UnexpectedSection", "UnknownSection", "UnsupportedFormat",
 )
-from xend_lite.snapshot.codec import CodecError
-
-# The reader and the writer are imported when first asked for: a VM that boots without
-# saving or loading needs only State (its components declare what they would save).
 _LAZY = {
+    **{name: "errors" for name in _ERRORS}, "CodecError": "codec",
     "LoadedRegion": "reader", "LoadedSnapshot": "reader", "SectionInfo": "reader",
     "SnapshotHeader": "reader", "describe": "reader", "load_snapshot": "reader",
     "check_sections": "reader",

@@ -3,16 +3,15 @@ freeing the file a save replaced.
 
 A save writes ``.NAME.PID.RAND.tmp`` in the target's directory (locked with flock while it
 is written) and renames it over the target. A temporary file whose writer died is stale and
-removed by the next save to the same name, or by ``remove_stale_temps`` (a daemon runs it at
-start). Only a snapshot, or nothing, is ever replaced. The replaced file is first kept under
-a temporary name and unlinked on a background thread, so a save does not wait for the file
-system to free a large file.
+removed by the next save to the same name, or by ``remove_stale_temps`` (temps.py, which a
+daemon runs at start). Only a snapshot, or nothing, is ever replaced. The replaced file is
+first kept under a temporary name and unlinked on a background thread, so a save does not
+wait for the file system to free a large file.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import secrets
 import stat
@@ -23,72 +22,13 @@ from xend_lite.errors import NotFound
 from xend_lite.snapshot import fileformat as ff
 from xend_lite.snapshot.confine import open_parent
 from xend_lite.snapshot.errors import SnapshotWriteError, TargetRefused
+from xend_lite.snapshot.temps import TMP_SUFFIX, remove_stale_temps, tmp_prefix
 
 __all__ = ["check_target", "cleanup_stale_temps", "remove_stale_temps", "wait_reclaimed"]
 
-TMP_SUFFIX = ".tmp"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _tmp_prefix(base: str) -> str:
-    return f".{base}."
-
 
 def _tmp_name(base: str) -> str:
-    return f"{_tmp_prefix(base)}{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-
-
-def _parse_tmp(name: str) -> tuple[str, int] | None:
-    """(the snapshot's name, the writer's pid) of a temporary file's name, else None."""
-    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
-        return None
-    parts = name[1:-len(TMP_SUFFIX)].rsplit(".", 2)
-    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or len(parts[2]) != 8:
-        return None
-    return parts[0], int(parts[1])
-
-
-def remove_stale_temps(dir_fd: int, base: str | None = None) -> list[str]:
-    """Remove the temporary files of dead writers in the directory ``dir_fd`` (those for
-    ``base`` only, or every snapshot's); return the names removed. A file is stale when its
-    writer's pid is gone and nobody holds its lock."""
-    removed: list[str] = []
-    try:
-        names = os.listdir(dir_fd)
-    except OSError:
-        return removed
-    for name in names:
-        parsed = _parse_tmp(name)
-        if parsed is None or (base is not None and parsed[0] != base):
-            continue
-        pid = parsed[1]
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=dir_fd)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            st, now = os.fstat(fd), os.lstat(name, dir_fd=dir_fd)
-            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
-                os.unlink(name, dir_fd=dir_fd)
-                removed.append(name)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return removed
+    return f"{tmp_prefix(base)}{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
 
 
 def cleanup_stale_temps(path: str) -> list[str]:

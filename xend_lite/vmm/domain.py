@@ -29,8 +29,6 @@ from xend_lite.machine.prepared import PreparedVm
 from xend_lite.vmm import inspect
 from xend_lite.vmm.detach import RamDetach
 from xend_lite.vmm.spec import DomainSpec, GuestImages
-from xend_lite.xen import evtchn_admin
-from xend_lite.xen.hypercall_patch import patch_xen_hypercalls
 from xend_lite.xen.overlay import OverlayDevice
 from xend_lite.xen.platform import OverlayChange, XenConfig, XenPlatform
 
@@ -38,6 +36,9 @@ log = logging.getLogger("xend_lite.domain")
 
 Emit = Callable[[str, dict], None]
 
+
+# vmcall and vmmcall: an image holding neither has nothing for hypercall_patch to rewrite
+DIRECT_HYPERCALLS = (b"\x0f\x01\xc1", b"\x0f\x01\xd9")
 
 #: set to 0 in the daemon's environment to serve every hypercall in Python (the switch for a
 #: daemon whose configuration does not carry DomainSpec.native_hypercalls)
@@ -112,18 +113,27 @@ class Domain:
         are rewritten first so they reach the platform (logged once per image)."""
         image = self.image
         if self.xen is not None and self.spec.rewrite_hypercalls:
-            elf = unpack_kernel(image).elf
-            patched = patch_xen_hypercalls(elf)
-            if patched.patched:
-                if not getattr(self, "_patch_logged", False):
-                    log.info("guest image calls Xen directly: rewrote %s so the calls reach "
-                             "xend-lite", ", ".join(f"{p.routine} ({p.site.instruction})"
-                                                    for p in patched.patched))
-                    self._patch_logged = True
-                image = patched.image
+            image = self._rewrite_hypercalls(image)
         if self.xen is not None:
             install_acpi(self.machine)     # the tables a PVH guest finds its vCPUs in
         return load_image(self.machine, image, self.spec.cmdline, initrd=self.initrd)
+
+    def _rewrite_hypercalls(self, image: bytes) -> bytes:
+        elf = unpack_kernel(image).elf
+        if not any(insn in elf for insn in DIRECT_HYPERCALLS):
+            # no site at all (the embedded guest, a hypercall-page kernel): the patcher would
+            # rewrite nothing and report nothing, so it is not even loaded
+            return image
+        from xend_lite.xen.hypercall_patch import patch_xen_hypercalls
+
+        patched = patch_xen_hypercalls(elf)
+        if not patched.patched:
+            return image
+        if not getattr(self, "_patch_logged", False):
+            log.info("guest image calls Xen directly: rewrote %s so the calls reach xend-lite",
+                     ", ".join(f"{p.routine} ({p.site.instruction})" for p in patched.patched))
+            self._patch_logged = True
+        return patched.image
 
     @property
     def owner(self) -> VmOwner:
@@ -259,25 +269,39 @@ class Domain:
             out["hypercalls"] = self.xen.counters()
         return out
 
+    # the inspection and event-channel tools are loaded when first used, not at start
+
     def query_registers(self) -> list[dict]:
+        from xend_lite.vmm import inspect
+
         return inspect.registers(self.machine)
 
     def xen_event_list(self) -> list[dict]:
+        from xend_lite.xen import evtchn_admin
+
         return evtchn_admin.event_list(self._xen().evtchn)
 
     def xen_event_inject(self, port: int) -> None:
+        from xend_lite.xen import evtchn_admin
+
         evtchn_admin.event_inject(self._xen().evtchn, port)
 
     def read_memory(self, addr: int, size: int, cpu: int | None = None) -> bytes:
         """Guest-physical bytes, or guest-virtual ones in vCPU ``cpu``'s paging."""
+        from xend_lite.vmm import inspect
+
         if cpu is None:
             return inspect.read_physical(self.machine, addr, size)
         return inspect.read_virtual(self.machine, cpu, addr, size)
 
     def write_memory(self, gpa: int, data: bytes) -> None:
+        from xend_lite.vmm import inspect
+
         inspect.write_physical(self.machine, gpa, data)
 
     def memory_dump(self, path: Any, addr: int, size: int, cpu: int | None = None) -> dict:
+        from xend_lite.vmm import inspect
+
         return inspect.dump(self.machine, path, addr, size, cpu)
 
     # -- overlay control -----------------------------------------------------------------

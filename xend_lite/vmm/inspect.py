@@ -9,7 +9,6 @@ a file goes to a new file in the snapshot directory, never over an existing one.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Callable
 
 from xend_lite.errors import InvalidArgument, NotFound
@@ -56,9 +55,9 @@ def registers(machine: Machine) -> list[dict]:
         out = []
         for i in range(len(machine.runners)):
             regs, s = _read_state(machine, i)
-            d: dict = {"general": asdict(regs)}
-            d["segments"] = {n: asdict(getattr(s, n)) for n in SEGMENTS}
-            d["tables"] = {"gdt": asdict(s.gdt), "idt": asdict(s.idt)}
+            d: dict = {"general": regs.as_dict()}
+            d["segments"] = {n: getattr(s, n).as_dict() for n in SEGMENTS}
+            d["tables"] = {"gdt": s.gdt.as_dict(), "idt": s.idt.as_dict()}
             d["control"] = {n: getattr(s, n) for n in CONTROL}
             out.append(d)
         return out

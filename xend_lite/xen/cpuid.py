@@ -9,9 +9,10 @@ serve (tests/xen/test_advertised.py walks every bit).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from xend_lite.kvm import CpuidEntry
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 from xend_lite.xen.xenabi import X
 
 BASE = 0x40000000
@@ -20,12 +21,18 @@ SIGNATURE = (0x566E6558, 0x65584D4D, 0x4D4D566E)  # "XenV" "MMXe" "nVMM"
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1
 
 
-@dataclass(frozen=True)
-class XenCpuidConfig:
+class XenCpuidConfig(Frozen):
+    __slots__ = ("major", "minor", "domid", "tsc_khz")
     major: int
     minor: int
     domid: int
-    tsc_khz: int = 0
+    tsc_khz: int
+
+    def __init__(self, major: int, minor: int, domid: int, tsc_khz: int = 0):
+        _set(self, "major", major)
+        _set(self, "minor", minor)
+        _set(self, "domid", domid)
+        _set(self, "tsc_khz", tsc_khz)
 
 
 def parse_version(text: str) -> tuple[int, int]:

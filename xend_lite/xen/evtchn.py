@@ -19,9 +19,9 @@ lies in guest RAM); take it before ``lock``.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from xend_lite.record import Record
 from xend_lite.xen.errors import XenError
 from xend_lite.xen.native import atomic_and64, atomic_or64, atomic_xchg8
 from xend_lite.xen.xenabi import X
@@ -39,13 +39,16 @@ STATE_NAMES = {X.EVTCHNSTAT_closed: "closed", X.EVTCHNSTAT_unbound: "unbound",
                X.EVTCHNSTAT_virq: "virq", X.EVTCHNSTAT_ipi: "ipi"}
 
 
-@dataclass
-class Port:
-    state: int
-    vcpu: int = 0
-    virq: int = -1
-    remote_dom: int = 0
-    remote_port: int = 0
+class Port(Record):
+    __slots__ = ("state", "vcpu", "virq", "remote_dom", "remote_port")
+
+    def __init__(self, state: int, vcpu: int = 0, virq: int = -1, remote_dom: int = 0,
+                 remote_port: int = 0):
+        self.state = state
+        self.vcpu = vcpu
+        self.virq = virq
+        self.remote_dom = remote_dom
+        self.remote_port = remote_port
 
     def describe(self) -> dict:
         d = {"state": STATE_NAMES.get(self.state, "closed"), "vcpu": self.vcpu}

@@ -20,16 +20,15 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xend_lite.errors import InvalidArgument, NotFound, NotSupported
 from xend_lite.machine.backing import INVALID_GPA, PAGE_SIZE, Backing
 from xend_lite.machine.native import punch_hole
-from xend_lite.snapshot.state import State
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # the saved state brings in the snapshot layer: imported when saving
     from xend_lite.machine.machine import Machine
+    from xend_lite.xen.state import OverlayState
 
 SHARED_INFO = "shared_info"
 _GRANT = re.compile(r"grant:(0|[1-9][0-9]{0,5})\Z")
@@ -48,26 +47,6 @@ def choose_backend(requested: str, kvm_xen_available: bool) -> str:
                            + ("xend-lite does not drive it yet" if kvm_xen_available
                               else "this host's KVM reports none") + ": use backend = \"userspace\"")
     return "userspace"
-
-
-@dataclass
-class OverlayState(State):
-    """Saved state of the overlay device: where each page is and what it holds."""
-
-    NAME = "xen_overlay"
-    VERSION = 2
-    MIN_VERSION = 1
-    gpas: dict[str, int] = field(default_factory=dict)       # mapped pages only
-    long_mode: bool = True
-    contents: dict[str, bytes] = field(default_factory=dict)  # non-zero pages only
-    grant_frames: int = 0
-    operator_pages: list[str] = field(default_factory=list)   # mapped by the operator
-
-    @classmethod
-    def upgrade(cls, version: int, fields: dict) -> dict:
-        if version < 2:              # saved before the device knew who mapped a page
-            fields = fields | {"operator_pages": []}
-        return fields
 
 
 class Pages(Mapping[str, Backing]):
@@ -208,6 +187,8 @@ class OverlayDevice:
         self.long_mode = True
 
     def save(self) -> OverlayState:
+        from xend_lite.xen.state import OverlayState
+
         gpas = {n: g for n, g in self.machine.memmap.overlays().items() if n in self.pages}
         zero = bytes(PAGE_SIZE)
         contents = {b.name: bytes(b.view) for b in self.pages.made() if bytes(b.view) != zero}

@@ -15,8 +15,7 @@ from xend_lite.errors import InvalidArgument
 from xend_lite.machine.backing import Backing
 from xend_lite.xen.abi import PERIODIC_MAX_NS, PERIODIC_MIN_NS
 from xend_lite.xen.memory import E820MAX
-from xend_lite.xen.overlay import OverlayState
-from xend_lite.xen.state import XenState
+from xend_lite.xen.state import OverlayState, XenState
 from xend_lite.xen.xenstore.state import XenstoreState
 
 if TYPE_CHECKING:

@@ -12,7 +12,6 @@ guest's XENMEM_add_to_physmap and the operator's xen-overlay-map make.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument
@@ -20,6 +19,8 @@ from xend_lite.kvm import Vcpu
 from xend_lite.machine.backing import INVALID_GPA, PAGE_SIZE
 from xend_lite.machine.loader import e820_map
 from xend_lite.machine.machine import vcpu_cpuid
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 from xend_lite.xen import cpuid as xcpuid
 from xend_lite.xen.console import Console, GuestPage
 from xend_lite.xen.dispatch import NATIVE, hypercall_table
@@ -59,28 +60,49 @@ Emit = Callable[[str, dict], None]
 TRAPPED_MSRS = (xcpuid.HYPERCALL_MSR,)
 
 
-@dataclass(frozen=True)
-class XenConfig:
-    xen_version: str = "4.16"
-    domid: int = 1
-    grant_frames: int = 64
-    backend: str = "auto"
-    kvm_xen_available: bool = False
-    name: str = "xend-lite"
-    native_hypercalls: bool = True     # serve dispatch.NATIVE in C on the vCPU thread
+class XenConfig(Frozen):
+    __slots__ = ("xen_version", "domid", "grant_frames", "backend", "kvm_xen_available", "name",
+                 "native_hypercalls")
+    xen_version: str
+    domid: int
+    grant_frames: int
+    backend: str
+    kvm_xen_available: bool
+    name: str
+    native_hypercalls: bool     # serve dispatch.NATIVE in C on the vCPU thread
+
+    def __init__(self, xen_version: str = "4.16", domid: int = 1, grant_frames: int = 64,
+                 backend: str = "auto", kvm_xen_available: bool = False, name: str = "xend-lite",
+                 native_hypercalls: bool = True):
+        _set(self, "xen_version", xen_version)
+        _set(self, "domid", domid)
+        _set(self, "grant_frames", grant_frames)
+        _set(self, "backend", backend)
+        _set(self, "kvm_xen_available", kvm_xen_available)
+        _set(self, "name", name)
+        _set(self, "native_hypercalls", native_hypercalls)
 
 
-@dataclass(frozen=True)
-class OverlayChange:
+class OverlayChange(Frozen):
     """Map, move or (at INVALID_GPA) unmap an overlay page, asked by the guest or the
     operator. Only the operator may ``force`` a change to a page the guest mapped itself."""
 
+    __slots__ = ("page", "gpa", "by", "force", "long_mode", "vcpu")
     page: str
     gpa: int
-    by: str = "operator"          # "guest" or "operator"
-    force: bool = False
-    long_mode: bool | None = None
-    vcpu: Vcpu | None = None      # the guest's calling vCPU (its TSC stamps the time)
+    by: str                       # "guest" or "operator"
+    force: bool
+    long_mode: bool | None
+    vcpu: Vcpu | None             # the guest's calling vCPU (its TSC stamps the time)
+
+    def __init__(self, page: str, gpa: int, by: str = "operator", force: bool = False,
+                 long_mode: bool | None = None, vcpu: Vcpu | None = None):
+        _set(self, "page", page)
+        _set(self, "gpa", gpa)
+        _set(self, "by", by)
+        _set(self, "force", force)
+        _set(self, "long_mode", long_mode)
+        _set(self, "vcpu", vcpu)
 
 
 class XenPlatform:

@@ -16,10 +16,10 @@ and harmlessly for one that did not.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument
+from xend_lite.record import Record
 from xend_lite.xen.abi import guest_layout
 from xend_lite.xen.xenabi import X
 
@@ -32,13 +32,16 @@ RUNSTATE_UPDATE = 1 << 63
 U64 = (1 << 64) - 1
 
 
-@dataclass
-class Area:
-    pieces: list[tuple[int, int]]           # (gpa, bytes) where the struct lies
-    long_mode: bool
-    state: int = 0
-    entry: int = 0                          # system time the state began
-    times: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+class Area(Record):
+    __slots__ = ("pieces", "long_mode", "state", "entry", "times")
+
+    def __init__(self, pieces: list[tuple[int, int]], long_mode: bool, state: int = 0,
+                 entry: int = 0, times: list[int] | None = None):
+        self.pieces = pieces                # (gpa, bytes) where the struct lies
+        self.long_mode = long_mode
+        self.state = state
+        self.entry = entry                  # system time the state began
+        self.times = [0, 0, 0, 0] if times is None else times
 
 
 class Runstates:

@@ -1,5 +1,7 @@
-"""The Xen side's saved state (everything but the overlay pages, which overlay.py saves, and
-the xenstore, which xenstore/state.py saves)."""
+"""The Xen side's saved state: XenState (everything but the overlay pages and the xenstore)
+and OverlayState (the overlay pages, which overlay.py saves); the xenstore's is in
+xenstore/state.py. Apart from the devices so that a VM that never saves or loads does not
+load the snapshot layer."""
 
 from __future__ import annotations
 
@@ -42,4 +44,24 @@ class XenState(State):
             fields = fields | {"grant_frames_in_use": 1}
         if version < 4:              # saved before guest memory maps and runstate areas
             fields = fields | {"guest_memory_map": None, "runstate": {}}
+        return fields
+
+
+@dataclass
+class OverlayState(State):
+    """Saved state of the overlay device: where each page is and what it holds."""
+
+    NAME = "xen_overlay"
+    VERSION = 2
+    MIN_VERSION = 1
+    gpas: dict[str, int] = field(default_factory=dict)       # mapped pages only
+    long_mode: bool = True
+    contents: dict[str, bytes] = field(default_factory=dict)  # non-zero pages only
+    grant_frames: int = 0
+    operator_pages: list[str] = field(default_factory=list)   # mapped by the operator
+
+    @classmethod
+    def upgrade(cls, version: int, fields: dict) -> dict:
+        if version < 2:              # saved before the device knew who mapped a page
+            fields = fields | {"operator_pages": []}
         return fields

@@ -8,9 +8,10 @@ libxen-dev's headers (xend_lite.xen._xen). No cffi object leaves this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 from xend_lite.xen._xen import ffi as _ffi
 from xend_lite.xen._xen import lib as _lib
 
@@ -36,22 +37,34 @@ def all_constants(prefix: str) -> dict[str, int]:
             if n.startswith(prefix) and isinstance(getattr(_lib, n), int)}
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(Frozen):
+    __slots__ = ("name", "offset", "size", "signed", "count")
     name: str
     offset: int
     size: int
     signed: bool
-    count: int = 1  # array length (1 for scalars)
+    count: int  # array length (1 for scalars)
+
+    def __init__(self, name: str, offset: int, size: int, signed: bool, count: int = 1):
+        _set(self, "name", name)
+        _set(self, "offset", offset)
+        _set(self, "size", size)
+        _set(self, "signed", signed)
+        _set(self, "count", count)
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(Frozen):
     """A struct's size and its declared fields' offsets, sizes and signedness."""
 
+    __slots__ = ("name", "size", "fields")
     name: str
     size: int
     fields: dict[str, Field]
+
+    def __init__(self, name: str, size: int, fields: dict[str, Field]):
+        _set(self, "name", name)
+        _set(self, "size", size)
+        _set(self, "fields", fields)
 
     def offset(self, field: str) -> int:
         return self.fields[field].offset

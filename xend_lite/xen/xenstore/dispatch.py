@@ -8,8 +8,8 @@ ENOENT, bad arguments are EINVAL, and the store's own errors become their error 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from xend_lite.record import Record
 from xend_lite.xen.xenstore import ops
 from xend_lite.xen.xenstore.errors import XsError
 from xend_lite.xen.xenstore.protocol import (
@@ -35,14 +35,16 @@ OK = b"OK\0"
 Events = list[tuple[bytes, bytes]]          # (path, token) to send after the reply
 
 
-@dataclass
-class Session:
+class Session(Record):
     """What a request runs against: the store, the requesting connection, and every
     connection whose watches may fire."""
 
-    store: Store
-    conn: Connection
-    peers: list[Connection]
+    __slots__ = ("store", "conn", "peers")
+
+    def __init__(self, store: Store, conn: Connection, peers: list[Connection]):
+        self.store = store
+        self.conn = conn
+        self.peers = peers
 
     def path(self, raw: bytes, special: bool = False) -> tuple[str, bool]:
         limit = None if self.conn.privileged else self.store.quotas.path_max

@@ -9,8 +9,6 @@ a whole subtree. Every change is recorded for the watches.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from xend_lite.xen.xenstore.errors import XsError
 from xend_lite.xen.xenstore.store import (
     OWNER,
@@ -76,7 +74,7 @@ def _create(edit: Edit, path: str, value: bytes) -> Node:
     for name in reversed(missing):
         if name.startswith("@"):
             raise XsError("EINVAL", "no children below a special node")
-        edit.put(p, replace(parent, children=parent.children + (basename(name),)))
+        edit.put(p, parent.replace(children=parent.children + (basename(name),)))
         parent, p = Node(value if name == path else b"", perms), name
         edit.put(p, parent)
     return parent
@@ -90,7 +88,7 @@ def write(edit: Edit, path: str, value: bytes) -> None:
             raise
         node = _create(edit, path, value)
     else:
-        old, node = node, replace(node, value=value)
+        old, node = node, node.replace(value=value)
         edit.put(path, node)
         edit.change(path, False, old, node)
         return
@@ -133,7 +131,7 @@ def rm(edit: Edit, path: str) -> None:
         edit.put(p, None, check_size=False)
         edit.change(p, p != path, node)
     name = basename(path)
-    edit.put(parent_of(path), replace(parent, children=tuple(
+    edit.put(parent_of(path), parent.replace(children=tuple(
         c for c in parent.children if c != name)), check_size=False)
 
 
@@ -143,6 +141,6 @@ def set_perms(edit: Edit, path: str, perms: Perms) -> None:
     node = lookup(edit, path, WRITE | OWNER)
     if not edit.privileged and perms[0][0] != node.owner:
         raise XsError("EPERM", "only the toolstack may change the owner")
-    new = replace(node, perms=perms)
+    new = node.replace(perms=perms)
     edit.put(path, new)
     edit.change(path, False, node, new)

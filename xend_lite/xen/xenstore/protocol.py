@@ -12,8 +12,9 @@ from __future__ import annotations
 import enum
 import re
 import struct
-from dataclasses import dataclass
 
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 from xend_lite.xen.xenstore.errors import XsError
 
 __all__ = ["XsType", "Header", "HEADER_SIZE", "PAYLOAD_MAX", "ABS_PATH_MAX", "REL_PATH_MAX",
@@ -60,12 +61,18 @@ PRIVILEGED_ONLY = frozenset({XsType.CONTROL, XsType.INTRODUCE, XsType.RELEASE,
                              XsType.IS_DOMAIN_INTRODUCED, XsType.RESUME, XsType.SET_TARGET})
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(Frozen):
+    __slots__ = ("type", "req_id", "tx_id", "len")
     type: int
     req_id: int
     tx_id: int
     len: int
+
+    def __init__(self, type: int, req_id: int, tx_id: int, len: int):  # noqa: A002
+        _set(self, "type", type)
+        _set(self, "req_id", req_id)
+        _set(self, "tx_id", tx_id)
+        _set(self, "len", len)
 
     @classmethod
     def unpack(cls, raw: bytes) -> Header:

@@ -10,8 +10,8 @@ pieces, across ring wraps and across calls, and refuses a payload over XENSTORE_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 from xend_lite.xen.page import Page, read_u32s, ring_read, ring_used, ring_write, write_u32
 from xend_lite.xen.xenstore.protocol import HEADER_SIZE, PAYLOAD_MAX, Header
 
@@ -36,8 +36,9 @@ class RingBroken(Exception):
         self.code = code
 
 
-@dataclass(frozen=True, slots=True)
-class Control:
+class Control(Frozen):
+    __slots__ = ("req_cons", "req_prod", "rsp_cons", "rsp_prod", "features", "connection",
+                 "error")
     req_cons: int
     req_prod: int
     rsp_cons: int
@@ -45,6 +46,16 @@ class Control:
     features: int
     connection: int
     error: int
+
+    def __init__(self, req_cons: int, req_prod: int, rsp_cons: int, rsp_prod: int,
+                 features: int, connection: int, error: int):
+        _set(self, "req_cons", req_cons)
+        _set(self, "req_prod", req_prod)
+        _set(self, "rsp_cons", rsp_cons)
+        _set(self, "rsp_prod", rsp_prod)
+        _set(self, "features", features)
+        _set(self, "connection", connection)
+        _set(self, "error", error)
 
 
 class XsRing:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from xend_lite.errors import InvalidArgument, XendLiteError
+from xend_lite.record import Frozen, Record
+from xend_lite.record import set_field as _set
 from xend_lite.xen.page import Page
 from xend_lite.xen.xenstore import dispatch, ops
 from xend_lite.xen.xenstore.errors import XsError, to_domain_error
@@ -64,20 +65,27 @@ SERVER_FEATURES = FEATURE_RECONNECTION | FEATURE_ERROR
 PAGE_FAULTS = (XendLiteError, ValueError, OSError)
 
 
-@dataclass
-class ProcessResult:
-    consumed: int = 0           # request bytes taken from the ring
-    produced: int = 0           # reply and event bytes written to it
-    requests: int = 0           # requests answered
-    broken: int = 0             # XENSTORE_ERROR_* while the ring is not served, else 0
-    again: bool = False         # stopped at MAX_REQUESTS with requests pending: call soon
-    reconnected: bool = False   # the guest asked for a reconnection and got it
+class ProcessResult(Record):
+    __slots__ = ("consumed", "produced", "requests", "broken", "again", "reconnected")
+
+    def __init__(self, consumed: int = 0, produced: int = 0, requests: int = 0, broken: int = 0,
+                 again: bool = False, reconnected: bool = False):
+        self.consumed = consumed        # request bytes taken from the ring
+        self.produced = produced        # reply and event bytes written to it
+        self.requests = requests        # requests answered
+        self.broken = broken            # XENSTORE_ERROR_* while the ring is not served, else 0
+        self.again = again              # stopped at MAX_REQUESTS with requests pending: call soon
+        self.reconnected = reconnected  # the guest asked for a reconnection and got it
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(Frozen):
+    __slots__ = ("reply", "data")
     reply: bool                 # a reply (counts as outstanding) or a watch event
     data: bytes                 # the whole message, header included
+
+    def __init__(self, reply: bool, data: bytes):
+        _set(self, "reply", reply)
+        _set(self, "data", data)
 
 
 class XenstoreServer:

@@ -13,8 +13,9 @@ every check is applied, so one that fails changes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
 
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 from xend_lite.xen.xenstore.errors import XsError
 from xend_lite.xen.xenstore.protocol import PAYLOAD_MAX, REL_PATH_MAX, parse_domid
 
@@ -70,12 +71,19 @@ def child_path(path: str, name: str) -> str:
     return f"/{name}" if path == "/" else f"{path}/{name}"
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
+class Node(Frozen):
+    __slots__ = ("value", "perms", "children", "generation")
     value: bytes
     perms: Perms
-    children: tuple[str, ...] = ()
-    generation: int = 0
+    children: tuple[str, ...]
+    generation: int
+
+    def __init__(self, value: bytes, perms: Perms, children: tuple[str, ...] = (),
+                 generation: int = 0):
+        _set(self, "value", value)
+        _set(self, "perms", perms)
+        _set(self, "children", children)
+        _set(self, "generation", generation)
 
     @property
     def owner(self) -> int:
@@ -86,37 +94,56 @@ class Node:
                 + sum(len(c) + 1 for c in self.children))
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(Frozen):
     """A node changed: watches on ``path`` (and, unless ``exact``, on its ancestors) fire
     for watchers that could read it with any of ``perms`` (before and after)."""
 
+    __slots__ = ("path", "exact", "perms")
     path: str
     exact: bool
     perms: tuple[Perms, ...]
 
+    def __init__(self, path: str, exact: bool, perms: tuple[Perms, ...]):
+        _set(self, "path", path)
+        _set(self, "exact", exact)
+        _set(self, "perms", perms)
 
-@dataclass(frozen=True)
-class Quotas:
+
+class Quotas(Frozen):
     """Per-domain limits, xenstored's defaults. They bind the guest; ``max_nodes`` bounds
     what the toolstack (domain 0, not otherwise limited) may add to the whole store."""
 
-    nodes: int = 1000                   # nodes a domain owns
-    node_size: int = 2048               # one node: header, permissions, value, child names
-    watches: int = 128                  # watches of a connection
-    transactions: int = 10              # open transactions of a connection
-    transaction_nodes: int = 1024       # nodes one transaction may touch
-    outstanding: int = 20               # replies queued before requests stop being read
-    path_max: int = REL_PATH_MAX        # path length past /local/domain/<id>/
-    perms: int = 5                      # permission entries of a node
-    queued_events: int = 256            # watch events waiting for the ring, beyond: dropped
-    max_nodes: int = 100_000            # whole store, checked when domain 0 adds nodes
+    __slots__ = ("nodes", "node_size", "watches", "transactions", "transaction_nodes",
+                 "outstanding", "path_max", "perms", "queued_events", "max_nodes")
+    nodes: int                  # nodes a domain owns
+    node_size: int              # one node: header, permissions, value, child names
+    watches: int                # watches of a connection
+    transactions: int           # open transactions of a connection
+    transaction_nodes: int      # nodes one transaction may touch
+    outstanding: int            # replies queued before requests stop being read
+    path_max: int               # path length past /local/domain/<id>/
+    perms: int                  # permission entries of a node
+    queued_events: int          # watch events waiting for the ring, beyond: dropped
+    max_nodes: int              # whole store, checked when domain 0 adds nodes
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
+    def __init__(self, nodes: int = 1000, node_size: int = 2048, watches: int = 128,
+                 transactions: int = 10, transaction_nodes: int = 1024, outstanding: int = 20,
+                 path_max: int = REL_PATH_MAX, perms: int = 5, queued_events: int = 256,
+                 max_nodes: int = 100_000):
+        _set(self, "nodes", nodes)
+        _set(self, "node_size", node_size)
+        _set(self, "watches", watches)
+        _set(self, "transactions", transactions)
+        _set(self, "transaction_nodes", transaction_nodes)
+        _set(self, "outstanding", outstanding)
+        _set(self, "path_max", path_max)
+        _set(self, "perms", perms)
+        _set(self, "queued_events", queued_events)
+        _set(self, "max_nodes", max_nodes)
+        for name in self.__slots__:
+            v = getattr(self, name)
             if type(v) is not int or not 1 <= v <= 10_000_000:
-                raise ValueError(f"quota {f.name} must be an int in 1..10000000, not {v!r}")
+                raise ValueError(f"quota {name} must be an int in 1..10000000, not {v!r}")
 
 
 class Store:
@@ -162,7 +189,7 @@ class Store:
         """Apply a checked edit; each changed node gets a new generation."""
         edit.finish()
         for path, node in edit.staged.items():
-            self.put(path, None if node is None else replace(node, generation=self.bump()))
+            self.put(path, None if node is None else node.replace(generation=self.bump()))
         return edit.changes
 
 

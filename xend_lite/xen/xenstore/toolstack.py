@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
-from dataclasses import dataclass
-
 from xend_lite.errors import InvalidArgument
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 from xend_lite.xen.xenstore import ops
 from xend_lite.xen.xenstore.protocol import home_path
 from xend_lite.xen.xenstore.store import Edit, Perms
@@ -28,19 +28,35 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 _U32 = (1 << 32) - 1
 
 
-@dataclass(frozen=True)
-class DomainInfo:
+class DomainInfo(Frozen):
+    __slots__ = ("name", "memory_kib", "vcpus", "target_kib", "uuid", "store_port",
+                 "store_ring_ref", "console_port", "console_ring_ref")
     name: str
     memory_kib: int                     # memory/static-max
-    vcpus: int = 1
-    target_kib: int | None = None       # memory/target (default: memory_kib)
-    uuid: str | None = None             # default: derived from the name
-    store_port: int | None = None       # event channel of the store ring
-    store_ring_ref: int | None = None   # its frame number
-    console_port: int | None = None
-    console_ring_ref: int | None = None
+    vcpus: int
+    target_kib: int | None              # memory/target (default: memory_kib)
+    uuid: str | None                    # default: derived from the name
+    store_port: int | None              # event channel of the store ring
+    store_ring_ref: int | None          # its frame number
+    console_port: int | None
+    console_ring_ref: int | None
 
-    def __post_init__(self) -> None:
+    def __init__(self, name: str, memory_kib: int, vcpus: int = 1, target_kib: int | None = None,
+                 uuid: str | None = None, store_port: int | None = None,
+                 store_ring_ref: int | None = None, console_port: int | None = None,
+                 console_ring_ref: int | None = None):
+        _set(self, "name", name)
+        _set(self, "memory_kib", memory_kib)
+        _set(self, "vcpus", vcpus)
+        _set(self, "target_kib", target_kib)
+        _set(self, "uuid", uuid)
+        _set(self, "store_port", store_port)
+        _set(self, "store_ring_ref", store_ring_ref)
+        _set(self, "console_port", console_port)
+        _set(self, "console_ring_ref", console_ring_ref)
+        self._check()
+
+    def _check(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise InvalidArgument("domain name must be 1..64 printable ASCII characters")
         if self.uuid is not None and (not isinstance(self.uuid, str)

@@ -10,8 +10,7 @@ Adding a child changes the parent, so a conflicting change below a touched node 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-
+from xend_lite.record import Record
 from xend_lite.xen.xenstore.errors import XsError
 from xend_lite.xen.xenstore.store import Change, Edit, Node, Store
 
@@ -22,14 +21,19 @@ def _gen(node: Node | None) -> int:
     return node.generation if node is not None else 0
 
 
-@dataclass
-class Transaction:
-    id: int
-    original: dict[str, Node | None] = field(default_factory=dict)  # store's node at 1st touch
-    nodes: dict[str, Node | None] = field(default_factory=dict)     # this transaction's view
-    modified: dict[str, None] = field(default_factory=dict)         # paths it changed, ordered
-    changes: dict[str, bool] = field(default_factory=dict)          # watch path -> exact
-    delta: dict[int, int] = field(default_factory=dict)             # nodes owned, vs store
+class Transaction(Record):
+    __slots__ = ("id", "original", "nodes", "modified", "changes", "delta")
+
+    def __init__(self, id: int, original: dict[str, Node | None] | None = None,  # noqa: A002
+                 nodes: dict[str, Node | None] | None = None,
+                 modified: dict[str, None] | None = None, changes: dict[str, bool] | None = None,
+                 delta: dict[int, int] | None = None):
+        self.id = id
+        self.original = {} if original is None else original    # store's node at 1st touch
+        self.nodes = {} if nodes is None else nodes             # this transaction's view
+        self.modified = {} if modified is None else modified    # paths it changed, ordered
+        self.changes = {} if changes is None else changes       # watch path -> exact
+        self.delta = {} if delta is None else delta             # nodes owned, vs store
 
     def view(self, store: Store, path: str) -> Node | None:
         return self.nodes[path] if path in self.nodes else store.get(path)
@@ -55,7 +59,7 @@ class Transaction:
         for d, n in edit.delta().items():
             self.delta[d] = self.delta.get(d, 0) + n
         for p, node in edit.staged.items():
-            self.nodes[p] = None if node is None else replace(node, generation=store.bump())
+            self.nodes[p] = None if node is None else node.replace(generation=store.bump())
             self.modified[p] = None
         for c in edit.changes:
             self.changes[c.path] = self.changes.get(c.path, True) and c.exact
@@ -74,7 +78,7 @@ class Transaction:
                 raise XsError("ENOSPC", "node quota")
         for p in self.modified:
             node = self.nodes[p]
-            store.put(p, None if node is None else replace(node, generation=store.bump()))
+            store.put(p, None if node is None else node.replace(generation=store.bump()))
         return [Change(p, exact, tuple(n.perms for n in (self.original.get(p), self.nodes.get(p))
                                        if n is not None))
                 for p, exact in self.changes.items()]

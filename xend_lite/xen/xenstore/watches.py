@@ -9,8 +9,9 @@ A connection's watches and transactions are bounded by its quotas.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from xend_lite.record import Frozen
+from xend_lite.record import set_field as _set
 from xend_lite.xen.xenstore.errors import XsError
 from xend_lite.xen.xenstore.protocol import home_path
 from xend_lite.xen.xenstore.store import READ, Change, Quotas, Store, access, parent_of
@@ -28,11 +29,16 @@ def is_child(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent + "/")
 
 
-@dataclass(frozen=True, slots=True)
-class Watch:
+class Watch(Frozen):
+    __slots__ = ("path", "token", "relative")
     path: str           # absolute, or a special @path
     token: bytes
     relative: bool      # set with a relative path: events are relative too
+
+    def __init__(self, path: str, token: bytes, relative: bool):
+        _set(self, "path", path)
+        _set(self, "token", token)
+        _set(self, "relative", relative)
 
 
 class Connection:
