@@ -11,21 +11,24 @@
  *
  * Each round does the three changes twice, in the order xend-lite's benchmark does: handed
  * to the owner thread one at a time from the main thread (request to done: mutex and
- * condition variable), then run back to back on the owner (the change alone); then sleeps
- * SLEEP_US. The guest addresses walk 64 pages at 8 MiB (map) and 64 MiB (move), as there.
+ * condition variable), then (with -p) pauses and resumes the vCPUs (each kicked out of
+ * KVM_RUN by a signal, held until all are out, and with -P for HOLD_US more, as long as a
+ * slower pause keeps them out, then let go), then runs the three back to back on the owner
+ * (the change alone); then sleeps SLEEP_US. The guest addresses walk 64 pages at 8 MiB (map) and 64 MiB (move), as there.
  * Before the first round RAM pages get a marker; after the last the markers must be intact
  * and every vCPU must still be in its loop (its counter moved, no exit but our stop signal).
  *
  * Prints one line per round:
  *   "<map> <move> <unmap> <owner-map> <owner-move> <owner-unmap>" in nanoseconds.
  * Usage: overlayfloor [-n ROUNDS] [-w WARMUP] [-c VCPUS] [-i IMAGE] [-a LOAD_GPA]
- *                     [-M MEM_MIB] [-s SLEEP_US]
+ *                     [-M MEM_MIB] [-s SLEEP_US] [-p | -P HOLD_US]
  * Build: cc -O2 -o overlayfloor overlayfloor.c -lpthread */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -118,9 +121,11 @@ struct vcpu {
     pthread_t thread;
     long bad_exits;
     uint32_t last_exit;
+    long kicks;               /* times KVM_RUN returned for our signal */
+    long resumed;             /* times it went back in after one */
 };
 
-static volatile int stopping;
+static volatile int stopping, holding;
 
 static void on_signal(int sig) { (void)sig; }
 
@@ -128,8 +133,14 @@ static void *vcpu_loop(void *arg) {
     struct vcpu *v = arg;
     while (!stopping) {
         if (ioctl(v->fd, KVM_RUN, 0) < 0) {
-            if (errno == EINTR)
+            if (errno == EINTR) {
+                v->run->immediate_exit = 0;  /* before the owner may ask again */
+                __atomic_add_fetch(&v->kicks, 1, __ATOMIC_SEQ_CST);
+                while (__atomic_load_n(&holding, __ATOMIC_SEQ_CST) && !stopping)
+                    sched_yield();          /* paused: out of the guest until let go */
+                __atomic_add_fetch(&v->resumed, 1, __ATOMIC_SEQ_CST);
                 continue;
+            }
             fail("KVM_RUN");
         }
         v->bad_exits++;
@@ -137,6 +148,30 @@ static void *vcpu_loop(void *arg) {
         return NULL;       /* the spin loop never exits on its own */
     }
     return NULL;
+}
+
+/* A pause + resume: every vCPU out of the guest, held there until all are out and then
+ * hold_us longer, then let go, and back on its way in before this returns. */
+static void pause_resume(struct vcpu *vcpus, int n, long hold_us) {
+    long seen[MAX_VCPUS];
+    __atomic_store_n(&holding, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < n; i++) {
+        seen[i] = __atomic_load_n(&vcpus[i].kicks, __ATOMIC_SEQ_CST);
+        vcpus[i].run->immediate_exit = 1;   /* a signal landing just before KVM_RUN */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        pthread_kill(vcpus[i].thread, SIGUSR1);
+    }
+    for (int i = 0; i < n; i++)
+        while (__atomic_load_n(&vcpus[i].kicks, __ATOMIC_SEQ_CST) == seen[i])
+            sched_yield();
+    if (hold_us > 0) {
+        struct timespec h = {hold_us / 1000000, (hold_us % 1000000) * 1000L};
+        nanosleep(&h, NULL);
+    }
+    __atomic_store_n(&holding, 0, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < n; i++)
+        while (__atomic_load_n(&vcpus[i].resumed, __ATOMIC_SEQ_CST) != seen[i] + 1)
+            sched_yield();
 }
 
 /* -- the owner thread -------------------------------------------------------------------- */
@@ -199,7 +234,9 @@ int main(int argc, char **argv) {
     uint64_t load_gpa = 0x100000, mem_mib = 128;
     const char *image_path = NULL;
 
-    while ((opt = getopt(argc, argv, "n:w:c:i:a:M:s:")) != -1) {
+    int pause = 0;
+    long hold_us = 0;
+    while ((opt = getopt(argc, argv, "n:w:c:i:a:M:s:pP:")) != -1) {
         switch (opt) {
         case 'n': rounds = strtol(optarg, NULL, 0); break;
         case 'w': warmup = strtol(optarg, NULL, 0); break;
@@ -208,9 +245,11 @@ int main(int argc, char **argv) {
         case 'a': load_gpa = strtoull(optarg, NULL, 0); break;
         case 'M': mem_mib = strtoull(optarg, NULL, 0); break;
         case 's': sleep_us = strtol(optarg, NULL, 0); break;
+        case 'p': pause = 1; break;
+        case 'P': pause = 1; hold_us = strtol(optarg, NULL, 0); break;
         default:
             fprintf(stderr, "usage: overlayfloor [-n ROUNDS] [-w WARMUP] [-c VCPUS] [-i IMAGE]"
-                            " [-a LOAD_GPA] [-M MEM_MIB] [-s SLEEP_US]\n");
+                            " [-a LOAD_GPA] [-M MEM_MIB] [-s SLEEP_US] [-p | -P HOLD_US]\n");
             return 2;
         }
     }
@@ -220,6 +259,7 @@ int main(int argc, char **argv) {
     if (image_path)
         image = load_image(image_path, &image_len);
     if (rounds <= 0 || warmup < 0 || nvcpus < 1 || nvcpus > MAX_VCPUS || sleep_us < 0
+        || hold_us < 0 || hold_us > 10000000
         || load_gpa + image_len > mem_len || MOVE_BASE + WALK * PAGE > mem_len
         || (load_gpa < MOVE_BASE + WALK * PAGE && load_gpa + image_len > MAP_BASE)) {
         fprintf(stderr, "overlayfloor: bad arguments\n");
@@ -289,6 +329,8 @@ int main(int argc, char **argv) {
         uint64_t t2 = now_ns();
         ask(JOB_UNMAP, 0, b);
         uint64_t t3 = now_ns();
+        if (pause)
+            pause_resume(vcpus, nvcpus, hold_us);
         ask(JOB_SEQUENCE, a, b);
         if (r >= 0)
             printf("%llu %llu %llu %llu %llu %llu\n", (unsigned long long)(t1 - t0),
