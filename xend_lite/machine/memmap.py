@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol
+from typing import Callable, Protocol
 
 from xend_lite.errors import InvalidArgument, NotFound
 from xend_lite.machine.backing import PAGE_SHIFT, PAGE_SIZE, Backing
 from xend_lite.machine.native import map_shared_fixed
+from xend_lite.machine.segments import Segment, splice_in, splice_out
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,27 +32,6 @@ class RamRegion:
     @property
     def end(self) -> int:
         return self.gpa + self.size
-
-
-class Segment(NamedTuple):
-    """One contiguous, backed stretch of guest-physical space (one KVM slot). A named tuple,
-    not a frozen dataclass: views are rebuilt on every change of the map, and a tuple is
-    built about three times faster."""
-
-    gpa: int
-    size: int
-    backing: Backing
-    offset: int
-    kind: str  # "ram" | "overlay"
-    name: str
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
-
-    @property
-    def host_addr(self) -> int:
-        return self.backing.addr + self.offset
 
 
 class SlotSink(Protocol):
@@ -233,9 +213,9 @@ class MemoryMap:
         elif new is not None and new[0] == old[0]:
             return False                        # mapped again where it is
         starts, segs = list(self._view[0]), list(self._view[1])
-        if old is not None and not self._splice_out(starts, segs, old[0]):
+        if old is not None and not splice_out(starts, segs, old[0], self.ram_region_at(old[0])):
             return False
-        if new is not None and not self._splice_in(starts, segs, name, new[1], new[0]):
+        if new is not None and not splice_in(starts, segs, name, new[1], new[0]):
             return False
         if old is not None:
             host, _ov, fd, off = had
@@ -254,46 +234,6 @@ class MemoryMap:
             del self._overlays[name]
         self._view = (starts, tuple(segs))
         self.generation += 1
-        return True
-
-    def _splice_out(self, starts: list[int], segs: list[Segment], gpa: int) -> bool:
-        """Take the overlay at ``gpa`` (over RAM, not ballooned) out of a view: it and the
-        RAM runs either side of it within its region become one run, as _compute gives."""
-        i = bisect.bisect_left(starts, gpa)
-        r = self.ram_region_at(gpa)
-        if i == len(segs) or segs[i].gpa != gpa or segs[i].kind != "overlay" or r is None:
-            return False
-        lo, hi, start, end = i, i + 1, gpa, gpa + PAGE_SIZE
-        if i > 0:
-            left = segs[i - 1]
-            if left.kind == "ram" and left.end == gpa and left.gpa >= r.gpa:
-                lo, start = i - 1, left.gpa
-        if hi < len(segs):
-            right = segs[hi]
-            if right.kind == "ram" and right.gpa == end and right.end <= r.end:
-                hi, end = hi + 1, right.end
-        segs[lo:hi] = [Segment(start, end - start, r.backing, r.offset + start - r.gpa, "ram",
-                               r.backing.name)]
-        starts[lo:hi] = [start]
-        return True
-
-    @staticmethod
-    def _splice_in(starts: list[int], segs: list[Segment], name: str, backing: Backing,
-                   gpa: int) -> bool:
-        """Lay an overlay at ``gpa`` into a view, cutting the RAM run that holds it."""
-        i = bisect.bisect_right(starts, gpa) - 1
-        if i < 0 or segs[i].kind != "ram" or segs[i].end <= gpa:
-            return False
-        s = segs[i]
-        cut = []
-        if gpa > s.gpa:
-            cut.append(Segment(s.gpa, gpa - s.gpa, s.backing, s.offset, "ram", s.name))
-        cut.append(Segment(gpa, PAGE_SIZE, backing, 0, "overlay", name))
-        end = gpa + PAGE_SIZE
-        if s.end > end:
-            cut.append(Segment(end, s.end - end, s.backing, s.offset + end - s.gpa, "ram", s.name))
-        segs[i:i + 1] = cut
-        starts[i:i + 1] = [c.gpa for c in cut]
         return True
 
     def remove_ram_page(self, gfn: int) -> None:
