@@ -5,12 +5,16 @@ Python reads with GuestMemory, including failure rollback and every bounds check
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument, NotFound
 from xend_lite.machine.backing import PAGE_SIZE, Backing
+from xend_lite.machine import memmap
 from xend_lite.machine.memmap import MemoryMap, RamRegion
 from xend_lite.machine.guestmem import GuestMemory
 
@@ -207,6 +211,48 @@ def test_failed_unmap_keeps_the_overlay(ram, page, fail_at):
         mm.unmap_overlay("p")
     assert sink.view() == before
     assert mm.overlays() == {"p": 0x10000}
+
+
+class FlakyMmap:
+    """map_shared_fixed that refuses its call number ``fail_at`` (counted from 0)."""
+
+    def __init__(self, fail_at: int):
+        self.fail_at, self.calls, self.real = fail_at, 0, memmap.map_shared_fixed
+
+    def __call__(self, *args: int) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at + 1:
+            raise OSError(errno.ENOMEM, "mmap refused")
+        self.real(*args)
+
+
+@pytest.mark.parametrize("op, fail_at", [("move", 0), ("move", 1), ("unmap", 0), ("map", 0)])
+def test_failed_change_in_place_keeps_the_overlay_where_it_was(ram, page, op, fail_at, monkeypatch):
+    """A move laid in place maps the RAM page back, then the overlay at its new place; a
+    failure at either step leaves the overlay, the view and the host mappings as they were."""
+    mm = MemoryMap(FakeSink(), _regions(ram), phys_bits=36, remap_overlays=True)
+    _fill_ram(ram)
+    old, new = 0x10000, 0x20000
+    try:
+        if op != "map":
+            mm.map_overlay("p", page, old)
+        before = (mm.overlays(), mm.segments, mm.generation)
+        monkeypatch.setattr(memmap, "map_shared_fixed", FlakyMmap(fail_at))
+        with pytest.raises(OSError, match="mmap refused"):
+            if op == "unmap":
+                mm.unmap_overlay("p")
+            else:
+                mm.map_overlay("p", page, new)
+        monkeypatch.undo()
+        assert (mm.overlays(), mm.segments, mm.generation) == before
+        laid = b"O" if op != "map" else (old // PAGE_SIZE).to_bytes(1, "little")
+        assert bytes(ram.view[old:old + 1]) == laid
+        assert bytes(ram.view[new:new + 4]) == (new // PAGE_SIZE).to_bytes(4, "little")
+        mm.map_overlay("p", page, new)       # and the map still works afterwards
+        assert bytes(ram.view[new:new + 1]) == b"O"
+        assert bytes(ram.view[old:old + 4]) == (old // PAGE_SIZE).to_bytes(4, "little")
+    finally:
+        mm.clear()
 
 
 def test_failed_balloon_keeps_the_page(ram):
@@ -407,5 +453,61 @@ def test_any_sequence_matches_the_model(ram, ops):
                 expect = 0 if gfn in zeroed else ram_off
                 assert mem.read_u32(gfn * PAGE_SIZE) == expect
     finally:
+        for b in pages.values():
+            b.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(op, max_size=25))
+def test_changes_laid_in_place_give_the_view_a_full_recompute_gives(ram, ops):
+    """Over shared RAM an overlay is laid in place and the view spliced around it: after
+    any sequence the view is exactly what computing it afresh gives, each RAM page's host
+    address shows the overlay laid there or the RAM, and the RAM beneath is untouched (ballooning aside)."""
+    sink = FakeSink()
+    pages = {n: Backing.anonymous(n, PAGE_SIZE) for n in "abc"}
+    maps: list[MemoryMap] = []
+    try:
+        for n, b in pages.items():
+            b.view[:] = n.encode() * PAGE_SIZE
+        mm = MemoryMap(sink, _regions(ram), phys_bits=36, remap_overlays=True)
+        _fill_ram(ram)
+        maps.append(mm)
+        mem = GuestMemory(mm)
+        slots = sink.view()
+        zeroed: set[int] = set()
+        for kind, name, gfn in ops:
+            ram_now = {g for g in RAM_PAGES if not mm.is_ballooned(g)}
+            was = mm.overlay_gpa(name)
+            in_place = (was is None or was // PAGE_SIZE in ram_now) and (
+                kind == "unmap" or (kind == "map" and gfn in ram_now))
+            try:
+                if kind == "map":
+                    mm.map_overlay(name, pages[name], gfn * PAGE_SIZE)
+                elif kind == "unmap":
+                    mm.unmap_overlay(name)
+                elif kind == "balloon":
+                    mm.remove_ram_page(gfn)
+                    zeroed.add(gfn)
+                else:
+                    mm.restore_ram_page(gfn)
+            except (InvalidArgument, NotFound):
+                pass
+            assert mm.segments == tuple(mm._compute())
+            if in_place:
+                assert sink.view() == slots, "a change over shared RAM touched KVM's slots"
+            slots = sink.view()
+        by_gfn = {g // PAGE_SIZE: n for n, g in mm.overlays().items()}
+        for gfn in sorted(RAM_PAGES):
+            off = gfn * PAGE_SIZE if gfn * PAGE_SIZE < LOW else LOW + gfn * PAGE_SIZE - HIGH
+            beneath = os.pread(ram.fd, 4, off)
+            if gfn in by_gfn and not mm.is_ballooned(gfn):
+                assert bytes(ram.view[off:off + 1]) == by_gfn[gfn].encode()     # laid in place
+                assert mem.read(gfn * PAGE_SIZE, 1) == by_gfn[gfn].encode()
+            else:
+                assert bytes(ram.view[off:off + 4]) == beneath
+            assert beneath == (0 if gfn in zeroed else off // PAGE_SIZE).to_bytes(4, "little")
+    finally:
+        for m in maps:
+            m.clear()       # the RAM fixture outlives the example: put its pages back
         for b in pages.values():
             b.close()

@@ -248,3 +248,32 @@ def test_grant_pages_are_mapped_when_first_used_and_saved_and_loaded_as_before(h
     assert bytes(other.domain.overlay.pages["grant:5"].view[:8]) == b"granted!"
     assert other.domain.overlay.gpa("grant:5") == 0x900000
     assert bytes(other.domain.overlay.pages["grant:7"].view) == bytes(4096)
+
+
+def _time_record(mem, shinfo_gpa: int) -> tuple[int, int]:
+    """vCPU 0's vcpu_time_info in shared_info as the guest reads it: (version, system time)."""
+    version, = struct.unpack("<I", mem.read(shinfo_gpa + 32, 4))
+    system_time, = struct.unpack("<Q", mem.read(shinfo_gpa + 32 + 16, 8))
+    return version, system_time
+
+
+def test_shared_info_moved_by_the_operator_carries_live_time(harness_factory):
+    """The operator's map or move publishes nothing itself: the page is the same page
+    wherever it lies, and once the guest gave its TSC (its own map) the timer thread keeps
+    the record in it current, mapped or not. The guest finds a valid, recent record at
+    the new place, and it keeps moving there."""
+    h = harness_factory(64)
+    m, p = h.mem, h.ptr
+    m.write(SCRATCH, xatp(64, X.XENMAPSPACE_shared_info, 0, 0x820))
+    assert [r for r, _ in h.run([(MEM, X.XENMEM_add_to_physmap, p(SCRATCH))])] == [0]
+    d = h.domain
+    d.overlay_map("shared_info", 0x830000, force=True)
+    clock = d.xen.clock
+    version, first = _time_record(m, 0x830000)
+    assert version % 2 == 0 and version > 0 and 0 < first <= clock.now()
+    d.overlay_unmap("shared_info")
+    time.sleep(1.5)                       # longer than the refresh period
+    d.overlay_map("shared_info", 0x840000)
+    version, later = _time_record(m, 0x840000)
+    assert version % 2 == 0 and later > first, "the record went stale while unmapped"
+    assert clock.now() - later < 1.5 * 10**9

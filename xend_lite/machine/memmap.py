@@ -5,8 +5,9 @@ From the view it computes the slots, splitting RAM around every overlay and ball
 that cannot be laid in place, and applies only the difference; a failed apply restores the
 previous slots before it raises. An overlay over shared-memfd RAM is laid in place instead
 (the overlay's page mapped over the RAM page's host address): no slot changes, so no vCPU
-needs to stop for it. Only the VM owner changes the map (see Machine.change_memory), which
-pauses the vCPUs first when slots change.
+needs to stop for it, and only that page's host mappings and its stretch of the view change.
+Only the VM owner changes the map (see Machine.change_memory), which pauses the vCPUs first
+when slots change.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable, Protocol
 from xend_lite.errors import InvalidArgument, NotFound
 from xend_lite.machine.backing import PAGE_SHIFT, PAGE_SIZE, Backing
 from xend_lite.machine.native import map_shared_fixed
+from xend_lite.machine.segments import Segment, splice_in, splice_out
 from xend_lite.record import Frozen
 from xend_lite.record import set_field as _set
 
@@ -37,34 +39,6 @@ class RamRegion(Frozen):
     @property
     def end(self) -> int:
         return self.gpa + self.size
-
-
-class Segment(Frozen):
-    """One contiguous, backed stretch of guest-physical space (one KVM slot)."""
-
-    __slots__ = ("gpa", "size", "backing", "offset", "kind", "name")
-    gpa: int
-    size: int
-    backing: Backing
-    offset: int
-    kind: str  # "ram" | "overlay"
-    name: str
-
-    def __init__(self, gpa: int, size: int, backing: Backing, offset: int, kind: str, name: str):
-        _set(self, "gpa", gpa)
-        _set(self, "size", size)
-        _set(self, "backing", backing)
-        _set(self, "offset", offset)
-        _set(self, "kind", kind)
-        _set(self, "name", name)
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
-
-    @property
-    def host_addr(self) -> int:
-        return self.backing.addr + self.offset
 
 
 class SlotSink(Protocol):
@@ -198,8 +172,11 @@ class MemoryMap:
             if g == gpa and other != name:
                 raise InvalidArgument(f"gpa {gpa:#x} already holds overlay {other}")
         old = self._overlays.get(name)
-        in_place = self._remap_target(gpa) is not None and (
-            old is None or self._remap_target(old[0]) is not None)
+        new_at = self._remap_target(gpa)
+        old_at = None if old is None else self._remap_target(old[0])
+        in_place = new_at is not None and (old is None or old_at is not None)
+        if in_place and self._swap_in_place(name, old, old_at, (gpa, backing), new_at):
+            return
         self._overlays[name] = (gpa, backing)
         try:
             self.apply(slots_unchanged=in_place)
@@ -211,14 +188,60 @@ class MemoryMap:
             raise
 
     def unmap_overlay(self, name: str) -> None:
-        old = self._overlays.pop(name, None)
+        old = self._overlays.get(name)
         if old is None:
             return
+        old_at = self._remap_target(old[0])
+        if old_at is not None and self._swap_in_place(name, old, old_at, None, None):
+            return
+        del self._overlays[name]
         try:
-            self.apply(slots_unchanged=self._remap_target(old[0]) is not None)
+            self.apply(slots_unchanged=old_at is not None)
         except BaseException:
             self._overlays[name] = old
             raise
+
+    # -- in place: one page's host mappings and a spliced view ---------------------------
+
+    def _swap_in_place(self, name: str, old: tuple[int, Backing] | None,
+                       old_at: tuple[int, int, int] | None, new: tuple[int, Backing] | None,
+                       new_at: tuple[int, int, int] | None) -> bool:
+        """Move one overlay laid in place (from ``old``, to ``new``; None: not mapped), by
+        touching only its own host mappings: the RAM page back where it leaves, then the
+        overlay page where it arrives, as apply() would in that order, and the view spliced
+        around the page instead of recomputed. False (nothing done) when the page's
+        recorded mapping is not what ``old`` says (the general path sorts that out)."""
+        had = self._remapped.get(name)
+        if old is None:
+            if had is not None:
+                return False
+        elif had != (old_at[0], old[1], old_at[1], old_at[2]):
+            return False
+        elif new is not None and new[0] == old[0]:
+            return False                        # mapped again where it is
+        starts, segs = list(self._view[0]), list(self._view[1])
+        if old is not None and not splice_out(starts, segs, old[0], self.ram_region_at(old[0])):
+            return False
+        if new is not None and not splice_in(starts, segs, name, new[1], new[0]):
+            return False
+        if old is not None:
+            host, _ov, fd, off = had
+            map_shared_fixed(host, PAGE_SIZE, fd, off)
+        if new is not None:
+            try:
+                map_shared_fixed(new_at[0], PAGE_SIZE, new[1].fd, new[1].offset)
+            except OSError:
+                if old is not None:
+                    map_shared_fixed(had[0], PAGE_SIZE, had[1].fd, had[1].offset)
+                raise
+            self._remapped[name] = (new_at[0], new[1], new_at[1], new_at[2])
+            self._overlays[name] = new
+        else:
+            del self._remapped[name]
+            del self._overlays[name]
+        self._view = (starts, tuple(segs))
+        self.generation += 1
+        return True
 
     def remove_ram_page(self, gfn: int) -> None:
         """Take a RAM frame out of the guest's map (ballooning out)."""

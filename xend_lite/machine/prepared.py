@@ -16,7 +16,7 @@ seconds before its first memory slot takes that slot in a quarter of a milliseco
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 from xend_lite.errors import InvalidArgument, NotSupported

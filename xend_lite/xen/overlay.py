@@ -141,20 +141,20 @@ class OverlayDevice:
 
     def apply(self, page: str, gpa: int, by: str) -> None:
         """Map, move (or, at INVALID_GPA, unmap) a checked page; ``by`` is who asked."""
-        backing = self.pages[page]
         if gpa == INVALID_GPA:
             self.machine.change_memory(lambda mm: mm.unmap_overlay(page))
             self.mapped_by.pop(page, None)
             return
-        self.machine.memmap.check_gpa(gpa)
+        backing = self.pages[page]     # the memory map checks gpa before anything changes
         self.machine.change_memory(lambda mm: mm.map_overlay(page, backing, gpa))
         self.mapped_by[page] = by
 
     def entry(self, page: str) -> dict:
         """One page's listing entry."""
-        return self._entry(page, self.gpa(page))
+        return self.entry_at(page, self.gpa(page))
 
-    def _entry(self, page: str, g: int | None) -> dict:
+    def entry_at(self, page: str, g: int | None) -> dict:
+        """One page's listing entry, for a page known to lie at ``g`` (None: unmapped)."""
         out = {"page": page, "gpa": g, "size": self.pages[page].size, "backend": self.backend_name}
         if g is not None:
             out["by"] = self.mapped_by.get(page, "guest")
@@ -162,7 +162,7 @@ class OverlayDevice:
 
     def list(self) -> list[dict]:
         mapped = self.machine.memmap.overlays()
-        return [self._entry(name, mapped.get(name)) for name in self.pages]
+        return [self.entry_at(name, mapped.get(name)) for name in self.pages]
 
     # -- reset and state -----------------------------------------------------------------
 

@@ -247,31 +247,33 @@ class XenPlatform:
         gpa = ch.gpa
         if not isinstance(gpa, int) or isinstance(gpa, bool) or not 0 <= gpa <= INVALID_GPA:
             raise InvalidArgument("gpa must be an integer from 0 to 2^64-1")
-        guest_had = ov.gpa(page) is not None and ov.mapped_by.get(page) == "guest"
+        was = ov.gpa(page)
+        guest_had = was is not None and ov.mapped_by.get(page) == "guest"
+        mapped = gpa != INVALID_GPA
         if ch.by == "operator":
-            if gpa != INVALID_GPA:
+            if mapped:
                 self._refuse_reserved(gpa)
             if guest_had and not ch.force:
                 raise InvalidArgument(
-                    f"the guest mapped {page} at {ov.gpa(page):#x} itself and is not told of "
+                    f"the guest mapped {page} at {was:#x} itself and is not told of "
                     "changes: moving or unmapping it breaks the guest (pass force=true to do it "
                     "anyway)")
         if ch.long_mode is not None and page == SHARED_INFO:
             ov.long_mode = ch.long_mode
         ov.apply(page, gpa, ch.by)
-        if page == SHARED_INFO and gpa != INVALID_GPA:
-            if ch.vcpu is not None:
-                self.time.publish_from(ch.vcpu)
-                self.timers.start_refresh()
-            else:
-                self.time.refresh()
-        entry = ov.entry(page)
+        if mapped and page == SHARED_INFO and ch.vcpu is not None:
+            # the guest's own map: its TSC stamps a record now and the timer thread keeps it
+            # current from then on, in the page wherever it lies (or whether it lies at
+            # all), so a later map or move by anyone finds a live record without one
+            self.time.publish_from(ch.vcpu)
+            self.timers.start_refresh()
+        entry = ov.entry_at(page, gpa if mapped else None)
         data = {"page": page, "by": ch.by}
-        if gpa != INVALID_GPA:
+        if mapped:
             data["gpa"] = gpa
         if ch.by == "operator" and guest_had:
             entry["guest_not_told"] = data["guest_not_told"] = True
-        self.emit("XEN_OVERLAY_UNMAPPED" if gpa == INVALID_GPA else "XEN_OVERLAY_MAPPED", data)
+        self.emit("XEN_OVERLAY_MAPPED" if mapped else "XEN_OVERLAY_UNMAPPED", data)
         return entry
 
     def _refuse_reserved(self, gpa: int) -> None:
