@@ -36,17 +36,7 @@
     movq $SEEN, %rdi
     movl $4, %ecx
     rep movsq
-    /* IDT gate for VECTOR */
-    leaq upcall(%rip), %rax
-    leaq idt + VECTOR * 16(%rip), %rdi
-    movw %ax, 0(%rdi)
-    movw $SEL_CODE64, 2(%rdi)
-    movw $0x8e00, 4(%rdi)
-    shrq $16, %rax
-    movw %ax, 6(%rdi)
-    shrq $16, %rax
-    movl %eax, 8(%rdi)
-    movl $0, 12(%rdi)
+    IDT_GATE64(idt, VECTOR, upcall)
     lidt idt_desc(%rip)
     movl $APIC + 0xf0, %edi
     orl $0x1ff, (%rdi)

@@ -26,16 +26,7 @@
     START64
     INSTALL_HYPERCALL_PAGE(HCPAGE)
     MAP_SHARED_INFO(XATP, SHINFO, HCPAGE)
-    leaq upcall(%rip), %rax
-    leaq idt + VECTOR * 16(%rip), %rdi
-    movw %ax, 0(%rdi)
-    movw $SEL_CODE64, 2(%rdi)
-    movw $0x8e00, 4(%rdi)
-    shrq $16, %rax
-    movw %ax, 6(%rdi)
-    shrq $16, %rax
-    movl %eax, 8(%rdi)
-    movl $0, 12(%rdi)
+    IDT_GATE64(idt, VECTOR, upcall)
     lidt idt_desc(%rip)
     /* EVTCHNOP_bind_ipi(vcpu 0) and a send: the upcall is flagged, with nowhere to go */
     movq $IPI, %rsi

@@ -107,6 +107,13 @@ stack_top: ; \
  * its highest leaf (+40), the version leaf's EAX (+32) and the hypercall MSR (+24); nothing
  * when no Xen is found. 64-bit: clobbers r12 and, when found, sets r15 = table. 32-bit:
  * clobbers esi. */
+/* A present 64-bit interrupt gate for ``vector`` in the 16-byte-entry table at ``idt``
+ * (a label), leading to ``handler`` (a label); clobbers %rax and %rdi. */
+#define IDT_GATE64(idt, vector, handler) \
+    leaq handler(%rip), %rax; leaq idt + (vector) * 16(%rip), %rdi; movw %ax, 0(%rdi); \
+    movw $SEL_CODE64, 2(%rdi); movw $0x8e00, 4(%rdi); shrq $16, %rax; movw %ax, 6(%rdi); \
+    shrq $16, %rax; movl %eax, 8(%rdi); movl $0, 12(%rdi)
+
 #define FIND_XEN64(table) \
     movl $0x40000000, %r12d; \
 9010: movl %r12d, %eax; cpuid; cmpl $0x566e6558, %ebx; jne 9011f; \
