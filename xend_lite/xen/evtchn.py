@@ -265,8 +265,15 @@ class EventChannels:
         """Set the selector bit and the upcall flag; inject the upcall on a new flag."""
         lay = self.shinfo.layout
         vi = self.shinfo.vcpu_info_addr(vcpu)
-        if vi and not _or_bit(vi + lay.pending_sel, word, lay.word) \
-                and not atomic_xchg8(vi + lay.upcall_pending, 1):
+        if vi and not _or_bit(vi + lay.pending_sel, word, lay.word):
+            self._flag_upcall(vcpu, vi)
+        else:
+            self.upcalls.retry(vcpu)
+
+    def _flag_upcall(self, vcpu: int, vi: int) -> None:
+        """Set the upcall flag of the vcpu_info at host address ``vi``: deliver the upcall
+        on a new flag, else try again one KVM did not take."""
+        if not atomic_xchg8(vi + self.shinfo.layout.upcall_pending, 1):
             self.upcalls.inject(vcpu)
         else:
             self.upcalls.retry(vcpu)
@@ -274,13 +281,10 @@ class EventChannels:
     def mark_events_pending(self, vcpu: int) -> None:
         """Flag an upcall for ``vcpu`` and deliver it, unless one is flagged already (Xen's
         vcpu_mark_events_pending, used when a vcpu_info moves)."""
-        lay = self.shinfo.layout
         with self.machine.host_access(), self.lock:
             vi = self.shinfo.vcpu_info_addr(vcpu)
-            if vi and not atomic_xchg8(vi + lay.upcall_pending, 1):
-                self.upcalls.inject(vcpu)
-            else:
-                self.upcalls.retry(vcpu)
+            if vi:
+                self._flag_upcall(vcpu, vi)
         self.wake(vcpu)
 
     def unmask(self, port: int) -> None:
