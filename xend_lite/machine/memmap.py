@@ -74,6 +74,8 @@ class MemoryMap:
         # never pairs one view's starts with another's segments
         self._view: tuple[list[int], tuple[Segment, ...]] = ([], ())
         self.generation = 0
+        # called (on the thread that changed it) after every change of the view
+        self.view_listeners: list[Callable[[], None]] = []
         self.apply()
 
     # -- the view ------------------------------------------------------------------------
@@ -239,8 +241,7 @@ class MemoryMap:
         else:
             del self._remapped[name]
             del self._overlays[name]
-        self._view = (starts, tuple(segs))
-        self.generation += 1
+        self._set_view(segs, starts)
         return True
 
     def remove_ram_page(self, gfn: int) -> None:
@@ -332,8 +333,7 @@ class MemoryMap:
         if slots_unchanged:
             segs = self._compute()
             self._apply_remaps()
-            self._view = ([s.gpa for s in segs], tuple(segs))
-            self.generation += 1
+            self._set_view(segs)
             return
         segs, removed, added = self._slot_diff()
         if removed or added:
@@ -362,8 +362,7 @@ class MemoryMap:
         except BaseException:
             self._rollback(done_remove, done_add)
             raise
-        self._view = ([s.gpa for s in segs], tuple(segs))
-        self.generation += 1
+        self._set_view(segs)
 
     def _slot_diff(self) -> tuple[list[Segment], list[tuple[int, int, int]], list[tuple[int, int, int]]]:
         """The view's segments, and the slots to remove and add to make KVM match it."""
@@ -424,6 +423,12 @@ class MemoryMap:
 
     def slot_count(self) -> int:
         return len(self._slots)
+
+    def _set_view(self, segs: list[Segment], starts: list[int] | None = None) -> None:
+        self._view = ([s.gpa for s in segs] if starts is None else starts, tuple(segs))
+        self.generation += 1
+        for fn in self.view_listeners:
+            fn()
 
     # -- lookup --------------------------------------------------------------------------
 
