@@ -8,6 +8,7 @@ local APIC as an MSI or through the IOAPIC.
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableSet
 from typing import TYPE_CHECKING, Callable
 
 from xend_lite.kvm import KvmError
@@ -48,6 +49,8 @@ X87_FIP_WIDTHS = (0, 4, 8)
 MIN_VECTOR = 0x10
 IOAPIC_PINS = 24
 MSI_BASE = 0xFEE00000
+# how an upcall reaches a vCPU (Upcalls.route)
+ROUTE_NONE, ROUTE_MSI, ROUTE_GSI = 0, 1, 2
 
 
 def self_domain(domid: int, own: int) -> None:
@@ -70,12 +73,20 @@ class Upcalls:
     or no longer flagged.
     """
 
-    def __init__(self, vm: Vm, params: dict[int, int], pending: Callable[[int], bool]):
+    def __init__(self, vm: Vm, params: dict[int, int], pending: Callable[[int], bool],
+                 untaken: MutableSet[int] | None = None):
         self.vm = vm
         self.params = params                       # the domain's HVM params (shared dict)
         self.vectors: dict[int, int] = {}          # vcpu -> vector (HVMOP_set_evtchn_upcall_vector)
         self.pending = pending                     # vcpu -> its evtchn_upcall_pending flag
-        self.untaken: set[int] = set()             # vCPUs whose last upcall KVM did not take
+        # vCPUs whose last upcall KVM did not take (native.UntakenFlags when events are also
+        # delivered natively, which write it too)
+        self.untaken: MutableSet[int] = set() if untaken is None else untaken
+        self.on_change: Callable[[], None] = lambda: None   # a vector or the callback changed
+
+    def changed(self) -> None:
+        """A vector or the callback param changed (whoever changed it calls this)."""
+        self.on_change()
 
     def reassert(self, vcpu: int) -> None:
         """A new way of delivery (a vector just set): an upcall already flagged is
@@ -95,22 +106,31 @@ class Upcalls:
         for vcpu in list(self.untaken):
             self.retry(vcpu)
 
-    def inject(self, vcpu: int) -> None:
+    def route(self, vcpu: int) -> tuple[int, int]:
+        """(ROUTE_*, vector or GSI): the vCPU's own vector, else the callback's vector, else
+        the callback's GSI (vCPU 0 only), else nowhere."""
         vector = self.vectors.get(vcpu)
         via = self.params.get(X.HVM_PARAM_CALLBACK_IRQ, 0)
         kind = via >> 56
+        if vector is None and kind == X.HVM_PARAM_CALLBACK_TYPE_VECTOR:
+            vector = via & 0xFF
+        if vector is not None and vector >= MIN_VECTOR:
+            return ROUTE_MSI, vector
+        if kind == X.HVM_PARAM_CALLBACK_TYPE_GSI and vcpu == 0 and 0 < (via & U32) < IOAPIC_PINS:
+            return ROUTE_GSI, via & U32
+        return ROUTE_NONE, 0
+
+    def inject(self, vcpu: int) -> None:
+        route, value = self.route(vcpu)
         try:
-            if vector is None and kind == X.HVM_PARAM_CALLBACK_TYPE_VECTOR:
-                vector = via & 0xFF
-            if vector is not None and vector >= MIN_VECTOR:
-                if self.vm.signal_msi(MSI_BASE | (vcpu & 0xFF) << 12, vector) > 0:
+            if route == ROUTE_MSI:
+                if self.vm.signal_msi(MSI_BASE | (vcpu & 0xFF) << 12, value) > 0:
                     self.untaken.discard(vcpu)
                 else:
                     self.untaken.add(vcpu)
-            elif kind == X.HVM_PARAM_CALLBACK_TYPE_GSI and vcpu == 0 and 0 < (via & U32) < IOAPIC_PINS:
-                gsi = via & U32
-                self.vm.irq_line(gsi, 1)
-                self.vm.irq_line(gsi, 0)
+            elif route == ROUTE_GSI:
+                self.vm.irq_line(value, 1)
+                self.vm.irq_line(value, 0)
         except KvmError as exc:
             log.warning("upcall to vcpu%d failed: %s", vcpu, exc)
 
@@ -137,6 +157,7 @@ class HvmOps:
             if u["vcpu"] >= self.nr_vcpus:
                 raise XenError(X.XEN_ENOENT, "no such vcpu")
             self.upcalls.vectors[u["vcpu"]] = u["vector"]
+            self.upcalls.changed()
             self.upcalls.reassert(u["vcpu"])
             return 0
         if op == X.HVMOP_get_time:
@@ -183,5 +204,6 @@ class HvmOps:
             return 0
         self.params[index] = value
         if index == X.HVM_PARAM_CALLBACK_IRQ:
+            self.upcalls.changed()
             self.upcalls.reassert(0)
         return 0

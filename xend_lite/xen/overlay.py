@@ -20,7 +20,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from xend_lite.errors import InvalidArgument, NotFound, NotSupported
 from xend_lite.machine.backing import INVALID_GPA, PAGE_SIZE, Backing
@@ -97,7 +97,8 @@ class OverlayDevice:
         self.machine = machine
         self.backend_name = choose_backend(backend, kvm_xen_available)
         self.grant_frames = grant_frames
-        self.long_mode = True
+        self.on_mode_change: Callable[[], None] = lambda: None
+        self._long_mode = True
         self.mapped_by: dict[str, str] = {}      # mapped page -> "guest" or "operator"
         n = 1 + grant_frames
         fd = os.memfd_create("xend-lite:xen-overlay", os.MFD_CLOEXEC)
@@ -111,6 +112,16 @@ class OverlayDevice:
             raise
 
     # -- names ---------------------------------------------------------------------------
+
+    @property
+    def long_mode(self) -> bool:
+        """shared_info's layout: 64-bit (True) or 32-bit."""
+        return self._long_mode
+
+    @long_mode.setter
+    def long_mode(self, value: bool) -> None:
+        self._long_mode = bool(value)
+        self.on_mode_change()
 
     def check_page(self, page: object) -> str:
         if not isinstance(page, str):

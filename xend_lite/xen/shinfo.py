@@ -9,7 +9,7 @@ vcpu_info lies in guest RAM: threads other than the vCPUs and the owner go throu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from xend_lite.xen.abi import SHINFO32, SHINFO64, SharedInfoLayout
 from xend_lite.xen.errors import inval
@@ -31,6 +31,7 @@ class SharedInfo:
         self.overlay = overlay
         self.page: Backing = overlay.shared_info
         self.vcpu_info_gpa: dict[int, int] = {}     # vcpu -> guest-physical address
+        self.on_change: Callable[[], None] = lambda: None   # a vcpu_info moved
 
     @property
     def layout(self) -> SharedInfoLayout:
@@ -87,6 +88,7 @@ class SharedInfo:
             view[off:off + VCPU_INFO_SIZE] = data
             lay = self.layout
             view[off + lay.pending_sel:off + lay.pending_sel + lay.word] = b"\xff" * lay.word
+        self.on_change()
 
     # -- wallclock -----------------------------------------------------------------------
 
@@ -105,3 +107,4 @@ class SharedInfo:
 
     def reset(self) -> None:
         self.vcpu_info_gpa.clear()
+        self.on_change()
