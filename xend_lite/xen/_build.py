@@ -154,10 +154,33 @@ int xen_decode_call(void *run, uint64_t *out, void *ctx);
 /* hypercalls served in C on the vCPU thread (see the source) */
 #define XEN_NATIVE_SLOTS ...
 #define XEN_NATIVE_COUNTERS ...
-struct xen_native_dom { uint32_t version_word; uint8_t on[...]; ...; };
-struct xen_native_vcpu { struct xen_native_dom *dom; uint64_t calls[...]; uint64_t errors[...]; ...; };
+#define XEN_CALL_WAKE ...
+#define XEN_EVT_VCPUS ...
+#define XEN_EVT_PORTS ...
+#define XEN_EVT_SEGS ...
+#define XEN_PORT_PYTHON ...
+#define XEN_PORT_IPI ...
+#define XEN_PORT_LOOP ...
+#define XEN_PORT_UNBOUND ...
+#define XEN_VI_NONE ...
+#define XEN_VI_SHARED ...
+#define XEN_VI_GPA ...
+#define XEN_UPCALL_NONE ...
+#define XEN_UPCALL_MSI ...
+#define XEN_UPCALL_PYTHON ...
+struct xen_evt_seg { uint64_t gpa; uint64_t size; uint64_t host; };
+struct xen_evt_vcpu { uint64_t vi_gpa; uint32_t vi_kind; uint32_t upcall; };
+struct xen_evt_dom { uint32_t seq; uint32_t nr_segs; struct xen_evt_seg segs[...];
+    uint64_t shinfo; uint32_t word; uint32_t nr_ports; uint32_t pending_off; uint32_t mask_off;
+    uint32_t sel_off; uint32_t upcall_off; uint32_t nr_vcpus; struct xen_evt_vcpu vcpus[...];
+    uint64_t ports[...]; uint8_t blocked[...]; uint8_t untaken[...]; int vm_fd; ...; };
+struct xen_native_dom { uint32_t version_word; uint8_t on[...]; struct xen_evt_dom evt; ...; };
+struct xen_native_vcpu { struct xen_native_dom *dom; int vcpu_fd; uint64_t calls[...];
+    uint64_t errors[...]; uint64_t sends; uint64_t msi_failures; ...; };
 int xen_native_slot(uint64_t op, uint64_t subop);
 uintptr_t xen_native_hook_address(void);
+void xen_store64(uintptr_t addr, uint64_t value);
+void xen_store8(uintptr_t addr, uint8_t value);
 /* atomic read-modify-write on guest memory (host addresses) */
 uint64_t xen_fetch_or64(uintptr_t addr, uint64_t mask);
 uint64_t xen_fetch_and64(uintptr_t addr, uint64_t mask);
@@ -169,6 +192,8 @@ SOURCE = r"""
 #define __XEN_INTERFACE_VERSION__ __XEN_LATEST_INTERFACE_VERSION__
 #include <sched.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
 #include <xen/xen.h>
 #include <xen/errno.h>
 #include <xen/version.h>
@@ -213,29 +238,304 @@ static int xen_decode_call(void *run_ptr, uint64_t *out, void *ctx) {
 }
 static uintptr_t xen_decode_call_address(void) { return (uintptr_t)&xen_decode_call; }
 
-/* Hypercalls served in C, inside the vCPU's KVM_RUN loop with the GIL released: the ones a
- * guest calls in loops that need no state but numbers fixed at set-up. Each (call, sub-op)
- * has a slot; the domain's struct says which slots are on (Python turns on the ones
- * dispatch.NATIVE names) and holds the fixed values; each vCPU counts what it served, by
- * call number as the Python dispatcher does (TABLE_SIZE + 1 counters), one writer each.
- * Anything else, and any call from outside the guest kernel, goes to Python decoded. */
-enum { XN_VERSION_VERSION, XN_VERSION_PAGESIZE, XN_SCHED_YIELD, XEN_NATIVE_SLOTS };
+/* Hypercalls served in C, inside the vCPU's KVM_RUN loop with the GIL released: the hot ones
+ * a guest calls in loops. Each (call, sub-op) has a slot; the domain's struct says which slots
+ * are on (Python turns on the ones dispatch.NATIVE names) and holds what they need: fixed
+ * values, and for event channels a mirror of the Python state (below); each vCPU counts what
+ * it served, by call number as the Python dispatcher does (TABLE_SIZE + 1 counters), one
+ * writer each. Anything else, anything the mirror cannot answer exactly, and any call from
+ * outside the guest kernel goes to Python decoded, nothing done. */
+enum { XN_VERSION_VERSION, XN_VERSION_PAGESIZE, XN_SCHED_YIELD, XN_EVTCHN_SEND,
+       XN_EVTCHN_UNMASK, XEN_NATIVE_SLOTS };
 #define XEN_NATIVE_COUNTERS 65
+/* in out[1] when the hook hands over a call it served (result in out[2], counted) whose
+ * event may be waited for by a blocked vCPU: Python only wakes the vCPUs */
+#define XEN_CALL_WAKE 4u
+
+/* The event-channel mirror. Python writes it, under the event-channel lock (one writer):
+ * - under the sequence count (odd while a rewrite is under way; the reader takes a snapshot
+ *   and gives up if the count moved): the memory map's RAM segments (guest-physical to host,
+ *   overlays and holes left out), shared_info's host address and layout, and per vCPU where
+ *   its vcpu_info is and how its upcall is delivered;
+ * - each a single aligned word stored whole: per port its kind, its vCPU and (loopback) the
+ *   port at the other end; per vCPU whether it may be blocked waiting for an event, and
+ *   whether KVM did not take its last upcall (both sides write this one). */
+#define XEN_EVT_VCPUS 128
+#define XEN_EVT_PORTS 4096           /* the 64-bit 2-level ABI's ports */
+#define XEN_EVT_SEGS 64
+#define XEN_PORT_PYTHON 0            /* closed, VIRQ, bound to the daemon: Python sends */
+#define XEN_PORT_IPI 1
+#define XEN_PORT_LOOP 2              /* interdomain, the other end a port of this domain */
+#define XEN_PORT_UNBOUND 3           /* no one listens: a send is dropped */
+#define XEN_VI_NONE 0                /* no vcpu_info */
+#define XEN_VI_SHARED 1              /* the vCPU's slot in shared_info */
+#define XEN_VI_GPA 2                 /* registered at vi_gpa */
+#define XEN_UPCALL_NONE 0            /* nowhere to deliver */
+#define XEN_UPCALL_MSI 1             /* the vector in the low byte, through KVM_SIGNAL_MSI */
+#define XEN_UPCALL_PYTHON 2          /* a GSI: Python delivers */
+struct xen_evt_seg { uint64_t gpa, size, host; };
+struct xen_evt_vcpu { uint64_t vi_gpa; uint32_t vi_kind; uint32_t upcall; };
+struct xen_evt_dom {
+    uint32_t seq;
+    uint32_t nr_segs;                /* > XEN_EVT_SEGS: too many, every lookup fails */
+    struct xen_evt_seg segs[XEN_EVT_SEGS];
+    uint64_t shinfo;                 /* 0: no shared_info */
+    uint32_t word, nr_ports, pending_off, mask_off, sel_off, upcall_off;
+    uint32_t nr_vcpus;
+    struct xen_evt_vcpu vcpus[XEN_EVT_VCPUS];
+    uint64_t ports[XEN_EVT_PORTS];   /* kind | vcpu << 8 | remote port << 32 */
+    uint8_t blocked[XEN_EVT_VCPUS];
+    uint8_t untaken[XEN_EVT_VCPUS];
+    int vm_fd;
+};
 struct xen_native_dom {
     uint32_t version_word;           /* XENVER_version's answer: major << 16 | minor */
     uint8_t on[XEN_NATIVE_SLOTS];
+    struct xen_evt_dom evt;
 };
 struct xen_native_vcpu {
     struct xen_native_dom *dom;
+    int vcpu_fd;                     /* for KVM_TRANSLATE; < 0: event calls go to Python */
     uint64_t calls[XEN_NATIVE_COUNTERS];
     uint64_t errors[XEN_NATIVE_COUNTERS];
+    uint64_t sends;                  /* EVTCHNOP_send served (EventChannels.sends) */
+    uint64_t msi_failures;           /* KVM_SIGNAL_MSI errors (Python logs its own) */
 };
 static int xen_native_slot(uint64_t op, uint64_t subop) {
     if (op == __HYPERVISOR_xen_version && subop == XENVER_version) return XN_VERSION_VERSION;
     if (op == __HYPERVISOR_xen_version && subop == XENVER_pagesize) return XN_VERSION_PAGESIZE;
     if (op == __HYPERVISOR_sched_op && subop == SCHEDOP_yield) return XN_SCHED_YIELD;
+    if (op == __HYPERVISOR_event_channel_op && subop == EVTCHNOP_send) return XN_EVTCHN_SEND;
+    if (op == __HYPERVISOR_event_channel_op && subop == EVTCHNOP_unmask) return XN_EVTCHN_UNMASK;
     return -1;
 }
+static void xen_store64(uintptr_t addr, uint64_t value) {
+    __atomic_store_n((uint64_t *)addr, value, __ATOMIC_SEQ_CST);
+}
+static void xen_store8(uintptr_t addr, uint8_t value) {
+    __atomic_store_n((uint8_t *)addr, value, __ATOMIC_SEQ_CST);
+}
+
+#define EVT_LD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define EVT_FALLBACK (-1)            /* nothing done: Python serves the call */
+#define EVT_DONE 0
+#define EVT_DONE_WAKE 1
+
+/* What one call needs from the sequence-counted part, read once and checked afterwards. */
+struct evt_snap {
+    uint32_t seq;
+    uint64_t shinfo;
+    uint32_t word, bits, nr_ports, pending_off, mask_off, sel_off, upcall_off, nr_vcpus;
+};
+static int evt_snap_begin(const struct xen_evt_dom *e, struct evt_snap *s) {
+    s->seq = __atomic_load_n(&e->seq, __ATOMIC_ACQUIRE);
+    if (s->seq & 1)
+        return 0;
+    s->shinfo = EVT_LD(e->shinfo);
+    s->word = EVT_LD(e->word);
+    s->nr_ports = EVT_LD(e->nr_ports);
+    s->pending_off = EVT_LD(e->pending_off);
+    s->mask_off = EVT_LD(e->mask_off);
+    s->sel_off = EVT_LD(e->sel_off);
+    s->upcall_off = EVT_LD(e->upcall_off);
+    s->nr_vcpus = EVT_LD(e->nr_vcpus);
+    s->bits = s->word * 8;
+    return s->shinfo != 0 && (s->word == 4 || s->word == 8) && s->nr_ports <= XEN_EVT_PORTS
+           && s->nr_ports == s->word * 8 * s->bits && s->nr_vcpus <= XEN_EVT_VCPUS
+           && s->pending_off + s->nr_ports / 8 <= 4096 && s->mask_off + s->nr_ports / 8 <= 4096
+           && s->sel_off + s->word <= 64 && s->upcall_off < 64;
+}
+/* true when nothing under the count changed since evt_snap_begin */
+static int evt_snap_valid(const struct xen_evt_dom *e, const struct evt_snap *s) {
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return __atomic_load_n(&e->seq, __ATOMIC_RELAXED) == s->seq;
+}
+/* The host address of guest-physical [gpa, gpa + len) when it lies in one RAM segment of the
+ * memory map, else 0 (an overlay, a hole, a ballooned page: Python knows what lies there). */
+static uint64_t evt_host(const struct xen_evt_dom *e, uint64_t gpa, uint64_t len) {
+    uint32_t n = EVT_LD(e->nr_segs);
+    if (n > XEN_EVT_SEGS)
+        return 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t g = EVT_LD(e->segs[i].gpa), size = EVT_LD(e->segs[i].size);
+        if (gpa >= g && gpa - g < size && len <= size - (gpa - g))
+            return EVT_LD(e->segs[i].host) + (gpa - g);
+    }
+    return 0;
+}
+/* The 4-byte port number a guest pointer names (evtchn_send, evtchn_unmask), read as
+ * guestview.py reads it; 0 (Python reads it and answers, -EFAULT or otherwise) when the
+ * pointer is not canonical, crosses a page, is not mapped or does not lie in plain RAM. */
+static int evt_read_u32(const struct xen_native_vcpu *v, const struct kvm_run *run,
+                        const struct xen_evt_dom *e, const struct evt_snap *s, uint64_t gva,
+                        uint64_t flags, uint32_t *val) {
+    if (flags & XEN_CALL_LONG) {
+        uint64_t top = gva >> 47;
+        if (top != 0 && top != 0x1ffff)
+            return 0;
+    } else if (gva > 0xffffffffull - 3) {
+        return 0;
+    }
+    if ((gva & 0xfff) > 0xffc)
+        return 0;
+    uint64_t gpa = gva;
+    if (run->s.regs.sregs.cr0 & (1ull << 31)) {          /* CR0.PG */
+        struct kvm_translation t;
+        memset(&t, 0, sizeof t);
+        t.linear_address = gva & ~0xfffull;
+        if (v->vcpu_fd < 0 || ioctl(v->vcpu_fd, KVM_TRANSLATE, &t) < 0 || !t.valid
+            || t.physical_address == ~0ull)
+            return 0;
+        gpa = (t.physical_address & ~0xfffull) | (gva & 0xfff);
+    }
+    uint64_t host = evt_host(e, gpa, 4);
+    if (!host || !evt_snap_valid(e, s))   /* never an address from a half-written map */
+        return 0;
+    memcpy(val, (const void *)host, 4);
+    return 1;
+}
+/* Atomic bit operations on the guest's words (4 or 8 bytes), as evtchn.py's; the old bit. */
+static int evt_set_bit(uint64_t addr, uint32_t bit, uint32_t word) {
+    if (word == 8)
+        return __atomic_fetch_or((uint64_t *)addr, 1ull << bit, __ATOMIC_SEQ_CST) >> bit & 1;
+    return __atomic_fetch_or((uint32_t *)addr, 1u << bit, __ATOMIC_SEQ_CST) >> bit & 1;
+}
+static int evt_clear_bit(uint64_t addr, uint32_t bit, uint32_t word) {
+    if (word == 8)
+        return __atomic_fetch_and((uint64_t *)addr, ~(1ull << bit), __ATOMIC_SEQ_CST) >> bit & 1;
+    return __atomic_fetch_and((uint32_t *)addr, ~(1u << bit), __ATOMIC_SEQ_CST) >> bit & 1;
+}
+static int evt_test_bit(uint64_t addr, uint32_t bit, uint32_t word) {
+    if (word == 8)
+        return __atomic_load_n((uint64_t *)addr, __ATOMIC_SEQ_CST) >> bit & 1;
+    return __atomic_load_n((uint32_t *)addr, __ATOMIC_SEQ_CST) >> bit & 1;
+}
+/* Where a vCPU's events go, resolved before anything is written. */
+struct evt_target {
+    uint32_t vcpu;
+    uint64_t vi;                     /* host address of its vcpu_info, 0: none */
+    uint32_t upcall;                 /* XEN_UPCALL_* << 8 | vector */
+};
+static int evt_target(const struct xen_evt_dom *e, const struct evt_snap *s, uint32_t vcpu,
+                      struct evt_target *t) {
+    if (vcpu >= s->nr_vcpus)
+        return 0;
+    const struct xen_evt_vcpu *ev = &e->vcpus[vcpu];
+    uint32_t kind = EVT_LD(ev->vi_kind);
+    t->vcpu = vcpu;
+    t->upcall = EVT_LD(ev->upcall);
+    if (t->upcall >> 8 != XEN_UPCALL_NONE && t->upcall >> 8 != XEN_UPCALL_MSI)
+        return 0;                    /* a GSI: Python raises the line */
+    if (kind == XEN_VI_NONE)
+        t->vi = 0;
+    else if (kind == XEN_VI_SHARED && vcpu < 32)
+        t->vi = s->shinfo + vcpu * 64ull;
+    else if (kind == XEN_VI_GPA)
+        t->vi = evt_host(e, EVT_LD(ev->vi_gpa), 64);
+    else
+        return 0;
+    return kind == XEN_VI_NONE || t->vi != 0;
+}
+/* hvm.py's Upcalls.inject and retry for a vector delivered as an MSI */
+static void evt_inject(struct xen_native_vcpu *v, const struct evt_target *t) {
+    struct xen_evt_dom *e = &v->dom->evt;
+    if (t->upcall >> 8 != XEN_UPCALL_MSI)
+        return;
+    struct kvm_msi msi;
+    memset(&msi, 0, sizeof msi);
+    msi.address_lo = 0xfee00000u | (t->vcpu & 0xff) << 12;
+    msi.data = t->upcall & 0xff;
+    int r = ioctl(EVT_LD(e->vm_fd), KVM_SIGNAL_MSI, &msi);
+    if (r > 0)
+        __atomic_store_n(&e->untaken[t->vcpu], 0, __ATOMIC_SEQ_CST);
+    else if (r == 0)
+        __atomic_store_n(&e->untaken[t->vcpu], 1, __ATOMIC_SEQ_CST);
+    else
+        __atomic_store_n(&v->msi_failures, v->msi_failures + 1, __ATOMIC_RELAXED);
+}
+static void evt_retry(struct xen_native_vcpu *v, const struct evt_snap *s,
+                      const struct evt_target *t) {
+    struct xen_evt_dom *e = &v->dom->evt;
+    if (!__atomic_load_n(&e->untaken[t->vcpu], __ATOMIC_SEQ_CST))
+        return;
+    if (t->vi && __atomic_load_n((uint8_t *)(t->vi + s->upcall_off), __ATOMIC_SEQ_CST))
+        evt_inject(v, t);
+    else
+        __atomic_store_n(&e->untaken[t->vcpu], 0, __ATOMIC_SEQ_CST);
+}
+/* evtchn.py's _flag_vcpu and _flag_upcall: the selector bit, the upcall flag, the upcall */
+static void evt_flag_vcpu(struct xen_native_vcpu *v, const struct evt_snap *s,
+                          const struct evt_target *t, uint32_t word) {
+    if (t->vi && !evt_set_bit(t->vi + s->sel_off, word, s->word)) {
+        if (!__atomic_exchange_n((uint8_t *)(t->vi + s->upcall_off), 1, __ATOMIC_SEQ_CST))
+            evt_inject(v, t);
+        else
+            evt_retry(v, s, t);
+    } else {
+        evt_retry(v, s, t);
+    }
+}
+static uint32_t evt_port_vcpu(const struct xen_evt_dom *e, uint32_t port) {
+    return (uint32_t)(__atomic_load_n(&e->ports[port], __ATOMIC_ACQUIRE) >> 8) & 0xffffff;
+}
+/* EVTCHNOP_send: evtchn.py's send and raise_port for IPI, loopback and unbound ports. Set
+ * the bits, then look for a vCPU that may be blocked (it set its flag before looking at the
+ * bits, so one of the two sides sees the other). */
+static int evt_send(struct xen_native_vcpu *v, uint32_t port, const struct evt_snap *s) {
+    struct xen_evt_dom *e = &v->dom->evt;
+    if (port == 0 || port >= s->nr_ports)
+        return EVT_FALLBACK;
+    uint64_t entry = __atomic_load_n(&e->ports[port], __ATOMIC_ACQUIRE);
+    uint32_t kind = entry & 0xff, target = port;
+    if (kind == XEN_PORT_UNBOUND) {
+        if (!evt_snap_valid(e, s))
+            return EVT_FALLBACK;
+        __atomic_store_n(&v->sends, v->sends + 1, __ATOMIC_RELAXED);
+        return EVT_DONE;
+    }
+    if (kind == XEN_PORT_LOOP)
+        target = (uint32_t)(entry >> 32);
+    else if (kind != XEN_PORT_IPI)
+        return EVT_FALLBACK;
+    if (target == 0 || target >= s->nr_ports)
+        return EVT_FALLBACK;
+    struct evt_target t;
+    if (!evt_target(e, s, evt_port_vcpu(e, target), &t) || !evt_snap_valid(e, s))
+        return EVT_FALLBACK;
+    __atomic_store_n(&v->sends, v->sends + 1, __ATOMIC_RELAXED);
+    uint32_t word = target / s->bits, bit = target % s->bits;
+    if (!evt_set_bit(s->shinfo + s->pending_off + word * s->word, bit, s->word)
+        && !evt_test_bit(s->shinfo + s->mask_off + word * s->word, bit, s->word))
+        evt_flag_vcpu(v, s, &t, word);
+    for (uint32_t i = 0; i < s->nr_vcpus; i++)
+        if (__atomic_load_n(&e->blocked[i], __ATOMIC_SEQ_CST))
+            return EVT_DONE_WAKE;
+    return EVT_DONE;
+}
+/* EVTCHNOP_unmask: evtchn.py's unmask */
+static int evt_unmask(struct xen_native_vcpu *v, uint32_t port, const struct evt_snap *s) {
+    struct xen_evt_dom *e = &v->dom->evt;
+    if (port == 0 || port >= s->nr_ports)
+        return EVT_FALLBACK;
+    struct evt_target t;
+    if (!evt_target(e, s, evt_port_vcpu(e, port), &t) || !evt_snap_valid(e, s))
+        return EVT_FALLBACK;
+    uint32_t word = port / s->bits, bit = port % s->bits;
+    evt_clear_bit(s->shinfo + s->mask_off + word * s->word, bit, s->word);
+    if (evt_test_bit(s->shinfo + s->pending_off + word * s->word, bit, s->word))
+        evt_flag_vcpu(v, s, &t, word);
+    return EVT_DONE;
+}
+static int evt_call(struct xen_native_vcpu *v, const struct kvm_run *run, int slot,
+                    const uint64_t *out) {
+    const struct xen_evt_dom *e = &v->dom->evt;
+    struct evt_snap s;
+    uint32_t port;
+    if (!evt_snap_begin(e, &s) || !evt_read_u32(v, run, e, &s, out[3], out[1], &port))
+        return EVT_FALLBACK;
+    return slot == XN_EVTCHN_SEND ? evt_send(v, port, &s) : evt_unmask(v, port, &s);
+}
+
 static int xen_native_hook(void *run, uint64_t *out, void *ctx) {
     struct xen_native_vcpu *v = ctx;
     xen_decode_call(run, out, NULL);
@@ -244,16 +544,29 @@ static int xen_native_hook(void *run, uint64_t *out, void *ctx) {
     int slot = xen_native_slot(out[0], out[2]);
     if (slot < 0 || !__atomic_load_n(&v->dom->on[slot], __ATOMIC_RELAXED))
         return 0;
-    int64_t ret;
+    int64_t ret = 0;
+    int wake = 0;
     switch (slot) {
     case XN_VERSION_VERSION: ret = v->dom->version_word; break;
     case XN_VERSION_PAGESIZE: ret = 4096; break;
-    default: sched_yield(); ret = 0; break;        /* XN_SCHED_YIELD */
+    case XN_SCHED_YIELD: sched_yield(); break;
+    default: {                       /* XN_EVTCHN_SEND, XN_EVTCHN_UNMASK */
+        int r = evt_call(v, run, slot, out);
+        if (r == EVT_FALLBACK)
+            return 0;
+        wake = r == EVT_DONE_WAKE;
+        break;
+    }
     }
     uint64_t nr = out[0];            /* < XEN_NATIVE_COUNTERS: every slot's call is */
     __atomic_store_n(&v->calls[nr], v->calls[nr] + 1, __ATOMIC_RELAXED);
     if (ret < 0)
         __atomic_store_n(&v->errors[nr], v->errors[nr] + 1, __ATOMIC_RELAXED);
+    if (wake) {                      /* served: Python wakes the vCPUs and returns out[2] */
+        out[1] |= XEN_CALL_WAKE;
+        out[2] = (uint64_t)ret;
+        return 0;
+    }
     out[0] = (uint64_t)ret & (out[1] & XEN_CALL_LONG ? ~0ull : 0xffffffffull);
     return 1;
 }

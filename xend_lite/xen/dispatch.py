@@ -33,10 +33,17 @@ def hypercall_table(p: XenPlatform) -> dict[int, Handler]:
     }
 
 
-#: (call, sub-op) pairs served natively: each is a hot call whose answer needs no state but
-#: values fixed at set-up. A call from outside the guest kernel always goes to Python.
+#: (call, sub-op) pairs served natively: hot calls whose answer needs values fixed at set-up
+#: or the C mirror of the event channels (evtchn_mirror.py). A call from outside the guest
+#: kernel always goes to Python, and so does any case the C code cannot finish exactly (see
+#: each line), before it has changed anything.
 NATIVE: frozenset[tuple[int, int]] = frozenset({
     (X.__HYPERVISOR_xen_version, X.XENVER_version),     # version.py: the version word
     (X.__HYPERVISOR_xen_version, X.XENVER_pagesize),    # version.py: PAGE_SIZE
     (X.__HYPERVISOR_sched_op, X.SCHEDOP_yield),         # sched.py: yield the host CPU, 0
+    # evtchn.py's send on an IPI, loopback or unbound port, delivered through an MSI or not
+    # at all; Python: VIRQ and daemon ports, bad ports and pointers, a GSI callback, no
+    # shared_info, an argument or vcpu_info outside plain RAM
+    (X.__HYPERVISOR_event_channel_op, X.EVTCHNOP_send),
+    (X.__HYPERVISOR_event_channel_op, X.EVTCHNOP_unmask),   # evtchn.py's unmask, as above
 })

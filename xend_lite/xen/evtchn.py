@@ -19,6 +19,8 @@ lies in guest RAM); take it before ``lock``.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable
 
 from xend_lite.record import Record
@@ -28,6 +30,7 @@ from xend_lite.xen.xenabi import X
 
 if TYPE_CHECKING:
     from xend_lite.machine.machine import Machine
+    from xend_lite.xen.evtchn_mirror import EvtchnMirror
     from xend_lite.xen.hvm import Upcalls
     from xend_lite.xen.shinfo import SharedInfo
 
@@ -90,7 +93,25 @@ class EventChannels:
         self.virqs: dict[tuple[int, int], int] = {}      # (vcpu, virq) -> port
         self.daemon_ports: dict[int, int | None] = {}    # daemon-side port -> guest port or None
         self.backends: dict[int, Callable[[], None]] = {}   # daemon-side port -> its backend
-        self.sends = 0
+        self._sends = 0
+        # the C copy the native send and unmask read (set by the platform), and how many
+        # sends they served
+        self.mirror: EvtchnMirror | None = None
+        self.native_sends: Callable[[], int] = lambda: 0
+
+    @property
+    def sends(self) -> int:
+        """EVTCHNOP_send calls made, natively served included."""
+        return self._sends + self.native_sends()
+
+    def _mirror_port(self, *ports: int) -> None:
+        if self.mirror is not None:
+            for n in ports:
+                self.mirror.port(n)
+
+    def _mirror_all(self) -> None:
+        if self.mirror is not None:
+            self.mirror.all_ports()
 
     # -- limits and lookup ---------------------------------------------------------------
 
@@ -110,6 +131,7 @@ class EventChannels:
         for n in range(1, self.max_ports()):
             if n not in self.ports:
                 self.ports[n] = port
+                self._mirror_port(n)
                 return n
         raise XenError(X.XEN_ENOSPC, "no free event channel")
 
@@ -149,6 +171,7 @@ class EventChannels:
                 local = self._alloc(Port(X.EVTCHNSTAT_interdomain, remote_dom=self_domid,
                                          remote_port=remote_port))
                 peer.state, peer.remote_dom, peer.remote_port = X.EVTCHNSTAT_interdomain, self_domid, local
+                self._mirror_port(remote_port)
                 return local
             if remote_dom != DAEMON_DOMID:
                 raise XenError(X.XEN_ESRCH, f"no domain {remote_dom}")
@@ -180,6 +203,7 @@ class EventChannels:
             elif p.state not in (X.EVTCHNSTAT_unbound, X.EVTCHNSTAT_interdomain):
                 raise XenError(X.XEN_EINVAL, "port cannot move")
             p.vcpu = vcpu
+            self._mirror_port(port)
 
     def close(self, port: int) -> None:
         with self.lock:
@@ -195,7 +219,9 @@ class EventChannels:
                 peer = self.ports.get(p.remote_port)
                 if peer is not None and peer.state == X.EVTCHNSTAT_interdomain:
                     peer.state, peer.remote_port = X.EVTCHNSTAT_unbound, 0
+                    self._mirror_port(p.remote_port)
         del self.ports[port]
+        self._mirror_port(port)
         self._clear_pending(port)
 
     def reset(self) -> None:
@@ -206,12 +232,13 @@ class EventChannels:
                 self._free(port, self.ports[port])
             self.daemon_ports.clear()
             self.backends.clear()
+            self._mirror_all()
 
     def send(self, port: int) -> None:
         backend = None
         with self.machine.host_access(), self.lock:
             p = self.get(port)
-            self.sends += 1
+            self._sends += 1
             if p.state == X.EVTCHNSTAT_interdomain:
                 if p.remote_dom != DAEMON_DOMID:
                     self.raise_port(p.remote_port)
@@ -319,6 +346,19 @@ class EventChannels:
         word, bit = divmod(port, lay.bits)
         _clear_bit(self.shinfo.addr + lay.evtchn_pending + word * lay.word, bit, lay.word)
 
+    @contextmanager
+    def waiting(self, vcpu: int) -> Iterator[None]:
+        """Around a vCPU's wait for its events (SCHEDOP_block, SCHEDOP_poll): the native send
+        sees it flagged before the vCPU looks at its events, and has it woken."""
+        if self.mirror is None:
+            yield
+            return
+        self.mirror.events.set_blocked(vcpu, True)
+        try:
+            yield
+        finally:
+            self.mirror.events.set_blocked(vcpu, False)
+
     def wake(self, vcpu: int) -> None:
         """Wake a vCPU that may be blocked waiting for an event (every one: the target may
         have moved)."""
@@ -341,4 +381,5 @@ class EventChannels:
             self.virqs = {(p.vcpu, p.virq): n for n, p in self.ports.items()
                           if p.state == X.EVTCHNSTAT_virq}
             self.daemon_ports = {int(n): (None if g < 0 else g) for n, g in st["daemon_ports"].items()}
-            self.sends = st.get("sends", 0)
+            self._sends = st.get("sends", 0) - self.native_sends()
+            self._mirror_all()

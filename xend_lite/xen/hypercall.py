@@ -22,7 +22,7 @@ from xend_lite.machine.backing import PAGE_SIZE
 from xend_lite.xen.abi import Layout, guest_layout
 from xend_lite.xen.errors import XenError
 from xend_lite.xen.guestview import GuestView
-from xend_lite.xen.native import CALL_LONG, CALL_USER
+from xend_lite.xen.native import CALL_LONG, CALL_USER, CALL_WAKE
 from xend_lite.xen.xenabi import X, all_constants
 
 if TYPE_CHECKING:
@@ -113,9 +113,11 @@ class Hypercalls:
     """The dispatcher: a table of handlers and the counters of what the guest called."""
 
     def __init__(self, mem: GuestMemory, table: dict[int, Handler],
-                 native: NativeHypercalls | None = None):
+                 native: NativeHypercalls | None = None,
+                 wake: Callable[[], None] = lambda: None):
         self.mem = mem
         self.native = native
+        self.wake = wake             # wakes vCPUs blocked for an event (CALL_WAKE)
         # the native counters only grow: reading subtracts what they were at the last reset
         self._native_base = ([0] * (TABLE_SIZE + 1), [0] * (TABLE_SIZE + 1))
         self._table: list[tuple[Handler, int] | None] = [None] * TABLE_SIZE
@@ -141,6 +143,9 @@ class Hypercalls:
         # one Call object per vCPU is reused, and the result goes back to the vCPU loop.
         nr, flags, a1, a2, a3, a4, a5 = runner.vcpu.hook_values(7)
         mask = U64 if flags & CALL_LONG else U32
+        if flags & CALL_WAKE:        # served and counted in C; a blocked vCPU may wait for it
+            self.wake()
+            return a1 & mask
         if flags & CALL_USER:
             ret = _EPERM             # not from the guest kernel: Xen refuses
         else:

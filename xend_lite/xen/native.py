@@ -4,18 +4,23 @@ bit operations on guest memory, and the host TSC. No cffi object leaves this mod
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableSet
 
 from xend_lite.xen._xen import ffi as _ffi
 from xend_lite.xen._xen import lib as _lib
 
-__all__ = ["CALL_LONG", "CALL_USER", "DECODE_CALL", "NATIVE_HOOK", "NativeHypercalls",
-           "atomic_and64", "atomic_or64", "atomic_xchg8", "host_tsc"]
+__all__ = ["CALL_LONG", "CALL_USER", "CALL_WAKE", "DECODE_CALL", "NATIVE_HOOK", "EventMirror",
+           "NativeHypercalls", "UntakenFlags", "atomic_and64", "atomic_or64", "atomic_xchg8",
+           "host_tsc"]
 
 #: flags the decoder sets in a call's second word: the caller was in 64-bit mode / was not
 #: the guest kernel
 CALL_LONG: int = _lib.XEN_CALL_LONG
 CALL_USER: int = _lib.XEN_CALL_USER
+#: set by the native hook on a call it served whose event a blocked vCPU may wait for: the
+#: Python dispatcher only wakes the vCPUs and returns the result the call's first argument
+#: word holds
+CALL_WAKE: int = _lib.XEN_CALL_WAKE
 #: the address of the C function that decodes a hypercall from the synced registers into
 #: [number, flags, five arguments]; the vCPU loop calls it right after a hypercall exit
 DECODE_CALL: int = _lib.xen_decode_call_address()
@@ -44,7 +49,16 @@ class NativeHypercalls:
         self._vcpus = [_ffi.new("struct xen_native_vcpu *") for _ in range(nr_vcpus)]
         for v in self._vcpus:
             v.dom = self._dom
+            v.vcpu_fd = -1
+        self.events = EventMirror(self._dom, nr_vcpus)
         self.set_enabled(enabled)
+
+    def set_fds(self, vm_fd: int, vcpu_fds: list[int]) -> None:
+        """The KVM file descriptors the event-channel calls use (KVM_SIGNAL_MSI on the VM,
+        KVM_TRANSLATE on each vCPU); until set, those calls go to Python."""
+        self._dom.evt.vm_fd = vm_fd
+        for v, fd in zip(self._vcpus, vcpu_fds):
+            v.vcpu_fd = fd
 
     @property
     def enabled(self) -> bool:
@@ -67,6 +81,144 @@ class NativeHypercalls:
 
     def errors(self) -> list[int]:
         return [sum(v.errors[i] for v in self._vcpus) for i in range(NATIVE_COUNTERS)]
+
+    def sends(self) -> int:
+        """EVTCHNOP_send calls served natively (they only grow)."""
+        return sum(v.sends for v in self._vcpus)
+
+    def msi_failures(self) -> int:
+        return sum(v.msi_failures for v in self._vcpus)
+
+
+#: what the mirror says of a port, a vcpu_info and an upcall (see _build.py)
+PORT_PYTHON: int = _lib.XEN_PORT_PYTHON
+PORT_IPI: int = _lib.XEN_PORT_IPI
+PORT_LOOP: int = _lib.XEN_PORT_LOOP
+PORT_UNBOUND: int = _lib.XEN_PORT_UNBOUND
+VI_NONE: int = _lib.XEN_VI_NONE
+VI_SHARED: int = _lib.XEN_VI_SHARED
+VI_GPA: int = _lib.XEN_VI_GPA
+UPCALL_NONE: int = _lib.XEN_UPCALL_NONE
+UPCALL_MSI: int = _lib.XEN_UPCALL_MSI
+UPCALL_PYTHON: int = _lib.XEN_UPCALL_PYTHON
+MIRROR_VCPUS: int = _lib.XEN_EVT_VCPUS
+MIRROR_PORTS: int = _lib.XEN_EVT_PORTS
+MIRROR_SEGMENTS: int = _lib.XEN_EVT_SEGS
+
+
+class EventMirror:
+    """The C copy of the event-channel state the native send and unmask read. One writer at
+    a time (the caller holds the event-channel lock). The memory map, shared_info and the
+    vCPUs' delivery are rewritten inside ``rewrite()`` (the C reader sees the sequence count
+    move and leaves the call to Python); a port and a vCPU's flags are single stores."""
+
+    def __init__(self, dom, nr_vcpus: int):
+        self._dom = dom
+        self._evt = dom.evt
+        self.nr_vcpus = nr_vcpus
+        self._ports = int(_ffi.cast("uintptr_t", _ffi.addressof(self._evt, "ports")))
+        self._blocked = int(_ffi.cast("uintptr_t", _ffi.addressof(self._evt, "blocked")))
+        self._untaken = int(_ffi.cast("uintptr_t", _ffi.addressof(self._evt, "untaken")))
+        self._evt.nr_vcpus = nr_vcpus if self.usable else 0
+
+    @property
+    def usable(self) -> bool:
+        """Whether this domain fits the mirror (else every event call goes to Python)."""
+        return self.nr_vcpus <= MIRROR_VCPUS
+
+    def begin(self) -> None:
+        self._evt.seq += 1                   # odd: the reader leaves every call to Python
+
+    def end(self) -> None:
+        self._evt.seq += 1
+
+    def set_segments(self, segments: list[tuple[int, int, int]]) -> None:
+        """The memory map's plain RAM: (guest-physical address, size, host address)."""
+        e = self._evt
+        if len(segments) > MIRROR_SEGMENTS:
+            e.nr_segs = MIRROR_SEGMENTS + 1
+            return
+        e.nr_segs = 0
+        for i, (gpa, size, host) in enumerate(segments):
+            seg = e.segs[i]
+            seg.gpa, seg.size, seg.host = gpa, size, host
+        e.nr_segs = len(segments)
+
+    def set_shared_info(self, host: int, word: int, nr_ports: int, pending: int, mask: int,
+                        sel: int, upcall: int) -> None:
+        """shared_info's host address (0: none) and its layout for the guest's mode."""
+        e = self._evt
+        e.shinfo, e.word, e.nr_ports = host, word, nr_ports
+        e.pending_off, e.mask_off, e.sel_off, e.upcall_off = pending, mask, sel, upcall
+
+    def set_vcpu(self, vcpu: int, vi_kind: int, vi_gpa: int, upcall: int, vector: int) -> None:
+        if vcpu >= MIRROR_VCPUS:
+            return
+        v = self._evt.vcpus[vcpu]
+        v.vi_kind, v.vi_gpa, v.upcall = vi_kind, vi_gpa, upcall << 8 | (vector & 0xFF)
+
+    def set_port(self, port: int, kind: int, vcpu: int, remote: int) -> None:
+        if 0 <= port < MIRROR_PORTS:
+            _lib.xen_store64(self._ports + 8 * port, kind | (vcpu & 0xFFFFFF) << 8 | remote << 32)
+
+    def clear_ports(self) -> None:
+        for port in range(MIRROR_PORTS):
+            _lib.xen_store64(self._ports + 8 * port, 0)
+
+    def set_blocked(self, vcpu: int, blocked: bool) -> None:
+        """Before a vCPU looks at its events and waits (True), and after (False): a native
+        send that sets bits while any vCPU is flagged has Python wake them."""
+        if vcpu < MIRROR_VCPUS:
+            _lib.xen_xchg8(self._blocked + vcpu, 1 if blocked else 0)
+
+
+class UntakenFlags(MutableSet):
+    """The vCPUs whose last upcall KVM did not take, one byte each in the mirror: written by
+    the native send and unmask and by hvm.Upcalls alike. A set's interface."""
+
+    def __init__(self, events: EventMirror):
+        self._base = events._untaken
+        self._n = min(events.nr_vcpus, MIRROR_VCPUS)
+        self._extra: set[int] = set()        # vCPUs past the mirror's size
+
+    def _addr(self, vcpu: int) -> int | None:
+        return self._base + vcpu if 0 <= vcpu < self._n else None
+
+    def add(self, vcpu: int) -> None:
+        a = self._addr(vcpu)
+        if a is None:
+            self._extra.add(vcpu)
+        else:
+            _lib.xen_store8(a, 1)
+
+    def discard(self, vcpu: int) -> None:
+        a = self._addr(vcpu)
+        if a is None:
+            self._extra.discard(vcpu)
+        else:
+            _lib.xen_store8(a, 0)
+
+    def __contains__(self, vcpu: object) -> bool:
+        if not isinstance(vcpu, int):
+            return False
+        a = self._addr(vcpu)
+        return vcpu in self._extra if a is None else bool(_ffi.cast("uint8_t *", a)[0])
+
+    def __iter__(self):
+        return iter([v for v in range(self._n) if v in self] + sorted(self._extra))
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def clear(self) -> None:
+        for v in range(self._n):
+            _lib.xen_store8(self._base + v, 0)
+        self._extra.clear()
+
+    def replace(self, vcpus) -> None:
+        self.clear()
+        for v in vcpus:
+            self.add(v)
 
 
 

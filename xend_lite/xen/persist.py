@@ -114,7 +114,7 @@ class XenPersist:
         p.shinfo.vcpu_info_gpa = {int(k): v for k, v in st.vcpu_info.items()}
         # whether KVM took each flagged upcall is not saved: the timer thread tries them again
         # (one the restored APIC already holds is not raised twice)
-        p.upcalls.untaken = set(range(p.nr_vcpus))
+        p.upcalls.untaken.replace(range(p.nr_vcpus))
         p.clock.set_now(st.system_time)
         p.time.forget()
         p.machine.console.restore_ring(st.console)
@@ -138,3 +138,4 @@ class XenPersist:
         # now (a host may not give the saved TSC back), not as it was when saved
         p.time.publish_from(p.machine.runners[0].vcpu)
         p.timers.start_refresh()
+        p.evtchn_mirror.everything()

@@ -25,12 +25,13 @@ from xend_lite.xen import cpuid as xcpuid
 from xend_lite.xen.console import Console, GuestPage
 from xend_lite.xen.dispatch import NATIVE, hypercall_table
 from xend_lite.xen.evtchn import EventChannels
+from xend_lite.xen.evtchn_mirror import EvtchnMirror
 from xend_lite.xen.evtchn_op import EvtchnOps
 from xend_lite.xen.grant import GrantOps
 from xend_lite.xen.hvm import HvmOps, Upcalls
 from xend_lite.xen.hypercall import HYPERCALL_PAGE, HYPERCALL_PORT, Hypercalls
 from xend_lite.xen.memory import MemoryOps
-from xend_lite.xen.native import NATIVE_HOOK, NativeHypercalls
+from xend_lite.xen.native import NATIVE_HOOK, NativeHypercalls, UntakenFlags
 from xend_lite.xen.overlay import SHARED_INFO, OverlayDevice
 from xend_lite.xen.ringpoll import POLL_EVERY, RingPoll
 from xend_lite.xen.runstate import Runstates
@@ -130,15 +131,20 @@ class XenPlatform:
         self.clock = Clock()
         self.params: dict[int, int] = {}
         self.shinfo = SharedInfo(machine, self.overlay)
-        self.upcalls = Upcalls(machine.vm, self.params, self.shinfo.upcall_pending)
+        self.version = VersionOps(major, minor, self.domid)
+        self.native = NativeHypercalls(self.nr_vcpus, self.version.version_word, NATIVE,
+                                       cfg.native_hypercalls)
+        self.native.set_fds(machine.vm.fd, [r.vcpu.fd for r in machine.runners])
+        self.upcalls = Upcalls(machine.vm, self.params, self.shinfo.upcall_pending,
+                               UntakenFlags(self.native.events))
         self.evtchn = EventChannels(machine, self.shinfo, self.upcalls)
+        self.evtchn_mirror = self._mirror_events()
         self.time = VcpuTime(machine, self.shinfo, self.clock, self.nr_vcpus)
         self.timers = Timers(machine, self.clock, self.evtchn, self._tick)
         self.runstates = Runstates(machine.mem, self.clock)
         self.store_gpa, self.console_gpa = self._reserve_special_pages()
         self.console = Console(machine.console, machine.mem, self.console_gpa)
         self.xenstore = XenstoreBackend(self.domid, GuestPage(machine.mem, self.store_gpa))
-        self.version = VersionOps(major, minor, self.domid)
         self.grants = GrantOps(self.domid, self.overlay)
         self.memory = MemoryOps(self.domid, machine, self.overlay, self.grants,
                                 self._guest_map_overlay, lambda: e820_map(machine))
@@ -148,12 +154,25 @@ class XenPlatform:
         self.evtchn_ops = EvtchnOps(self.domid, self.nr_vcpus, self.evtchn, machine.memmap)
         self.vcpu_ops = VcpuOps(machine, self.shinfo, self.time, self.clock, self.timers,
                                 self.runstates, self.evtchn)
-        self.native = NativeHypercalls(self.nr_vcpus, self.version.version_word, NATIVE,
-                                       cfg.native_hypercalls)
-        self.hypercalls = Hypercalls(machine.mem, hypercall_table(self), self.native)
+        self.hypercalls = Hypercalls(machine.mem, hypercall_table(self), self.native,
+                                     wake=lambda: self.evtchn.wake(0))
         self._persist: XenPersist | None = None
         self.tree_pending: DomainInfo | None = None
         self._install(store_tree)
+
+    def _mirror_events(self) -> EvtchnMirror:
+        """The C copy of the event channels the native send and unmask read, and the hooks
+        that keep it current."""
+        mirror = EvtchnMirror(self.native.events, self.evtchn, self.shinfo, self.upcalls,
+                              self.machine.memmap)
+        self.evtchn.mirror = mirror
+        self.evtchn.native_sends = self.native.sends
+        self.overlay.on_mode_change = mirror.delivery
+        self.shinfo.on_change = mirror.delivery
+        self.upcalls.on_change = mirror.delivery
+        self.machine.memmap.view_listeners.append(mirror.memory)
+        mirror.everything()
+        return mirror
 
     def _tick(self) -> None:
         """The timer thread's regular work: refresh guest time, retry untaken upcalls."""
@@ -315,6 +334,7 @@ class XenPlatform:
         else:
             self.xenstore.reset()
         self._default_params()
+        self.evtchn_mirror.everything()
 
     def reset(self) -> None:
         """A system reset: everything back to how a new domain starts. On the owner."""

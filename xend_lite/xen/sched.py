@@ -104,7 +104,8 @@ class SchedOps:
         slice_s = BLOCK_SLICE
         if deadline is not None:
             slice_s = min(slice_s, max(0.0, (deadline - self.clock.now()) / 1e9))
-        c.runner.block(slice_s, lambda: self.shinfo.upcall_pending(c.index))
+        with self.evtchn.waiting(c.index):
+            c.runner.block(slice_s, lambda: self.shinfo.upcall_pending(c.index))
         return 0
 
     def _poll(self, c: Call, arg: int) -> int:
@@ -127,6 +128,7 @@ class SchedOps:
             if timeout and now >= timeout:
                 return 0
             wait = None if not timeout else (timeout - now) / 1e9
-            if c.runner.block(wait, lambda: any(ev.is_pending(q) for q in ports)):
-                return 0
+            with ev.waiting(c.index):
+                if c.runner.block(wait, lambda: any(ev.is_pending(q) for q in ports)):
+                    return 0
         return 0                         # the owner wants this vCPU: a wakeup, the guest looks again
