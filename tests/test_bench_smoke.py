@@ -23,6 +23,6 @@ def test_every_benchmark_runs_in_smoke_mode():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for name in ("exitloop", "hypercall", "overlay", "scaling", "qmp", "startup", "snapshot",
-                 "idle", "incoming", "linux"):
+                 "idle", "incoming", "linux", "evtchn"):
         assert f"({name}:" in out, f"benchmark {name} did not run:\n{out[-2000:]}"
     assert "failed:" not in out, out[-4000:]
