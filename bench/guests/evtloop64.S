@@ -23,26 +23,7 @@
 #define APIC 0xfee00000
 #define PENDING (SHINFO + 2048)
 
-    .section .text.entry, "ax"
-    .code32
-    .globl _start
-_start:
-    movl $1, %eax
-    cpuid
-    shrl $24, %ebx
-    shll $13, %ebx
-    movl $stack_top, %esp
-    subl %ebx, %esp
-    ENTER_LONG_MODE(main64)
-    .code64
-main64:
-    movw $SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movl $1, %eax
-    cpuid
-    shrl $24, %ebx
+    START64_SMP(8192)
     movq %rbx, %r15                  /* r15: this vCPU */
     movq %r15, %r14
     shlq $8, %r14
@@ -52,15 +33,7 @@ main64:
     INSTALL_HYPERCALL_PAGE(HCPAGE)
     MAP_SHARED_INFO(ARGS + 0x40, SHINFO, HCPAGE)
     IDT_GATE64(idt, VECTOR, upcall)
-    /* HVMOP_set_param(CALLBACK_IRQ = vector type | VECTOR) */
-    movq $ARGS + 0x80, %rsi
-    movw $0x7ff0, 0(%rsi)
-    movw $0, 2(%rsi)
-    movl $0, 4(%rsi)
-    movabsq $(2 << 56 | VECTOR), %rax
-    movq %rax, 8(%rsi)
-    movl $0, %edi
-    call HCPAGE + 34 * 32
+    SET_CALLBACK_VECTOR(ARGS + 0x80, VECTOR, HCPAGE)
     movq $1, READY
 2:  cmpq $0, READY
     je 2b
@@ -111,15 +84,4 @@ upcall:
     popq %rax
     iretq
 
-    .data
-    .balign 8
-idt_desc: .word 256 * 16 - 1
-    .quad idt
-    GUEST_GDT
-    GUEST_PAGE_TABLES
-    .bss
-    .balign 16
-idt: .space 256 * 16
-    .space 8192 * 4
-stack_top:
-    PVH_NOTE(_start)
+    END64_IDT(8192 * 4)

@@ -41,27 +41,7 @@
 #define MASK (SHINFO + 2048 + 512)
 #define ROUNDS 20
 
-    .section .text.entry, "ax"
-    .code32
-    .globl _start
-_start:
-    movl $1, %eax
-    cpuid
-    shrl $24, %ebx                  /* APIC ID: 0 or 1 */
-    movl %ebx, %eax
-    shll $14, %eax
-    movl $stack_top, %esp
-    subl %eax, %esp
-    ENTER_LONG_MODE(main64)
-    .code64
-main64:
-    movw $SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movl $1, %eax
-    cpuid
-    shrl $24, %ebx
+    START64_SMP(16384)
     testl %ebx, %ebx
     jnz ap
 
@@ -71,15 +51,8 @@ main64:
     lidt idt_desc(%rip)
     movl $APIC + 0xf0, %edi          /* spurious vector register: software enable */
     orl $0x1ff, (%rdi)
-    /* HVMOP_set_param(CALLBACK_IRQ = vector type | VECTOR) */
-    movq $ARGS + 0x40, %rsi
-    movw $0x7ff0, 0(%rsi)
-    movw $0, 2(%rsi)
-    movl $0, 4(%rsi)
-    movabsq $(2 << 56 | VECTOR), %rax
-    movq %rax, 8(%rsi)
-    movl $0, %edi
-    call hvm_op
+    SET_CALLBACK_VECTOR(ARGS + 0x40, VECTOR, HCPAGE)
+    call keep
     /* EVTCHNOP_bind_ipi(0) -> P0, bind_ipi(1) -> P1 */
     movq $ARGS + 0x80, %rsi
     movq $0, 0(%rsi)
@@ -204,9 +177,6 @@ unmask:
 
 evtchn_op:                           /* the result kept at RESULTS */
     call HCPAGE + 32 * 32
-    jmp keep
-hvm_op:
-    call HCPAGE + 34 * 32
 keep:
     movq NRES, %rcx
     movq %rax, RESULTS(, %rcx, 8)
@@ -249,15 +219,4 @@ upcall:
     popq %rax
     iretq
 
-    .data
-    .balign 8
-idt_desc: .word 256 * 16 - 1
-    .quad idt
-    GUEST_GDT
-    GUEST_PAGE_TABLES
-    .bss
-    .balign 16
-idt: .space 256 * 16
-    .space 32768
-stack_top:
-    PVH_NOTE(_start)
+    END64_IDT(32768)

@@ -31,15 +31,7 @@
     lidt idt_desc(%rip)
     movl $APIC + 0xf0, %edi          /* spurious vector register: software enable */
     orl $0x1ff, (%rdi)
-    /* HVMOP_set_param(CALLBACK_IRQ = vector type | VECTOR) */
-    movq $PARAM, %rsi
-    movw $0x7ff0, 0(%rsi)
-    movw $0, 2(%rsi)
-    movl $0, 4(%rsi)
-    movabsq $(2 << 56 | VECTOR), %rax
-    movq %rax, 8(%rsi)
-    movl $0, %edi
-    call HCPAGE + 34 * 32
+    SET_CALLBACK_VECTOR(PARAM, VECTOR, HCPAGE)
     /* EVTCHNOP_bind_ipi(vcpu 0) */
     movq $IPI, %rsi
     movl $0, 0(%rsi)
@@ -103,15 +95,4 @@ upcall:
     popq %rax
     iretq
 
-    .data
-    .balign 8
-idt_desc: .word 256 * 16 - 1
-    .quad idt
-    GUEST_GDT
-    GUEST_PAGE_TABLES
-    .bss
-    .balign 16
-idt: .space 256 * 16
-    .space 8192
-stack_top:
-    PVH_NOTE(_start)
+    END64_IDT(8192)

@@ -86,15 +86,4 @@ upcall:
     popq %rax
     iretq
 
-    .data
-    .balign 8
-idt_desc: .word 256 * 16 - 1
-    .quad idt
-    GUEST_GDT
-    GUEST_PAGE_TABLES
-    .bss
-    .balign 16
-idt: .space 256 * 16
-    .space 8192
-stack_top:
-    PVH_NOTE(_start)
+    END64_IDT(8192)

@@ -87,6 +87,35 @@ main64: movw $SEL_DATA, %ax; movw %ax, %ds; movw %ax, %es; movw %ax, %ss; \
 stack_top: ; \
     PVH_NOTE(_start)
 
+/* The start of a 64-bit guest that every vCPU enters (the host sets them all running): each
+ * takes `per_cpu` bytes of stack below `stack_top` by its APIC ID, enters long mode and
+ * continues at `main64` with flat data segments and its APIC ID in %rbx. */
+#define START64_SMP(per_cpu) \
+    .section .text.entry, "ax"; .code32; .globl _start; \
+_start: movl $1, %eax; cpuid; shrl $24, %ebx; imull $(per_cpu), %ebx, %eax; \
+    movl $stack_top, %esp; subl %eax, %esp; ENTER_LONG_MODE(main64); \
+    .code64; \
+main64: movw $SEL_DATA, %ax; movw %ax, %ds; movw %ax, %es; movw %ax, %ss; \
+    movl $1, %eax; cpuid; shrl $24, %ebx
+
+/* The end of a 64-bit guest that takes interrupts: the IDT's descriptor, the GDT and page
+ * tables, a 256-gate IDT at `idt`, `bytes` of stack below `stack_top`, the PVH note. */
+#define END64_IDT(bytes) \
+    .data; .balign 8; \
+idt_desc: .word 256 * 16 - 1; .quad idt; GUEST_GDT; GUEST_PAGE_TABLES; \
+    .bss; .balign 16; \
+idt: .space 256 * 16; .space bytes; \
+stack_top: ; \
+    PVH_NOTE(_start)
+
+/* HVMOP_set_param(DOMID_SELF, HVM_PARAM_CALLBACK_IRQ, vector type | `vector`): events
+ * through the domain's callback vector. The struct is built at `args`; through the
+ * hypercall page at `hcpage` (64-bit code); clobbers RAX, RSI, RDI. */
+#define SET_CALLBACK_VECTOR(args, vector, hcpage) \
+    movq $args, %rsi; movw $0x7ff0, 0(%rsi); movw $0, 2(%rsi); movl $0, 4(%rsi); \
+    movabsq $(2 << 56 | (vector)), %rax; movq %rax, 8(%rsi); movl $0, %edi; \
+    call hcpage + 34 * 32
+
 /* Idle forever (a guest that is done). */
 #define IDLE \
 9005: pause; jmp 9005b
