@@ -165,6 +165,25 @@ class EventMirror:
         for port in range(MIRROR_PORTS):
             _lib.xen_store64(self._ports + 8 * port, 0)
 
+    def describe(self) -> dict:
+        """What the mirror holds, as plain values: each port in use (kind, vCPU, other end),
+        each vCPU's vcpu_info (kind, address) and upcall (route, vector), shared_info's
+        layout and the RAM segments (guest-physical address, size)."""
+        e = self._evt
+        ports = {}
+        for n in range(MIRROR_PORTS):
+            w = int(_ffi.cast("uint64_t *", self._ports)[n])
+            if w:
+                ports[n] = (w & 0xFF, w >> 8 & 0xFFFFFF, w >> 32)
+        nsegs = e.nr_segs if e.nr_segs <= MIRROR_SEGMENTS else 0
+        return {"ports": ports,
+                "vcpus": [(v.vi_kind, v.vi_gpa, v.upcall >> 8, v.upcall & 0xFF)
+                          for v in (e.vcpus[i] for i in range(e.nr_vcpus))],
+                "layout": (e.word, e.nr_ports, e.pending_off, e.mask_off, e.sel_off,
+                           e.upcall_off),
+                "shared_info": bool(e.shinfo),
+                "segments": [(e.segs[i].gpa, e.segs[i].size) for i in range(nsegs)]}
+
     def set_blocked(self, vcpu: int, blocked: bool) -> None:
         """Before a vCPU looks at its events and waits (True), and after (False): a native
         send that sets bits while any vCPU is flagged has Python wake them."""
@@ -214,11 +233,6 @@ class UntakenFlags(MutableSet):
         for v in range(self._n):
             _lib.xen_store8(self._base + v, 0)
         self._extra.clear()
-
-    def replace(self, vcpus) -> None:
-        self.clear()
-        for v in vcpus:
-            self.add(v)
 
 
 

@@ -114,7 +114,8 @@ class XenPersist:
         p.shinfo.vcpu_info_gpa = {int(k): v for k, v in st.vcpu_info.items()}
         # whether KVM took each flagged upcall is not saved: the timer thread tries them again
         # (one the restored APIC already holds is not raised twice)
-        p.upcalls.untaken.replace(range(p.nr_vcpus))
+        p.upcalls.untaken.clear()
+        p.upcalls.untaken |= set(range(p.nr_vcpus))
         p.clock.set_now(st.system_time)
         p.time.forget()
         p.machine.console.restore_ring(st.console)
