@@ -14,12 +14,13 @@ from tests.xen.conftest import SCRATCH
 from xend_lite.xen.abi import SHINFO32, SHINFO64
 from xend_lite.xen.xenabi import X
 
-EV, HVM = X.__HYPERVISOR_event_channel_op, X.__HYPERVISOR_hvm_op
+EV, HVM, VCPU = X.__HYPERVISOR_event_channel_op, X.__HYPERVISOR_hvm_op, X.__HYPERVISOR_vcpu_op
 SEND, UNMASK = X.EVTCHNOP_send, X.EVTCHNOP_unmask
 pytestmark = pytest.mark.kvm
 
 BAD_GVA = 0x7FFF_F000
 MASKED = 4                       # the second IPI port, masked before the guest runs
+VCPU_INFO = SCRATCH + 0x3040     # where vCPU 1 registers its vcpu_info at the end
 # the ports the calls below bind, in order (1 and 2 are the store's and the console's)
 IPI0, IPI0_MASKED, IPI1, LOOP_A, LOOP_B, UNBOUND, VIRQ = 3, 4, 5, 6, 7, 8, 9
 
@@ -84,6 +85,11 @@ def calls(put) -> tuple[list[tuple[int, ...]], int]:
     port_op(SEND, LOOP_B)                # its other end closed: unbound, dropped
     op(X.EVTCHNOP_bind_vcpu, struct.pack("<II", LOOP_B, 1))
     port_op(UNMASK, LOOP_B)
+    # vCPU 1's vcpu_info moves into guest RAM: later events flag it there
+    out.append((VCPU, X.VCPUOP_register_vcpu_info, 1,
+                struct_at(struct.pack("<QII", VCPU_INFO >> 12, VCPU_INFO & 0xFFF, 0))))
+    port_op(SEND, IPI1)
+    port_op(UNMASK, LOOP_B)
     return out, served
 
 
@@ -93,7 +99,7 @@ def observe(h) -> dict:
     page = bytes(h.xen.shinfo.page.view)
     bitmaps = page[lay.evtchn_pending:lay.evtchn_mask + lay.word * lay.bits]
     # each vcpu_info's flags and selector (its time record changes on its own)
-    vcpu_infos = [page[v * 64:v * 64 + 16] for v in range(2)]
+    vcpu_infos = [page[v * 64:v * 64 + 16] for v in range(2)] + [h.mem.read(VCPU_INFO, 16)]
     counters = h.xen.counters()
     return {"bitmaps": bitmaps, "vcpu_info": vcpu_infos, "untaken": sorted(h.xen.upcalls.untaken),
             "hypercalls": counters["hypercalls"], "total": counters["total"],
@@ -125,9 +131,10 @@ def test_send_and_unmask_change_the_same_both_ways(harness_factory, bits):
     assert r[:7] == [0] * 7 and r[7:13] == [0] * 6
     assert r[13] == r[15] == r[16] == r[17] == -X.XEN_EINVAL and r[18] == -X.XEN_EFAULT
     assert r[21] == r[22] == -X.XEN_EINVAL and r[23] == -X.XEN_EFAULT
+    assert r[-3:] == [0, 0, 0] and seen_off["vcpu_info"][2][0] == 1   # flagged where it moved
     assert all(clobbered == 0 for _res, clobbered in res_on)
     assert seen_off["untaken"] == [0, 1]     # neither local APIC is enabled: none taken
-    assert seen_off["sends"] == 12             # every send on a port in use
+    assert seen_off["sends"] == 13             # every send on a port in use
     # the calls C could serve never reached the Python dispatcher
     assert py_off[EV] - py_on[EV] == served
     assert served >= 15
@@ -190,7 +197,7 @@ def test_two_vcpus_take_the_same_upcalls_both_ways(guest_image, tmp_path):
     """Upcalls really taken (to itself, through a loopback pair, after an unmask), none while
     masked, and a vCPU waiting in SCHEDOP_poll woken by each send from the other: the same
     with the native path on and off, and the wakes are prompt (a missed one costs the
-    waiting vCPU a second)."""
+    waiting vCPU up to a second)."""
     on, took_on = run_smp(guest_image, tmp_path, True)
     off, took_off = run_smp(guest_image, tmp_path, False)
     py_on, py_off = on.pop("py_evtchn_op"), off.pop("py_evtchn_op")
@@ -200,4 +207,27 @@ def test_two_vcpus_take_the_same_upcalls_both_ways(guest_image, tmp_path):
     assert set(off["results1"]) == {0}
     assert off["sends"] == 3 + ROUNDS and off["untaken"] == []
     assert py_off - py_on == 4 + ROUNDS          # every send and the unmask served in C
-    assert took_on < 5 and took_off < 5
+    assert took_on < 12 and took_off < 12     # with every wake missed: 20 s or more
+
+
+def test_the_mirror_is_what_python_holds_after_a_restore(harness_factory, tmp_path):
+    """A restored domain's C mirror holds what the saved domain's did: ports, vcpu_infos,
+    upcall routes, shared_info's layout, the RAM segments."""
+    a = harness_factory(64, vcpus=2)
+    a.run(calls(a.put)[0])
+    a.domain.pause()
+    path = str(tmp_path / "evtchn.xls")
+    a.domain.snapshot_save(path)
+    b = harness_factory(64, vcpus=2)
+    b.domain.snapshot_load(path)
+    want, got = a.xen.native.events.describe(), b.xen.native.events.describe()
+    assert got == want
+    from xend_lite.xen import native
+
+    assert want["ports"][IPI1] == (native.PORT_IPI, 1, 0)
+    assert want["ports"][LOOP_B] == (native.PORT_UNBOUND, 1, 0)     # its other end closed
+    # the daemon's side and VIRQs on vCPU 0 are sent by Python: to C, like a closed port
+    assert 1 not in want["ports"] and VIRQ not in want["ports"]
+    assert want["vcpus"][1][:2] == (native.VI_GPA, VCPU_INFO)
+    assert want["vcpus"][0][2:] == (native.UPCALL_MSI, 0xF3)
+    assert want["shared_info"] and want["segments"]
