@@ -1,6 +1,8 @@
 """cffi API-mode builder for the Xen layer's native code: Xen's public ABI (64-bit layouts)
 from libxen-dev's headers, Xen's hypercall calling convention read from the registers KVM
-syncs into kvm_run, and the atomic bit operations event channels need on guest memory.
+syncs into kvm_run, the hypercalls served in C on the vCPU thread (event-channel send and
+unmask from a mirror of the Python state), and the atomic bit operations event channels
+need on guest memory.
 
 Structs are declared with ``...;`` so the compiler supplies sizes and offsets; numbers are
 ``#define X ...`` so their values come from the headers. Built at install time into
