@@ -61,7 +61,7 @@ class HostReport:
 
         if not self.limits:
             return "host limits: not probed"
-        have = [f"{n} (cannot run {LIMITS[n][0]}: a guest stops at the first one)"
+        have = [f"{n} (cannot run {LIMITS[n].what}: {LIMITS[n].effect})"
                 for n, v in self.limits.items() if v]
         unknown = [n for n, v in self.limits.items() if v is None]
         text = "host limits: " + ("; ".join(have) if have else "none found")
