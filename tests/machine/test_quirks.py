@@ -300,3 +300,25 @@ def test_the_syscall_probe_tells_ring_0_from_ring_3_at_its_entry():
     finally:
         del quirkprobe.LIMITS["syscall-cpl0"]
         kvm.close()
+
+
+@pytest.mark.kvm
+def test_guest_speed_is_timed_in_each_ring():
+    """--check's speed line times a real loop in each ring: ten times the iterations give about
+    the same time per iteration (a measurement, not a constant), and the line compares the two
+    rings only from the figures measured."""
+    from xend_lite.machine.hostcheck import HostReport
+
+    kvm = Kvm()
+    try:
+        speed = {ring: quirkprobe.ring_speed(kvm, ring) for ring in (0, 3)}
+        assert all(v is not None and v > 0 for v in speed.values()), speed
+        quirkprobe.SPEED_LOOPS[3] *= 10
+        longer = quirkprobe.ring_speed(kvm, 3)
+    finally:
+        quirkprobe.SPEED_LOOPS[3] //= 10
+        kvm.close()
+    assert longer is not None and speed[3] / 5 < longer < speed[3] * 5, (speed, longer)
+    line = HostReport("/dev/kvm", ok=True, speed={0: 500.0, 3: 0.5}).speed_line()
+    assert "500.0 ns" in line and "1000x slower" in line
+    assert "slower" not in HostReport("/dev/kvm", ok=True, speed={0: 0.5, 3: 0.5}).speed_line()
