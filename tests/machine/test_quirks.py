@@ -110,7 +110,8 @@ def test_an_unknown_instruction_still_ends_the_run_named(make_machine, guests):
 def test_probe_agrees_with_the_handling():
     """The probe finds each quirk with the handling off; on a host without it, says so."""
     results = probe_all()
-    assert {r.name for r in results} == {"int3-cpl0", "fwait", "ldmxcsr", "sse-cpl0"}
+    assert {r.name for r in results} == {"int3-cpl0", "fwait", "ldmxcsr", "sse-cpl0",
+                                         "syscall-cpl3"}
     for r in results:
         assert r.applies is not None, r.detail
 
@@ -121,7 +122,7 @@ def test_a_limit_probe_tells_a_runnable_instruction_from_one_that_stops():
     runnable (the SSE one is checked against a real guest's run above)."""
     kvm = Kvm()
     try:
-        quirkprobe.LIMITS["nop"] = ("nop", b"\x90" + quirkprobe.TAIL)
+        quirkprobe.LIMITS["nop"] = quirkprobe.Limit("nop", b"\x90" + quirkprobe.TAIL)
         assert quirkprobe.probe_limit(kvm, "nop").applies is False
     finally:
         del quirkprobe.LIMITS["nop"]
@@ -281,3 +282,43 @@ def test_other_emulation_failures_are_left_alone():
     assert not q.handle(Runner(), exits.InternalError(1, (1, 0x0F00000000000000 | 0x66 << 8 | 2, 0)))
     assert not q.handle(Runner(), exits.InternalError(3, ()))
     assert not q.counts
+
+
+@pytest.mark.kvm
+def test_the_syscall_probe_tells_ring_0_from_ring_3_at_its_entry():
+    """The SYSCALL limit is judged by the CS its entry code finds: the same entry reached by
+    SYSCALL from ring 0, which every KVM carries out, is found in ring 0 (runnable); from
+    ring 3 the probe says what this host does, and never cannot tell."""
+    kvm = Kvm()
+    try:
+        from_ring0 = quirkprobe._wrmsr(quirkprobe.MSR_STAR, quirkprobe.KERNEL_CS << 32) \
+            + quirkprobe._wrmsr(quirkprobe.MSR_LSTAR, quirkprobe.SYSCALL_ENTRY) + b"\x0f\x05"
+        quirkprobe.LIMITS["syscall-cpl0"] = quirkprobe.Limit("SYSCALL from CPL 0", from_ring0,
+                                                             stop_report=3)
+        assert quirkprobe.probe_limit(kvm, "syscall-cpl0").applies is False
+        assert quirkprobe.probe_limit(kvm, "syscall-cpl3").applies is not None
+    finally:
+        del quirkprobe.LIMITS["syscall-cpl0"]
+        kvm.close()
+
+
+@pytest.mark.kvm
+def test_guest_speed_is_timed_in_each_ring():
+    """--check's speed line times a real loop in each ring: ten times the iterations give about
+    the same time per iteration (a measurement, not a constant), and the line compares the two
+    rings only from the figures measured."""
+    from xend_lite.machine.hostcheck import HostReport
+
+    kvm = Kvm()
+    try:
+        speed = {ring: quirkprobe.ring_speed(kvm, ring) for ring in (0, 3)}
+        assert all(v is not None and v > 0 for v in speed.values()), speed
+        quirkprobe.SPEED_LOOPS[3] *= 10
+        longer = quirkprobe.ring_speed(kvm, 3)
+    finally:
+        quirkprobe.SPEED_LOOPS[3] //= 10
+        kvm.close()
+    assert longer is not None and speed[3] / 5 < longer < speed[3] * 5, (speed, longer)
+    line = HostReport("/dev/kvm", ok=True, speed={0: 500.0, 3: 0.5}).speed_line()
+    assert "500.0 ns" in line and "1000x slower" in line
+    assert "slower" not in HostReport("/dev/kvm", ok=True, speed={0: 0.5, 3: 0.5}).speed_line()

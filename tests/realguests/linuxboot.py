@@ -11,7 +11,7 @@ from xend_lite.vmm.spec import DomainSpec
 # guest (each one stopped a boot with an emulation failure); Linux leaves them alone when
 # told so. noxsave: the host's XSAVE state handling fails the same way.
 CLEARED = ("smap", "popcnt", "fsgsbase", "bmi1", "bmi2", "movbe", "avx", "avx2", "avx512f",
-           "rdrand", "rdseed", "abm", "cx16")
+           "rdrand", "rdseed", "abm", "cx16", "ssse3")
 HOST_ARGS = f"noxsave clearcpuid={','.join(CLEARED)}"
 CMDLINE = f"console=hvc0 earlyprintk=xen {HOST_ARGS} loglevel=8"
 INIT = "echo INIT-RAN\npoweroff -f\n"

@@ -7,16 +7,21 @@ milestone is checked on what our side saw, not only on Linux's log:
   producer we read in guest memory); Linux's own upcall vector named to us; its Xen timer
   ticking (VCPUOP_set_singleshot_timer again and again, the log's clock moving); the grant
   table set up;
+- xenbus connected to our xenstore: Linux's watches on control/shutdown and control/sysrq
+  registered over the ring, control/feature-poweroff written; then "o" in control/sysrq
+  (what ``xl sysrq`` writes) makes Linux power off through ACPI S5, which ends the VM as
+  poweroff;
 - (slow) two vCPUs: the second started by INIT/SIPI and brought up by Linux; then on to
-  the end of the boot: /init's marker and poweroff, or, where the host's KVM cannot run
-  SSE at CPL 0 (``xend-lite --check`` names it), the internal error at Linux's first SSE
-  instruction, at "Trying to unpack rootfs image as initramfs".
+  /init: its marker and poweroff, or, where the host's KVM leaves SYSCALL from ring 3 in
+  ring 3 (``xend-lite --check`` names the limit syscall-cpl3), init dying on its first
+  system call and Linux's panic reaching us as SCHEDOP_shutdown(crash).
 """
 
 from __future__ import annotations
 
 import re
 import struct
+import time
 
 import pytest
 
@@ -36,7 +41,7 @@ VERSION = "Xen version: 4.16.0-xend-lite"
 HVC0 = "printk: console [hvc0] enabled"
 TIMER = "installing Xen timer for CPU 0"
 GRANTS = "Grant table initialized"
-LATE = "NET: Registered PF_UNIX/PF_LOCAL protocol family"   # a late initcall
+RUN_INIT = "Run /init as init process"
 TICKS = 20                       # set_singleshot_timer calls that show a timer ticking
 
 
@@ -121,33 +126,56 @@ def _console_upcalls_and_ticks(d: Domain, after: int) -> int:
     return at
 
 
-def test_linux_early_boot_a_mid_boot_snapshot_and_its_timer(linux, tmp_path):
+def _watched(d: Domain) -> set[str]:
+    return {w.path for w in d.xen.xenstore.server.conn.watches.values()}
+
+
+def _xenbus_then_sysrq_poweroff(d: Domain, after: int) -> None:
+    """xenbus talks to our xenstore: the control watches registered and the feature written
+    by the guest; then a sysrq "o" through the store powers Linux off via ACPI S5."""
+    home = f"/local/domain/{d.xen.domid}"
+    deadline = time.monotonic() + 420
+    while not {f"{home}/control/shutdown", f"{home}/control/sysrq"} <= _watched(d):
+        assert d.machine.status is None and time.monotonic() < deadline, \
+            (d.machine.status, _watched(d), d.machine.console.text()[-600:])
+        time.sleep(0.5)
+    assert d.xenstore("read", "control/feature-poweroff") == b"1"
+    d.xenstore("write", "control/sysrq", b"o")
+    st = d.machine.wait(300)
+    assert st is not None and st.reason == "poweroff", (st, d.machine.console.text()[-600:])
+    assert "sysrq: Power Off" in d.machine.console.text()[after:]
+    assert d.xen.counters()["internal_errors"] == 0
+
+
+def test_linux_boot_a_mid_boot_snapshot_its_timer_xenbus_and_a_sysrq_poweroff(linux, tmp_path):
     a = linux()
     _early(a)
     b, at = _round_trip(linux, a, tmp_path, 1)
     try:
         wait_text(b, "setup_percpu:", 60, after=at)     # what comes next in Linux's boot
-        _console_upcalls_and_ticks(b, at)
+        at = _console_upcalls_and_ticks(b, at)
         assert b.run_state() == "running" and b.machine.status is None
+        _xenbus_then_sysrq_poweroff(b, at)
     finally:
         b.close()
 
 
 def _to_the_end(d: Domain, after: int) -> None:
-    """/init's marker and poweroff; or, on a host whose KVM cannot run SSE at CPL 0, the
-    stop at Linux's first SSE instruction, once its late initcalls have run (the
-    initramfs message may still sit in the kernel's log buffer then)."""
+    """/init's marker and poweroff; or, on a host whose KVM leaves SYSCALL from ring 3 in
+    ring 3, /init started and killed by its first system call, and Linux's panic reported
+    to us as a crash."""
     from xend_lite.machine.quirkprobe import probe_all
 
-    sse_stops = {r.name: r.applies for r in probe_all(quiet=True)}.get("sse-cpl0")
-    if not sse_stops:
-        wait_text(d, "INIT-RAN", 600, after=after)
+    no_syscalls = {r.name: r.applies for r in probe_all(quiet=True)}.get("syscall-cpl3")
+    if not no_syscalls:
+        wait_text(d, "INIT-RAN", 900, after=after)
         assert d.machine.wait(120).reason == "poweroff"
         return
-    wait_text(d, LATE, 600, after=after)
+    at = wait_text(d, RUN_INIT, 900, after=after)
     st = d.machine.wait(300)
-    assert st is not None and st.reason == "internal-error", st
-    assert re.search(r"bytes 66 (4[0-9a-f] )?0f ", st.detail), st.detail   # an SSE opcode
+    assert st is not None and st.reason == "crash", st
+    log = d.machine.console.text()[at:]
+    assert "init[1]: segfault" in log and "entry_SYSCALL_64" in log, log[-800:]
 
 
 @pytest.mark.slow

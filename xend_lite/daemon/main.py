@@ -278,6 +278,7 @@ def run_check(cfg: Any) -> int:
         print(f"problem: {problem}")
     print(report.quirks_line())
     print(report.limits_line())
+    print(report.speed_line())
     print("ok: this host can run xend-lite" if report.ok else "not ok: fix the problems above")
     return ExitCode.OK if report.ok else ExitCode.KVM
 

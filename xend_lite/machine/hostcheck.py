@@ -35,11 +35,14 @@ class HostReport:
     #: host limit name (quirkprobe.LIMITS) -> True (this KVM cannot run it), False, None
     limits: dict[str, bool | None] = field(default_factory=dict)
     quirk_details: list[str] = field(default_factory=list)
+    #: ring (0, 3) -> ns per iteration of a dec/jnz loop in a guest (None: did not finish)
+    speed: dict[int, float | None] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"kvm": self.kvm_path, "ok": self.ok, "problems": self.problems,
                 "capabilities": self.capabilities, "backend": self.backend,
-                "quirks": self.quirks, "limits": self.limits}
+                "quirks": self.quirks, "limits": self.limits,
+                "speed_ns_per_loop": {f"ring{r}": v for r, v in self.speed.items()}}
 
     def quirks_line(self) -> str:
         """One line: which instructions this KVM cannot emulate and what xend-lite does."""
@@ -61,12 +64,26 @@ class HostReport:
 
         if not self.limits:
             return "host limits: not probed"
-        have = [f"{n} (cannot run {LIMITS[n][0]}: a guest stops at the first one)"
+        have = [f"{n} (cannot run {LIMITS[n].what}: {LIMITS[n].effect})"
                 for n, v in self.limits.items() if v]
         unknown = [n for n, v in self.limits.items() if v is None]
         text = "host limits: " + ("; ".join(have) if have else "none found")
         if unknown:
             text += f" (probe inconclusive: {', '.join(unknown)})"
+        return text
+
+
+    def speed_line(self) -> str:
+        """One line: how fast guest code runs in ring 0 (a guest kernel) and ring 3."""
+        if not self.speed:
+            return "guest speed: not measured"
+        if any(v is None for v in self.speed.values()):
+            return "guest speed: a timing loop did not finish"
+        r0, r3 = self.speed[0], self.speed[3]
+        text = f"guest speed: {r0:.1f} ns per loop iteration in ring 0, {r3:.2f} ns in ring 3"
+        if r0 > 10 * r3:
+            text += (f" (a guest kernel runs about {r0 / r3:.0f}x slower than its processes on"
+                     " this KVM)")
         return text
 
 
@@ -107,4 +124,8 @@ def check_host(kvm_path: str = "/dev/kvm", backend: str = "auto",
             found = report.quirks if result.name in QUIRKS else report.limits
             found[result.name] = result.applies
             report.quirk_details.append(result.detail)
+        from xend_lite.machine.quirkprobe import ring_speed
+
+        with Kvm(kvm_path) as kvm:
+            report.speed = {ring: ring_speed(kvm, ring) for ring in (0, 3)}
     return report
