@@ -135,11 +135,12 @@ def _xenbus_then_sysrq_poweroff(d: Domain, after: int) -> None:
     by the guest; then a sysrq "o" through the store powers Linux off via ACPI S5."""
     home = f"/local/domain/{d.xen.domid}"
     deadline = time.monotonic() + 420
-    while not {f"{home}/control/shutdown", f"{home}/control/sysrq"} <= _watched(d):
+    # the watches come first, then the feature, written in a transaction of its own
+    while not ({f"{home}/control/shutdown", f"{home}/control/sysrq"} <= _watched(d)
+               and d.xenstore("read", "control/feature-poweroff") == b"1"):
         assert d.machine.status is None and time.monotonic() < deadline, \
             (d.machine.status, _watched(d), d.machine.console.text()[-600:])
         time.sleep(0.5)
-    assert d.xenstore("read", "control/feature-poweroff") == b"1"
     d.xenstore("write", "control/sysrq", b"o")
     st = d.machine.wait(300)
     assert st is not None and st.reason == "poweroff", (st, d.machine.console.text()[-600:])
