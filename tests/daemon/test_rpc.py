@@ -334,3 +334,54 @@ def test_request_check_agrees_with_the_bundled_json_schema(request):
     if isinstance(request, list):
         return   # batches never reach the per-request check
     assert verdict(_validate) == verdict(default_validator), request
+
+
+# -- methods answered on the loop: the synchronous entry point, the same replies -------------
+
+def _loop_requests(name):
+    return [req(name), req(name, id_="s"), req(name, id_=None), req(name, {}),
+            req(name, {"unexpected": 1}), req(name, [1]), {"jsonrpc": "2.0", "method": name, "id": [1]}]
+
+
+async def test_on_loop_methods_answer_as_through_the_async_entry_point(daemon):
+    """Each method registered on_loop gives, through jsonrpcserver's synchronous entry point,
+    exactly the reply the asynchronous one gives (valid, bad params, notification, bad id)."""
+    on_loop = sorted(n for n, m in rpc.METHODS.items() if m.on_loop and n != "quit")
+    assert {"query-status", "query-version", "query-commands", "query-snapshot-job"} <= set(on_loop)
+    both = rpc.Dispatcher()
+    only_async = rpc.Dispatcher()
+    only_async._now = {}
+    for name in on_loop:
+        for r in _loop_requests(name):
+            ctx = lambda: rpc.RpcContext(daemon.controller, daemon.daemon)   # noqa: E731
+            assert await both.one(r, ctx()) == await only_async.one(r, ctx()), r
+
+
+async def test_an_on_loop_method_that_awaits_is_an_internal_error_not_half_done(daemon, caplog):
+    import asyncio
+
+    ran_on: list[str] = []
+
+    async def awaits(ctx):
+        ran_on.append("before")
+        await asyncio.sleep(0)
+        ran_on.append("after")
+        return {}
+
+    d = rpc.Dispatcher({"x-awaits": rpc.RpcMethod("x-awaits", awaits, (), "", on_loop=True)})
+    reply = json.loads(await d.one(req("x-awaits"), rpc.RpcContext(daemon.controller)))
+    assert reply["error"]["code"] == rpc.INTERNAL_ERROR and ran_on == ["before"]
+
+
+def test_methods_registered_on_loop_never_await():
+    """The flag is only on methods whose body has no await (checked in their source), so the
+    synchronous path never meets a suspended method."""
+    import ast
+    import inspect
+    import textwrap
+
+    for name, m in rpc.METHODS.items():
+        if m.on_loop:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(m.fn)))
+            awaits = [n for n in ast.walk(tree) if isinstance(n, (ast.Await, ast.AsyncFor, ast.AsyncWith))]
+            assert not awaits, name

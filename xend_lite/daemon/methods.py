@@ -17,7 +17,7 @@ from xend_lite.xen.xenstore.server import escape
 __all__ = ["METHODS", "xend_lite_version"]
 
 
-@method("query-version")
+@method("query-version", on_loop=True)
 async def query_version(ctx: RpcContext) -> dict:
     """The daemon's version and the Xen version the guest sees."""
     parts = [int(p) if p.isdigit() else 0 for p in (xend_lite_version().split(".") + ["0", "0"])[:3]]
@@ -39,7 +39,7 @@ def xend_lite_version() -> str:
         return "0.0.0"
 
 
-@method("query-status")
+@method("query-status", on_loop=True)
 async def query_status(ctx: RpcContext) -> dict:
     """The run state, answered from the loop so it is seen even during a save: ``status``
     is the daemon's name, ``qmp-status`` QMP's (prelaunch, save-vm, restore-vm...)."""
@@ -96,7 +96,7 @@ async def system_reset(ctx: RpcContext) -> None:
     await ctx.controller.system_reset()
 
 
-@method("quit")
+@method("quit", on_loop=True)
 async def quit_(ctx: RpcContext) -> None:
     """Stop the daemon (exit status 0) once this reply has been sent."""
     if ctx.daemon is not None:
@@ -136,7 +136,7 @@ async def query_snapshot(ctx: RpcContext, path: str) -> Any:
     return await ctx.controller.snapshot_describe(path)
 
 
-@method("query-commands")
+@method("query-commands", on_loop=True)
 async def query_commands(ctx: RpcContext) -> list[dict]:
     """Every method with its parameters (QMP has the same)."""
     return [{"name": m.name, "params": [{"name": p.name, "required": p.required} for p in m.params]}
@@ -244,7 +244,7 @@ async def system_powerdown(ctx: RpcContext) -> None:
 
 # -- long jobs, looking inside the guest (inspect.py registers its own methods) --------------
 
-@method("query-snapshot-job")
+@method("query-snapshot-job", on_loop=True)
 async def query_snapshot_job(ctx: RpcContext) -> dict:
     """The snapshot save or load running now: status "active" with kind, path, percent,
     bytes, total and seconds; status "none" when there is none. Answered from the loop."""
