@@ -137,11 +137,19 @@ def _adapter(m: RpcMethod) -> Callable[..., Awaitable[Any]]:
             else:  # nothing to bind (query-status and the other parameterless calls)
                 result = await fn(context)
         except Exception as exc:  # noqa: BLE001 - mapped, never leaked
-            _observe(context, name, t0, False)
-            raise error_for(exc) from None
-        _observe(context, name, t0, True)
-        return Success({} if result is None else result)
+            raise _failed(context, name, t0, exc) from None
+        return _succeeded(context, name, t0, result)
     return _named(call, name)
+
+
+def _failed(context: RpcContext, name: str, t0: float, exc: Exception) -> JsonRpcError:
+    _observe(context, name, t0, False)
+    return error_for(exc)
+
+
+def _succeeded(context: RpcContext, name: str, t0: float, result: Any) -> Any:
+    _observe(context, name, t0, True)
+    return Success({} if result is None else result)
 
 
 class _Awaited(RuntimeError):
@@ -169,10 +177,8 @@ def _now_adapter(m: RpcMethod) -> Callable[..., Any]:
             bound = bind_params(params, args, kwargs) if args or kwargs or params else {}
             result = _to_the_end(fn(context, **bound))
         except Exception as exc:  # noqa: BLE001 - mapped, never leaked
-            _observe(context, name, t0, False)
-            raise error_for(exc) from None
-        _observe(context, name, t0, True)
-        return Success({} if result is None else result)
+            raise _failed(context, name, t0, exc) from None
+        return _succeeded(context, name, t0, result)
     return _named(call, name)
 
 
