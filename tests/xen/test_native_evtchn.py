@@ -231,3 +231,20 @@ def test_the_mirror_is_what_python_holds_after_a_restore(harness_factory, tmp_pa
     assert want["vcpus"][1][:2] == (native.VI_GPA, VCPU_INFO)
     assert want["vcpus"][0][2:] == (native.UPCALL_MSI, 0xF3)
     assert want["shared_info"] and want["segments"]
+
+
+
+def test_a_restore_leaves_no_port_of_before_in_the_mirror(harness_factory, tmp_path):
+    """A domain whose guest bound ports loads a snapshot of one that bound none: its C
+    mirror then holds exactly the saved domain's ports (a stale entry would let C send on a
+    port Python no longer has)."""
+    a = harness_factory(64, vcpus=2)
+    a.domain.pause()
+    path = str(tmp_path / "none.xls")
+    a.domain.snapshot_save(path)
+    b = harness_factory(64, vcpus=2)
+    b.run(calls(b.put)[0])
+    assert b.xen.native.events.describe()["ports"] != a.xen.native.events.describe()["ports"]
+    b.domain.pause()
+    b.domain.snapshot_load(path)
+    assert b.xen.native.events.describe()["ports"] == a.xen.native.events.describe()["ports"]

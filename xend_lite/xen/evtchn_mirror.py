@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from xend_lite.xen import native
+from xend_lite.xen.evtchn import DAEMON_DOMID
 from xend_lite.xen.hvm import ROUTE_MSI, ROUTE_NONE
 from xend_lite.xen.shinfo import LEGACY_VCPUS
 from xend_lite.xen.xenabi import X
@@ -22,9 +23,6 @@ if TYPE_CHECKING:
     from xend_lite.xen.evtchn import EventChannels, Port
     from xend_lite.xen.hvm import Upcalls
     from xend_lite.xen.shinfo import SharedInfo
-
-DAEMON_DOMID = 0
-
 
 def port_entry(p: Port | None) -> tuple[int, int, int]:
     """(kind, vCPU, remote port) of a port as the native send sees it."""

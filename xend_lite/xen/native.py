@@ -119,6 +119,7 @@ class EventMirror:
         self._ports = int(_ffi.cast("uintptr_t", _ffi.addressof(self._evt, "ports")))
         self._blocked = int(_ffi.cast("uintptr_t", _ffi.addressof(self._evt, "blocked")))
         self._untaken = int(_ffi.cast("uintptr_t", _ffi.addressof(self._evt, "untaken")))
+        self._used: set[int] = set()         # ports whose word is not 0
         self._evt.nr_vcpus = nr_vcpus if self.usable else 0
 
     @property
@@ -159,11 +160,19 @@ class EventMirror:
 
     def set_port(self, port: int, kind: int, vcpu: int, remote: int) -> None:
         if 0 <= port < MIRROR_PORTS:
-            _lib.xen_store64(self._ports + 8 * port, kind | (vcpu & 0xFFFFFF) << 8 | remote << 32)
+            word = kind | (vcpu & 0xFFFFFF) << 8 | remote << 32
+            _lib.xen_store64(self._ports + 8 * port, word)
+            if word:
+                self._used.add(port)
+            else:
+                self._used.discard(port)
 
     def clear_ports(self) -> None:
-        for port in range(MIRROR_PORTS):
+        """Every port's word back to 0: only those set are stored (the table has 4096, and
+        a restore or reset comes here)."""
+        for port in self._used:
             _lib.xen_store64(self._ports + 8 * port, 0)
+        self._used.clear()
 
     def describe(self) -> dict:
         """What the mirror holds, as plain values: each port in use (kind, vCPU, other end),
