@@ -72,7 +72,6 @@ class HostReport:
             text += f" (probe inconclusive: {', '.join(unknown)})"
         return text
 
-
     def speed_line(self) -> str:
         """One line: how fast guest code runs in ring 0 (a guest kernel) and ring 3."""
         if not self.speed:
@@ -124,8 +123,7 @@ def check_host(kvm_path: str = "/dev/kvm", backend: str = "auto",
             found = report.quirks if result.name in QUIRKS else report.limits
             found[result.name] = result.applies
             report.quirk_details.append(result.detail)
-        from xend_lite.machine.quirkprobe import ring_speed
+        from xend_lite.machine.quirkprobe import ring_speeds
 
-        with Kvm(kvm_path) as kvm:
-            report.speed = {ring: ring_speed(kvm, ring) for ring in (0, 3)}
+        report.speed = ring_speeds(kvm_path, quiet=True)
     return report

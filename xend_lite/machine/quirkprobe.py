@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from xend_lite.kvm import Dtable, Kvm, KvmError, Regs, Segment, Sregs
 from xend_lite.machine.machine import BootCpu, Machine
 from xend_lite.machine.quirks import QUIRKS
 
+T = TypeVar("T")
 REPORT = 0xF0
 PML4, PDPT, PD, GDT, IDT, CODE, HANDLER, OPERAND, STACK = (
     0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000, 0x7000, 0x8000, 0x9000)
@@ -125,18 +128,26 @@ def probe_limit(kvm: Kvm, name: str, timeout: float = 5.0) -> ProbeResult:
     return _run(kvm, name, lim.code, [2], lim.what, timeout, lim.user, lim.stop_report)
 
 
-def _run(kvm: Kvm, name: str, code: bytes, expect: list[int], what: str,
-         timeout: float, user: bytes = b"", stop_report: int = -1) -> ProbeResult:
+@contextmanager
+def _started(kvm: Kvm, code: bytes, user: bytes, on_report: Callable[[int], object]) -> Iterator[Machine]:
+    """A probe machine running ``code`` in ring 0 (and ``user`` in ring 3, if its code goes
+    there), each value reported on REPORT given to ``on_report``; closed on leaving."""
     m = Machine(kvm, 2 << 20, vcpus=1, irqchip=False, quirks=False)
-    seen: list[int] = []
     try:
-        m.exits.register_io_out(REPORT, lambda _r, ex: seen.append(ex.data[0]))
+        m.exits.register_io_out(REPORT, lambda _r, ex: on_report(ex.data[0]))
         _lay_out(m, code, user)
         m.set_boot_cpu(0, BootCpu(Regs(rip=CODE, rsp=STACK, rflags=2), _sregs()))
         m.start()
-        status = m.wait(timeout)
+        yield m
     finally:
         m.close()
+
+
+def _run(kvm: Kvm, name: str, code: bytes, expect: list[int], what: str,
+         timeout: float, user: bytes = b"", stop_report: int = -1) -> ProbeResult:
+    seen: list[int] = []
+    with _started(kvm, code, user, seen.append) as m:
+        status = m.wait(timeout)
     if status is not None and status.reason == "halted" and seen == expect:
         return ProbeResult(name, False, f"this KVM runs {what} itself")
     if status is not None and status.reason == "internal-error" and not seen \
@@ -151,19 +162,31 @@ def probe_all(kvm_path: str = "/dev/kvm", quiet: bool = False) -> list[ProbeResu
     """Every quirk's probe, then every host limit's; a host where no VM can be made gives
     no results. ``quiet`` keeps
     the probe machines' own log lines (a guest stopped ...) out of a one-shot report."""
+    return _with_kvm(kvm_path, quiet, [], lambda kvm: [probe(kvm, name) for name in PROBES]
+                     + [probe_limit(kvm, name) for name in LIMITS])
+
+
+def ring_speeds(kvm_path: str = "/dev/kvm", quiet: bool = False) -> dict[int, float | None]:
+    """ring_speed for ring 0 and ring 3 (empty where no VM can be made); ``quiet`` as in
+    probe_all."""
+    return _with_kvm(kvm_path, quiet, {}, lambda kvm: {ring: ring_speed(kvm, ring) for ring in (0, 3)})
+
+
+def _with_kvm(kvm_path: str, quiet: bool, none: T, run: Callable[[Kvm], T]) -> T:
+    """``run`` with the KVM device open (``none`` if it cannot be), the probe machines' log
+    lines kept out when ``quiet``."""
     try:
         kvm = Kvm(kvm_path)
     except KvmError:
-        return []
+        return none
     machine_log = logging.getLogger("xend_lite.machine")
     was = machine_log.disabled
     machine_log.disabled = quiet or was
     try:
-        return [probe(kvm, name) for name in PROBES] + [probe_limit(kvm, name) for name in LIMITS]
+        return run(kvm)
     finally:
         machine_log.disabled = was
         kvm.close()
-
 
 
 #: iterations of the timed loop in each ring: enough for ~50 ms where ring 0 is emulated
@@ -180,18 +203,12 @@ def ring_speed(kvm: Kvm, ring: int, timeout: float = 10.0) -> float | None:
     report = bytes([0xB0, 0x01, 0xE6, REPORT])                    # mov $1, %al; out %al, $REPORT
     loop = report + b"\x48\xB9" + struct.pack("<Q", n) + b"\x48\xFF\xC9\x75\xFB" + report \
         + b"\xEB\xFE"                                              # movabs n, %rcx; 1: dec; jnz 1b; jmp .
-    m = Machine(kvm, 2 << 20, vcpus=1, irqchip=False, quirks=False)
     stamps: list[float] = []
-    try:
-        m.exits.register_io_out(REPORT, lambda _r, _ex: stamps.append(time.perf_counter()))
-        _lay_out(m, loop if ring == 0 else _enter_ring3(USER, USER_STACK), loop if ring else b"")
-        m.set_boot_cpu(0, BootCpu(Regs(rip=CODE, rsp=STACK, rflags=2), _sregs()))
-        m.start()
+    code, user = (loop, b"") if ring == 0 else (_enter_ring3(USER, USER_STACK), loop)
+    with _started(kvm, code, user, lambda _v: stamps.append(time.perf_counter())) as m:
         deadline = time.monotonic() + timeout
         while len(stamps) < 2 and m.status is None and time.monotonic() < deadline:
             time.sleep(0.002)
-    finally:
-        m.close()
     if len(stamps) < 2:
         return None
     return (stamps[1] - stamps[0]) / n * 1e9
