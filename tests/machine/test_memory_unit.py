@@ -83,6 +83,33 @@ def test_apply_touches_only_what_changed(mm, fake_sink, page):
     assert fake_sink.calls == calls
 
 
+def _ram_slots(sink, ram):
+    return tuple(s for s in sink.view() if ram.addr <= s[2] < ram.addr + ram.size)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_slot_ram_is_the_ram_kvm_holds_and_is_told_only_when_that_changes(ram, page, in_place):
+    """slot_ram (what the C event-channel code translates guest addresses with) is the RAM
+    in KVM's slots after every change. Its listeners hear of every change of it and of
+    nothing else: an overlay laid in place over RAM moves without one."""
+    sink = FakeSink()
+    mm = MemoryMap(sink, _regions(ram), phys_bits=36, remap_overlays=in_place)
+    heard = []
+    mm.ram_listeners.append(lambda: heard.append(mm.slot_ram))
+    steps = [lambda: mm.map_overlay("p", page, 0x2000), lambda: mm.map_overlay("p", page, 0x5000),
+             lambda: mm.map_overlay("p", page, HOLE), lambda: mm.map_overlay("p", page, HIGH),
+             lambda: mm.balloon([3], []), lambda: mm.unmap_overlay("p"),
+             lambda: mm.balloon([], [3]), mm.clear]
+    for step in steps:
+        before = mm.slot_ram
+        step()
+        assert mm.slot_ram == _ram_slots(sink, ram)
+        changed = mm.slot_ram != before
+        assert heard == ([mm.slot_ram] if changed else []), step
+        heard.clear()
+    assert mm.slot_ram == ((0, LOW, ram.addr), (HIGH, 256 * KIB, ram.addr + LOW))
+
+
 def test_overlay_at_address_zero_is_valid(mm, fake_sink, page, ram):
     mm.map_overlay("p", page, 0)
     assert (0, PAGE_SIZE, page.addr) in fake_sink.view()

@@ -74,8 +74,12 @@ class MemoryMap:
         # never pairs one view's starts with another's segments
         self._view: tuple[list[int], tuple[Segment, ...]] = ([], ())
         self.generation = 0
-        # called (on the thread that changed it) after every change of the view
-        self.view_listeners: list[Callable[[], None]] = []
+        # plain RAM as KVM's slots hold it: (gpa, size, host address). An overlay laid in
+        # place lies inside it (its host address maps the overlay page), so moving one does
+        # not change it; the slots, a hole's overlay or ballooning do.
+        self._slot_ram: tuple[tuple[int, int, int], ...] = ()
+        # called (on the thread that changed it) after every change of slot_ram
+        self.ram_listeners: list[Callable[[], None]] = []
         self.apply()
 
     # -- the view ------------------------------------------------------------------------
@@ -97,6 +101,12 @@ class MemoryMap:
 
     def overlays(self) -> dict[str, int]:
         return {n: g for n, (g, _) in self._overlays.items()}
+
+    @property
+    def slot_ram(self) -> tuple[tuple[int, int, int], ...]:
+        """Guest RAM as KVM's slots hold it, (gpa, size, host address) in address order: a
+        host access through it sees what the guest sees, an overlay laid in place included."""
+        return self._slot_ram
 
     def ram_region_at(self, gpa: int) -> RamRegion | None:
         for r in self.ram:
@@ -335,11 +345,11 @@ class MemoryMap:
             self._apply_remaps()
             self._set_view(segs)
             return
-        segs, removed, added = self._slot_diff()
+        segs, slot_segs, removed, added = self._slot_diff()
         if removed or added:
             self._before_slot_change()
             # the wait may have served another change of the map: take the diff again
-            segs, removed, added = self._slot_diff()
+            segs, slot_segs, removed, added = self._slot_diff()
         done_remove: list[tuple[tuple[int, int, int], int]] = []
         done_add: list[tuple[int, int, int]] = []
         try:
@@ -363,14 +373,22 @@ class MemoryMap:
             self._rollback(done_remove, done_add)
             raise
         self._set_view(segs)
+        slot_ram = tuple((s.gpa, s.size, s.host_addr) for s in slot_segs if s.kind == "ram")
+        if slot_ram != self._slot_ram:
+            self._slot_ram = slot_ram
+            for fn in self.ram_listeners:
+                fn()
 
-    def _slot_diff(self) -> tuple[list[Segment], list[tuple[int, int, int]], list[tuple[int, int, int]]]:
-        """The view's segments, and the slots to remove and add to make KVM match it."""
+    def _slot_diff(self) -> tuple[list[Segment], list[Segment], list[tuple[int, int, int]],
+                                  list[tuple[int, int, int]]]:
+        """The view's segments, the slots' segments, and the slots to remove and add to make
+        KVM match them."""
         segs = self._compute()
         slot_segs = self._compute(for_slots=True) if self.remap_overlays else segs
         want = [(s.gpa, s.size, s.host_addr) for s in slot_segs]
         wanted = set(want)
-        return segs, [k for k in self._slots if k not in wanted], [k for k in want if k not in self._slots]
+        return (segs, slot_segs, [k for k in self._slots if k not in wanted],
+                [k for k in want if k not in self._slots])
 
     def _apply_remaps(self) -> None:
         """Make the in-place overlay mappings match the view: RAM back where an overlay
@@ -427,8 +445,6 @@ class MemoryMap:
     def _set_view(self, segs: list[Segment], starts: list[int] | None = None) -> None:
         self._view = ([s.gpa for s in segs] if starts is None else starts, tuple(segs))
         self.generation += 1
-        for fn in self.view_listeners:
-            fn()
 
     # -- lookup --------------------------------------------------------------------------
 

@@ -352,8 +352,9 @@ static int evt_snap_valid(const struct xen_evt_dom *e, const struct evt_snap *s)
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return __atomic_load_n(&e->seq, __ATOMIC_RELAXED) == s->seq;
 }
-/* The host address of guest-physical [gpa, gpa + len) when it lies in one RAM segment of the
- * memory map, else 0 (an overlay, a hole, a ballooned page: Python knows what lies there). */
+/* The host address of guest-physical [gpa, gpa + len) when it lies in one RAM slot of the
+ * memory map (where an overlay laid in place maps its own page), else 0 (an overlay in a
+ * slot of its own, a hole, a ballooned page: Python knows what lies there). */
 static uint64_t evt_host(const struct xen_evt_dom *e, uint64_t gpa, uint64_t len) {
     uint32_t n = EVT_LD(e->nr_segs);
     if (n > XEN_EVT_SEGS)

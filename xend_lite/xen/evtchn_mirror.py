@@ -56,13 +56,15 @@ class EvtchnMirror:
             ev.set_port(n, *port_entry(p))
 
     def memory(self) -> None:
-        """The memory map's plain RAM segments (after every change of its view)."""
+        """Guest RAM as KVM's slots hold it (after every change of it). An overlay laid in
+        place over RAM is read and written through the RAM's host address, as the guest
+        sees it, so moving one leaves this alone; other overlays, holes and ballooned
+        pages lie outside it, and C leaves an access there to Python."""
         with self.evtchn.lock:
             ev = self.events
             ev.begin()
             try:
-                ev.set_segments([(s.gpa, s.size, s.host_addr) for s in self.memmap.segments
-                                 if s.kind == "ram"])
+                ev.set_segments(list(self.memmap.slot_ram))
             finally:
                 ev.end()
 

@@ -170,7 +170,7 @@ class XenPlatform:
         self.overlay.on_mode_change = mirror.delivery
         self.shinfo.on_change = mirror.delivery
         self.upcalls.on_change = mirror.delivery
-        self.machine.memmap.view_listeners.append(mirror.memory)
+        self.machine.memmap.ram_listeners.append(mirror.memory)
         mirror.everything()
         return mirror
 
