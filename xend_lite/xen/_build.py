@@ -176,10 +176,20 @@ struct xen_evt_dom { uint32_t seq; uint32_t nr_segs; struct xen_evt_seg segs[...
     uint64_t shinfo; uint32_t word; uint32_t nr_ports; uint32_t pending_off; uint32_t mask_off;
     uint32_t sel_off; uint32_t upcall_off; uint32_t nr_vcpus; struct xen_evt_vcpu vcpus[...];
     uint64_t ports[...]; uint8_t blocked[...]; uint8_t untaken[...]; int vm_fd; ...; };
-struct xen_native_dom { uint32_t version_word; uint8_t on[...]; struct xen_evt_dom evt; ...; };
-struct xen_native_vcpu { struct xen_native_dom *dom; int vcpu_fd; uint64_t calls[...];
-    uint64_t errors[...]; uint64_t sends; uint64_t msi_failures; ...; };
+struct xen_timer_dom { int64_t boot_ns; uint32_t running; uint64_t oneshot[...]; ...; };
+struct xen_native_dom { uint32_t version_word; uint8_t on[...]; struct xen_evt_dom evt;
+    struct xen_timer_dom timer; ...; };
+struct xen_native_vcpu { struct xen_native_dom *dom; uint32_t index; int vcpu_fd;
+    uint64_t calls[...]; uint64_t errors[...]; uint64_t sends; uint64_t msi_failures; ...; };
 int xen_native_slot(uint64_t op, uint64_t subop);
+void xen_timer_set(struct xen_native_dom *d, uint32_t vcpu, uint64_t deadline);
+void xen_timer_stop(struct xen_native_dom *d, uint32_t vcpu);
+uint64_t xen_timer_get(struct xen_native_dom *d, uint32_t vcpu, int *armed);
+uint32_t xen_timers_due(struct xen_native_dom *d, uint32_t n, uint64_t now, uint64_t sleep_until,
+                        uint8_t *fired, uint64_t *next);
+void xen_timer_kick(struct xen_native_dom *d);
+uint32_t xen_timer_seq(struct xen_native_dom *d);
+void xen_timer_wait(struct xen_native_dom *d, uint32_t seq, uint64_t timeout_ns);
 uintptr_t xen_native_hook_address(void);
 void xen_store64(uintptr_t addr, uint64_t value);
 void xen_store8(uintptr_t addr, uint8_t value);
@@ -195,7 +205,11 @@ SOURCE = r"""
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <xen/xen.h>
 #include <xen/errno.h>
 #include <xen/version.h>
@@ -248,7 +262,7 @@ static uintptr_t xen_decode_call_address(void) { return (uintptr_t)&xen_decode_c
  * writer each. Anything else, anything the mirror cannot answer exactly, and any call from
  * outside the guest kernel goes to Python decoded, nothing done. */
 enum { XN_VERSION_VERSION, XN_VERSION_PAGESIZE, XN_SCHED_YIELD, XN_EVTCHN_SEND,
-       XN_EVTCHN_UNMASK, XEN_NATIVE_SLOTS };
+       XN_EVTCHN_UNMASK, XN_SET_TIMER, XN_SSHOT_SET, XN_SSHOT_STOP, XEN_NATIVE_SLOTS };
 #define XEN_NATIVE_COUNTERS 65
 /* in out[1] when the hook hands over a call it served (result in out[2], counted) whose
  * event may be waited for by a blocked vCPU: Python only wakes the vCPUs */
@@ -290,13 +304,35 @@ struct xen_evt_dom {
     uint8_t untaken[XEN_EVT_VCPUS];
     int vm_fd;
 };
+/* The one-shot timers (timers.py keeps its periodic ones and runs the thread that fires
+ * both). Per vCPU a word: 0 when no timer is set, else XEN_TIMER_ARMED | the deadline in Xen
+ * system time, capped at XEN_TIMER_MAX (some 292 years: never, as a larger one is). The vCPU
+ * sets and stops its own (here, or in Python through the same functions); the timer thread
+ * takes an expired one with a compare-and-swap, so a deadline set meanwhile is never lost.
+ * The thread reads the wake count, publishes the system time it will sleep until (0 while
+ * it is awake and will look again before it sleeps), looks once more, and sleeps on the
+ * count (a futex) unless it moved; a setter stores its deadline, then, when the deadline
+ * comes before that time, bumps the count and wakes the thread. Each side sees the other's
+ * store (both sequentially consistent), so no deadline is slept through. Until the thread
+ * runs (``running``), C leaves timer calls to Python, which starts it. */
+#define XEN_TIMER_ARMED (1ull << 63)
+#define XEN_TIMER_MAX (XEN_TIMER_ARMED - 1)
+struct xen_timer_dom {
+    int64_t boot_ns;                 /* CLOCK_MONOTONIC at system time 0 (timekeeping.Clock) */
+    uint32_t running;                /* the timer thread runs */
+    uint32_t wake_seq;               /* the futex the thread sleeps on */
+    uint64_t sleep_until;
+    uint64_t oneshot[XEN_EVT_VCPUS];
+};
 struct xen_native_dom {
     uint32_t version_word;           /* XENVER_version's answer: major << 16 | minor */
     uint8_t on[XEN_NATIVE_SLOTS];
     struct xen_evt_dom evt;
+    struct xen_timer_dom timer;
 };
 struct xen_native_vcpu {
     struct xen_native_dom *dom;
+    uint32_t index;                  /* its vCPU number */
     int vcpu_fd;                     /* for KVM_TRANSLATE; < 0: event calls go to Python */
     uint64_t calls[XEN_NATIVE_COUNTERS];
     uint64_t errors[XEN_NATIVE_COUNTERS];
@@ -309,7 +345,76 @@ static int xen_native_slot(uint64_t op, uint64_t subop) {
     if (op == __HYPERVISOR_sched_op && subop == SCHEDOP_yield) return XN_SCHED_YIELD;
     if (op == __HYPERVISOR_event_channel_op && subop == EVTCHNOP_send) return XN_EVTCHN_SEND;
     if (op == __HYPERVISOR_event_channel_op && subop == EVTCHNOP_unmask) return XN_EVTCHN_UNMASK;
+    if (op == __HYPERVISOR_set_timer_op) return XN_SET_TIMER;     /* its argument is no sub-op */
+    if (op == __HYPERVISOR_vcpu_op && subop == VCPUOP_set_singleshot_timer) return XN_SSHOT_SET;
+    if (op == __HYPERVISOR_vcpu_op && subop == VCPUOP_stop_singleshot_timer) return XN_SSHOT_STOP;
     return -1;
+}
+/* -- one-shot timers ---------------------------------------------------------------------- */
+static uint64_t xen_timer_now(const struct xen_native_dom *d) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)((int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec
+                      - __atomic_load_n(&d->timer.boot_ns, __ATOMIC_RELAXED));
+}
+static void xen_timer_kick(struct xen_native_dom *d) {
+    __atomic_add_fetch(&d->timer.wake_seq, 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &d->timer.wake_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+static uint32_t xen_timer_seq(struct xen_native_dom *d) {
+    return __atomic_load_n(&d->timer.wake_seq, __ATOMIC_SEQ_CST);
+}
+/* The timer thread (GIL released): sleep until kicked or ``timeout_ns`` passed, unless the
+ * wake count is no longer ``seq``. */
+static void xen_timer_wait(struct xen_native_dom *d, uint32_t seq, uint64_t timeout_ns) {
+    struct timespec ts = {(time_t)(timeout_ns / 1000000000u), (long)(timeout_ns % 1000000000u)};
+    syscall(SYS_futex, &d->timer.wake_seq, FUTEX_WAIT_PRIVATE, seq, &ts, NULL, 0);
+}
+static void xen_timer_set(struct xen_native_dom *d, uint32_t vcpu, uint64_t deadline) {
+    if (vcpu >= XEN_EVT_VCPUS)
+        return;
+    if (deadline > XEN_TIMER_MAX)
+        deadline = XEN_TIMER_MAX;
+    __atomic_store_n(&d->timer.oneshot[vcpu], XEN_TIMER_ARMED | deadline, __ATOMIC_SEQ_CST);
+    if (deadline < __atomic_load_n(&d->timer.sleep_until, __ATOMIC_SEQ_CST))
+        xen_timer_kick(d);
+}
+static void xen_timer_stop(struct xen_native_dom *d, uint32_t vcpu) {
+    if (vcpu < XEN_EVT_VCPUS)
+        __atomic_store_n(&d->timer.oneshot[vcpu], 0, __ATOMIC_SEQ_CST);
+}
+static uint64_t xen_timer_get(struct xen_native_dom *d, uint32_t vcpu, int *armed) {
+    uint64_t w = vcpu < XEN_EVT_VCPUS ? __atomic_load_n(&d->timer.oneshot[vcpu], __ATOMIC_SEQ_CST) : 0;
+    *armed = (w & XEN_TIMER_ARMED) != 0;
+    return w & XEN_TIMER_MAX;
+}
+/* The timer thread: publish the time it means to sleep until (0: it stays awake), then take
+ * every one-shot timer of vCPUs [0, n) due at ``now`` (fired[v] = 1), and the earliest
+ * deadline still set (UINT64_MAX: none). Returns how many it took. */
+static uint32_t xen_timers_due(struct xen_native_dom *d, uint32_t n, uint64_t now,
+                               uint64_t sleep_until, uint8_t *fired, uint64_t *next) {
+    uint32_t taken = 0;
+    __atomic_store_n(&d->timer.sleep_until, sleep_until, __ATOMIC_SEQ_CST);
+    *next = UINT64_MAX;
+    if (n > XEN_EVT_VCPUS)
+        n = XEN_EVT_VCPUS;
+    for (uint32_t v = 0; v < n; v++) {
+        fired[v] = 0;
+        uint64_t w = __atomic_load_n(&d->timer.oneshot[v], __ATOMIC_SEQ_CST);
+        if (!(w & XEN_TIMER_ARMED))
+            continue;
+        uint64_t at = w & XEN_TIMER_MAX;
+        if (at <= now && __atomic_compare_exchange_n(&d->timer.oneshot[v], &w, 0, 0,
+                                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            fired[v] = 1;
+            taken++;
+        } else if (at <= now) {
+            *next = 0;               /* set again meanwhile: look again at once */
+        } else if (at < *next) {
+            *next = at;
+        }
+    }
+    return taken;
 }
 static void xen_store64(uintptr_t addr, uint64_t value) {
     __atomic_store_n((uint64_t *)addr, value, __ATOMIC_SEQ_CST);
@@ -369,17 +474,17 @@ static uint64_t evt_host(const struct xen_evt_dom *e, uint64_t gpa, uint64_t len
 /* The 4-byte port number a guest pointer names (evtchn_send, evtchn_unmask), read as
  * guestview.py reads it; 0 (Python reads it and answers, -EFAULT or otherwise) when the
  * pointer is not canonical, crosses a page, is not mapped or does not lie in plain RAM. */
-static int evt_read_u32(const struct xen_native_vcpu *v, const struct kvm_run *run,
-                        const struct xen_evt_dom *e, const struct evt_snap *s, uint64_t gva,
-                        uint64_t flags, uint32_t *val) {
+static int evt_read(const struct xen_native_vcpu *v, const struct kvm_run *run,
+                    const struct xen_evt_dom *e, const struct evt_snap *s, uint64_t gva,
+                    uint64_t flags, void *val, uint32_t len) {
     if (flags & XEN_CALL_LONG) {
         uint64_t top = gva >> 47;
         if (top != 0 && top != 0x1ffff)
             return 0;
-    } else if (gva > 0xffffffffull - 3) {
+    } else if (gva > 0xffffffffull - (len - 1)) {
         return 0;
     }
-    if ((gva & 0xfff) > 0xffc)
+    if ((gva & 0xfff) > 0x1000 - len)
         return 0;
     uint64_t gpa = gva;
     if (run->s.regs.sregs.cr0 & (1ull << 31)) {          /* CR0.PG */
@@ -391,10 +496,10 @@ static int evt_read_u32(const struct xen_native_vcpu *v, const struct kvm_run *r
             return 0;
         gpa = (t.physical_address & ~0xfffull) | (gva & 0xfff);
     }
-    uint64_t host = evt_host(e, gpa, 4);
+    uint64_t host = evt_host(e, gpa, len);
     if (!host || !evt_snap_valid(e, s))   /* never an address from a half-written map */
         return 0;
-    memcpy(val, (const void *)host, 4);
+    memcpy(val, (const void *)host, len);
     return 1;
 }
 /* Atomic bit operations on the guest's words (4 or 8 bytes), as evtchn.py's; the old bit. */
@@ -534,9 +639,45 @@ static int evt_call(struct xen_native_vcpu *v, const struct kvm_run *run, int sl
     const struct xen_evt_dom *e = &v->dom->evt;
     struct evt_snap s;
     uint32_t port;
-    if (!evt_snap_begin(e, &s) || !evt_read_u32(v, run, e, &s, out[3], out[1], &port))
+    if (!evt_snap_begin(e, &s) || !evt_read(v, run, e, &s, out[3], out[1], &port, 4))
         return EVT_FALLBACK;
     return slot == XN_EVTCHN_SEND ? evt_send(v, port, &s) : evt_unmask(v, port, &s);
+}
+/* set_timer_op and the calling vCPU's one-shot timer (sched.py, vcpu_op.py); -1: Python
+ * answers (another vCPU's timer, a pointer C cannot read, a deadline already passed that
+ * the caller asked to be refused: the rare cases, with Python's errors and counts). */
+static int timer_call(struct xen_native_vcpu *v, const struct kvm_run *run, int slot,
+                      const uint64_t *out) {
+    struct xen_native_dom *d = v->dom;
+    if (!__atomic_load_n(&d->timer.running, __ATOMIC_SEQ_CST))
+        return -1;
+    if (slot == XN_SET_TIMER) {
+        uint64_t t = out[1] & XEN_CALL_LONG ? out[2] : out[3] << 32 | out[2];
+        if (t == 0)
+            xen_timer_stop(d, v->index);
+        else
+            xen_timer_set(d, v->index, t);
+        return 0;
+    }
+    if (out[3] != v->index)
+        return -1;
+    if (slot == XN_SSHOT_STOP) {
+        xen_timer_stop(d, v->index);
+        return 0;
+    }
+    const struct xen_evt_dom *e = &d->evt;
+    struct evt_snap s;
+    uint8_t arg[12];                 /* vcpu_set_singleshot_timer: timeout_abs_ns, flags */
+    if (!evt_snap_begin(e, &s) || !evt_read(v, run, e, &s, out[4], out[1], arg, sizeof arg))
+        return -1;
+    uint64_t at;
+    uint32_t flags;
+    memcpy(&at, arg, 8);
+    memcpy(&flags, arg + 8, 4);
+    if ((flags & VCPU_SSHOTTMR_future) && at < xen_timer_now(d))
+        return -1;
+    xen_timer_set(d, v->index, at);
+    return 0;
 }
 
 static int xen_native_hook(void *run, uint64_t *out, void *ctx) {
@@ -553,6 +694,10 @@ static int xen_native_hook(void *run, uint64_t *out, void *ctx) {
     case XN_VERSION_VERSION: ret = v->dom->version_word; break;
     case XN_VERSION_PAGESIZE: ret = 4096; break;
     case XN_SCHED_YIELD: sched_yield(); break;
+    case XN_SET_TIMER: case XN_SSHOT_SET: case XN_SSHOT_STOP:
+        if (timer_call(v, run, slot, out) < 0)
+            return 0;
+        break;
     default: {                       /* XN_EVTCHN_SEND, XN_EVTCHN_UNMASK */
         int r = evt_call(v, run, slot, out);
         if (r == EVT_FALLBACK)

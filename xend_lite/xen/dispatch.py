@@ -33,6 +33,11 @@ def hypercall_table(p: XenPlatform) -> dict[int, Handler]:
     }
 
 
+#: calls served whole, whatever their first argument (set_timer_op's is a timeout), and the
+#: "sub-op" they are listed with
+WHOLE_CALLS = frozenset({X.__HYPERVISOR_set_timer_op})
+WHOLE_CALL = 0
+
 #: (call, sub-op) pairs served natively: hot calls whose answer needs values fixed at set-up
 #: or the C mirror of the event channels (evtchn_mirror.py). A call from outside the guest
 #: kernel always goes to Python, and so does any case the C code cannot finish exactly (see
@@ -46,4 +51,9 @@ NATIVE: frozenset[tuple[int, int]] = frozenset({
     # shared_info, an argument or vcpu_info outside plain RAM
     (X.__HYPERVISOR_event_channel_op, X.EVTCHNOP_send),
     (X.__HYPERVISOR_event_channel_op, X.EVTCHNOP_unmask),   # evtchn.py's unmask, as above
+    # the calling vCPU's one-shot timer (timers.py's, kept in C); Python: another vCPU's,
+    # a pointer C cannot read, a deadline already passed that must be refused (-ETIME)
+    (X.__HYPERVISOR_set_timer_op, WHOLE_CALL),          # sched.py: its argument is no sub-op
+    (X.__HYPERVISOR_vcpu_op, X.VCPUOP_set_singleshot_timer),    # vcpu_op.py
+    (X.__HYPERVISOR_vcpu_op, X.VCPUOP_stop_singleshot_timer),
 })

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 from xend_lite.machine.backing import PAGE_SIZE
 from xend_lite.xen.abi import Layout, guest_layout
+from xend_lite.xen.dispatch import WHOLE_CALLS
 from xend_lite.xen.errors import XenError
 from xend_lite.xen.guestview import GuestView
 from xend_lite.xen.native import CALL_LONG, CALL_USER, CALL_WAKE
@@ -135,7 +136,8 @@ class Hypercalls:
                for nr, e in enumerate(self._table) if e is not None}
         if self.native is not None and self.native.enabled:
             for op, subop in self.native.slots:
-                out[f"{HYPERCALL_NAMES.get(op, str(op))}/{subop}"] = "native"
+                name = HYPERCALL_NAMES.get(op, str(op))
+                out[name if op in WHOLE_CALLS else f"{name}/{subop}"] = "native"
         return out
 
     def on_hypercall(self, runner: VcpuRunner) -> int:

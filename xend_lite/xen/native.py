@@ -10,7 +10,7 @@ from xend_lite.xen._xen import ffi as _ffi
 from xend_lite.xen._xen import lib as _lib
 
 __all__ = ["CALL_LONG", "CALL_USER", "CALL_WAKE", "DECODE_CALL", "NATIVE_HOOK", "EventMirror",
-           "NativeHypercalls", "UntakenFlags", "atomic_and64", "atomic_or64", "atomic_xchg8",
+           "NativeHypercalls", "OneShotTimers", "UntakenFlags", "atomic_and64", "atomic_or64", "atomic_xchg8",
            "host_tsc"]
 
 #: flags the decoder sets in a call's second word: the caller was in 64-bit mode / was not
@@ -47,10 +47,12 @@ class NativeHypercalls:
                 raise ValueError(f"hypercall {op} sub-op {subop} has no native handler")
             self.slots[(op, subop)] = slot
         self._vcpus = [_ffi.new("struct xen_native_vcpu *") for _ in range(nr_vcpus)]
-        for v in self._vcpus:
+        for i, v in enumerate(self._vcpus):
             v.dom = self._dom
+            v.index = i
             v.vcpu_fd = -1
         self.events = EventMirror(self._dom, nr_vcpus)
+        self.timers = OneShotTimers(self._dom, nr_vcpus)
         self.set_enabled(enabled)
 
     def set_fds(self, vm_fd: int, vcpu_fds: list[int]) -> None:
@@ -104,6 +106,69 @@ UPCALL_PYTHON: int = _lib.XEN_UPCALL_PYTHON
 MIRROR_VCPUS: int = _lib.XEN_EVT_VCPUS
 MIRROR_PORTS: int = _lib.XEN_EVT_PORTS
 MIRROR_SEGMENTS: int = _lib.XEN_EVT_SEGS
+TIMER_VCPUS: int = _lib.XEN_EVT_VCPUS
+TIMER_MAX: int = (1 << 63) - 1
+NO_DEADLINE: int = (1 << 64) - 1
+
+
+class OneShotTimers:
+    """Each vCPU's one-shot timer, in C memory: the native set_timer_op and vcpu_op set it
+    there on the vCPU thread, Python's handlers and a restore through the same functions,
+    and the timer thread takes the expired ones with a compare-and-swap. Deadlines are Xen
+    system time in ns; one past TIMER_MAX (some 292 years) is kept as TIMER_MAX."""
+
+    def __init__(self, dom, nr_vcpus: int):
+        if nr_vcpus > TIMER_VCPUS:
+            raise ValueError(f"at most {TIMER_VCPUS} vCPUs have a one-shot timer")
+        self._dom = dom
+        self._timer = dom.timer
+        self.nr_vcpus = nr_vcpus
+        self._fired = _ffi.new("uint8_t[]", max(1, nr_vcpus))
+        self._next = _ffi.new("uint64_t *")
+        self._armed = _ffi.new("int *")
+
+    def set_clock(self, boot_ns: int) -> None:
+        """CLOCK_MONOTONIC (ns) at system time 0: timekeeping.Clock's zero."""
+        self._timer.boot_ns = boot_ns
+
+    def set_running(self, on: bool) -> None:
+        """The timer thread runs (True) or has stopped: until it runs, C leaves timer calls
+        to Python."""
+        self._timer.running = 1 if on else 0
+
+    def set(self, vcpu: int, deadline: int) -> None:
+        _lib.xen_timer_set(self._dom, vcpu, min(max(deadline, 0), TIMER_MAX))
+
+    def stop(self, vcpu: int) -> None:
+        _lib.xen_timer_stop(self._dom, vcpu)
+
+    def get(self, vcpu: int) -> int | None:
+        at = _lib.xen_timer_get(self._dom, vcpu, self._armed)
+        return at if self._armed[0] else None
+
+    def kick(self) -> None:
+        """Wake the timer thread (it looks at every timer again)."""
+        _lib.xen_timer_kick(self._dom)
+
+    def wake_count(self) -> int:
+        """Read before take_due(..., sleep_until) and given to wait()."""
+        return _lib.xen_timer_seq(self._dom)
+
+    def wait(self, count: int, timeout_ns: int) -> None:
+        """Sleep (the GIL released) until kicked or ``timeout_ns`` passed, unless the wake
+        count moved from ``count`` already."""
+        _lib.xen_timer_wait(self._dom, count, max(0, timeout_ns))
+
+    def take_due(self, now: int, sleep_until: int = 0) -> tuple[list[int], int | None]:
+        """For the timer thread: (the vCPUs whose timers expired at ``now``, taken; the
+        earliest deadline left). ``sleep_until``: the system time it will sleep until if
+        this finds nothing sooner (a setter of an earlier deadline then wakes it); 0: it
+        stays awake and looks again before it sleeps."""
+        n = _lib.xen_timers_due(self._dom, self.nr_vcpus, now, sleep_until, self._fired,
+                                self._next)
+        fired = [v for v in range(self.nr_vcpus) if self._fired[v]] if n else []
+        nxt = self._next[0]
+        return fired, None if nxt == NO_DEADLINE else nxt
 
 
 class EventMirror:

@@ -128,19 +128,19 @@ class XenPlatform:
         self.overlay = OverlayDevice(machine, grant_frames=cfg.grant_frames, backend=cfg.backend,
                                      kvm_xen_available=cfg.kvm_xen_available)
         self.hypercall_page: int | None = None
-        self.clock = Clock()
         self.params: dict[int, int] = {}
         self.shinfo = SharedInfo(machine, self.overlay)
         self.version = VersionOps(major, minor, self.domid)
         self.native = NativeHypercalls(self.nr_vcpus, self.version.version_word, NATIVE,
                                        cfg.native_hypercalls)
+        self.clock = Clock(self.native.timers.set_clock)
         self.native.set_fds(machine.vm.fd, [r.vcpu.fd for r in machine.runners])
         self.upcalls = Upcalls(machine.vm, self.params, self.shinfo.upcall_pending,
                                UntakenFlags(self.native.events))
         self.evtchn = EventChannels(machine, self.shinfo, self.upcalls)
         self.evtchn_mirror = self._mirror_events()
         self.time = VcpuTime(machine, self.shinfo, self.clock, self.nr_vcpus)
-        self.timers = Timers(machine, self.clock, self.evtchn, self._tick)
+        self.timers = Timers(machine, self.clock, self.evtchn, self._tick, self.native.timers)
         self.runstates = Runstates(machine.mem, self.clock)
         self.store_gpa, self.console_gpa = self._reserve_special_pages()
         self.console = Console(machine.console, machine.mem, self.console_gpa)

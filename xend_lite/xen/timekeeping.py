@@ -9,6 +9,7 @@ torn read.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 
 def tsc_scale(tsc_khz: int) -> tuple[int, int]:
@@ -30,8 +31,16 @@ def scale_delta(delta: int, mul: int, shift: int) -> int:
 
 
 class Clock:
-    def __init__(self) -> None:
-        self._boot = time.monotonic_ns()
+    def __init__(self, on_zero: Callable[[int], None] | None = None) -> None:
+        """``on_zero(ns)``: told the host's CLOCK_MONOTONIC at system time 0 whenever it is
+        set (the native timers keep the same clock)."""
+        self._on_zero = on_zero
+        self._set_zero(time.monotonic_ns())
+
+    def _set_zero(self, boot: int) -> None:
+        self._boot = boot
+        if self._on_zero is not None:
+            self._on_zero(boot)
 
     def now(self) -> int:
         """Xen system time: ns since the domain started."""
@@ -39,7 +48,7 @@ class Clock:
 
     def set_now(self, system_time: int) -> None:
         """Continue from a saved system time (restore)."""
-        self._boot = time.monotonic_ns() - system_time
+        self._set_zero(time.monotonic_ns() - system_time)
 
     def wallclock_at_zero(self) -> tuple[int, int]:
         """(seconds, nanoseconds) of real time when system time was zero."""
