@@ -94,18 +94,22 @@ def samples_note(samples: dict[str, list[float]], unit: str) -> str:
         f"{k} " + "/".join(f"{x:.0f}" for x in s) for k, s in samples.items())
 
 
-def bench_guest(ctx: Context, name: str, flat: bool = False) -> Path:
+def bench_guest(ctx: Context, name: str, flat: bool = False, variant: str = "",
+                defines: dict[str, object] | None = None) -> Path:
     """bench/guests/NAME.S built as a 32-bit ELF in the work directory, or with ``flat`` as
-    a flat binary of it (for hosts that load raw images); Skip without a toolchain."""
+    a flat binary of it (for hosts that load raw images); Skip without a toolchain. A
+    ``variant`` (its file name's suffix) is built with ``defines``."""
     from xend_lite.guests.build import build, toolchain_missing
 
     missing = toolchain_missing()
     if missing:
         raise Skip(missing)
-    elf = build(HERE / "guests" / f"{name}.S", ctx.workdir / f"{name}.elf", bits=32)
+    stem = f"{name}-{variant}" if variant else name
+    elf = build(HERE / "guests" / f"{name}.S", ctx.workdir / f"{stem}.elf", bits=32,
+                defines=defines)
     if not flat:
         return elf
-    out = ctx.workdir / f"{name}.bin"
+    out = ctx.workdir / f"{stem}.bin"
     subprocess.run(["objcopy", "-O", "binary", str(elf), str(out)], check=True, capture_output=True)
     return out
 

@@ -1,5 +1,6 @@
-"""A hypercall round trip (xen_version VERSION through the stub page) through xend-lite's
-dispatch, against a C host running the very same guest image and answering the same exit."""
+"""A hypercall round trip (xen_version VERSION, and set_timer_op, through the stub page)
+through xend-lite's dispatch, against a C host running the very same guest image and
+answering the same exit."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ SUMMARY = (
     "xen/dispatch.py NATIVE) and through the Python dispatcher (native_hypercalls off: "
     "doorbell port, SYNC_REGS, dispatch table, handler, RAX); the C host "
     "(bench/exitloop.c) runs the same image and answers the stub's port write with the same "
-    "value through SYNC_REGS (`io-sync`) or through KVM_GET_REGS/SET_REGS (`io-regs`). Time "
-    "per hypercall, median of the repeats.")
+    "value through SYNC_REGS (`io-sync`) or through KVM_GET_REGS/SET_REGS (`io-regs`). The "
+    "same guest built with -DTIMER=1 calls set_timer_op (a deadline 13 days on, answer 0) "
+    "instead: the one-shot timer xend-lite keeps in C memory for its timer thread, which a "
+    "guest kernel sets at every tick. Time per hypercall, median of the repeats.")
 
 PORT = 0xE4
 LOAD_GPA = 0x100000
@@ -28,15 +31,17 @@ VERSION = 4 << 16 | 16
 WARM, TOTAL, BAD = 0x180000, 0x180004, 0x180008
 
 
-def build_guest(ctx: Context) -> Path:
+def build_guest(ctx: Context, timer: bool = False) -> Path:
+    if timer:
+        return bench_guest(ctx, "hcloop", flat=True, variant="timer", defines={"TIMER": 1})
     return bench_guest(ctx, "hcloop", flat=True)
 
 
-def c_host(exe: Path, image: Path, mode: str, n: int, warmup: int) -> float:
-    return c_exitloop(exe, image, mode, n, warmup, port=PORT, extra=["-r", hex(VERSION)])
+def c_host(exe: Path, image: Path, mode: str, n: int, warmup: int, answer: int = VERSION) -> float:
+    return c_exitloop(exe, image, mode, n, warmup, port=PORT, extra=["-r", hex(answer)])
 
 
-def py_xen(image: bytes, n: int, warmup: int, native: bool = True) -> float:
+def py_xen(image: bytes, n: int, warmup: int, native: bool = True, timer: bool = False) -> float:
     """ns per hypercall through Machine + XenPlatform, served natively or in Python."""
     from xend_lite.kvm import Kvm
     from xend_lite.machine.loader import load_image
@@ -65,8 +70,11 @@ def py_xen(image: bytes, n: int, warmup: int, native: bool = True) -> float:
                 raise RuntimeError("the guest saw a wrong xen_version result")
             if xen.internal_errors:
                 raise RuntimeError("dispatch reported internal errors")
-            if xen.hypercalls.count(X.__HYPERVISOR_xen_version) < warmup + n:
+            call = X.__HYPERVISOR_set_timer_op if timer else X.__HYPERVISOR_xen_version
+            if xen.hypercalls.count(call) < warmup + n:
                 raise RuntimeError("the counters missed hypercalls")
+            if timer and xen.timers.deadlines() != {0: 1 << 50}:
+                raise RuntimeError("the guest's timer is not set")
         finally:
             m.close()
     return (marks["t1"] - marks["t0"]) / n
@@ -76,8 +84,8 @@ def run(ctx: Context) -> Section:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise Skip("/dev/kvm is missing or not accessible")
     exe = ctx.cc(HERE / "exitloop.c", "exitloop")
-    flat = build_guest(ctx)
-    image = flat.read_bytes()
+    flat, flat_timer = build_guest(ctx), build_guest(ctx, timer=True)
+    image, image_timer = flat.read_bytes(), flat_timer.read_bytes()
     n_c, n_py = ctx.count(100_000, 400), ctx.count(30_000, 300)
     w_c, w_py = max(1, n_c // 10), max(1, n_py // 10)
     configs = {
@@ -85,6 +93,9 @@ def run(ctx: Context) -> Section:
         "c-regs": lambda: c_host(exe, flat, "io-regs", n_c, w_c),
         "xend-lite": lambda: py_xen(image, n_c, w_c),
         "xend-lite-python": lambda: py_xen(image, n_py, w_py, native=False),
+        "c-sync-timer": lambda: c_host(exe, flat_timer, "io-sync", n_c, w_c, answer=0),
+        "xend-lite-timer": lambda: py_xen(image_timer, n_c, w_c, timer=True),
+        "xend-lite-timer-python": lambda: py_xen(image_timer, n_py, w_py, native=False, timer=True),
     }
     samples, v = interleaved(configs, ctx.repeats)
     figures = [
@@ -95,6 +106,12 @@ def run(ctx: Context) -> Section:
         Figure("xend-lite hypercall, native", v["xend-lite"], "ns",
                "C host, GET/SET_REGS", v["c-regs"]),
         Figure("C host, GET/SET_REGS", v["c-regs"], "ns", "C host, SYNC_REGS", v["c-sync"]),
+        Figure("set_timer_op, native", v["xend-lite-timer"], "ns",
+               "C host, SYNC_REGS, same guest", v["c-sync-timer"]),
+        Figure("set_timer_op, Python dispatch + handler", v["xend-lite-timer-python"], "ns",
+               "C host, SYNC_REGS, same guest", v["c-sync-timer"]),
+        Figure("set_timer_op, native", v["xend-lite-timer"], "ns",
+               "set_timer_op, Python dispatch + handler", v["xend-lite-timer-python"]),
     ]
     notes = [
         f"Counts: C and xend-lite native {n_c} hypercalls, xend-lite Python {n_py} per run "

@@ -1,4 +1,5 @@
-/* The hypercall-loop guest: xen_version(XENVER_version) through a hypercall page, forever.
+/* The hypercall-loop guest: xen_version(XENVER_version) through a hypercall page, forever;
+ * built with -DTIMER=1, set_timer_op with a deadline some 13 days away (answer 0) instead.
  *
  * A flat 32-bit image loaded at 0x100000. It carries its own copy of the daemon's stub page
  * (mov $nr,%eax; out %al,$0xe4; ret), so the C host and xend-lite run the very same guest
@@ -15,9 +16,16 @@
 _start:
     movl $0x170000, %esp
     xorl %esi, %esi
+#if TIMER
+1:  movl $0, %ebx               /* the deadline: 2^50 ns, low word then high word */
+    movl $0x40000, %ecx
+    call hypercall_page + 15 * 32
+    testl %eax, %eax
+#else
 1:  xorl %ebx, %ebx
     call hypercall_page + 17 * 32
     cmpl $0x40010, %eax
+#endif
     jne 3f
 2:  incl %esi
     cmpl WARM, %esi
