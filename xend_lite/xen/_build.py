@@ -180,7 +180,8 @@ struct xen_timer_dom { int64_t boot_ns; uint32_t running; uint64_t oneshot[...];
 struct xen_native_dom { uint32_t version_word; uint8_t on[...]; struct xen_evt_dom evt;
     struct xen_timer_dom timer; ...; };
 struct xen_native_vcpu { struct xen_native_dom *dom; uint32_t index; int vcpu_fd;
-    uint64_t calls[...]; uint64_t errors[...]; uint64_t sends; uint64_t msi_failures; ...; };
+    uint64_t calls[...]; uint64_t errors[...]; uint64_t sends; uint64_t msi_failures;
+    int msi_errno; ...; };
 int xen_native_slot(uint64_t op, uint64_t subop);
 void xen_timer_set(struct xen_native_dom *d, uint32_t vcpu, uint64_t deadline);
 void xen_timer_stop(struct xen_native_dom *d, uint32_t vcpu);
@@ -202,6 +203,7 @@ uint64_t xen_rdtsc(void);
 
 SOURCE = r"""
 #define __XEN_INTERFACE_VERSION__ __XEN_LATEST_INTERFACE_VERSION__
+#include <errno.h>
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
@@ -337,7 +339,8 @@ struct xen_native_vcpu {
     uint64_t calls[XEN_NATIVE_COUNTERS];
     uint64_t errors[XEN_NATIVE_COUNTERS];
     uint64_t sends;                  /* EVTCHNOP_send served (EventChannels.sends) */
-    uint64_t msi_failures;           /* KVM_SIGNAL_MSI errors (Python logs its own) */
+    uint64_t msi_failures;           /* KVM_SIGNAL_MSI errors, logged by the timer thread */
+    int msi_errno;                   /* the last one's errno */
 };
 static int xen_native_slot(uint64_t op, uint64_t subop) {
     if (op == __HYPERVISOR_xen_version && subop == XENVER_version) return XN_VERSION_VERSION;
@@ -558,8 +561,10 @@ static void evt_inject(struct xen_native_vcpu *v, const struct evt_target *t) {
         __atomic_store_n(&e->untaken[t->vcpu], 0, __ATOMIC_SEQ_CST);
     else if (r == 0)
         __atomic_store_n(&e->untaken[t->vcpu], 1, __ATOMIC_SEQ_CST);
-    else
+    else {
+        __atomic_store_n(&v->msi_errno, errno, __ATOMIC_RELAXED);
         __atomic_store_n(&v->msi_failures, v->msi_failures + 1, __ATOMIC_RELAXED);
+    }
 }
 static void evt_retry(struct xen_native_vcpu *v, const struct evt_snap *s,
                       const struct evt_target *t) {

@@ -88,8 +88,14 @@ class NativeHypercalls:
         """EVTCHNOP_send calls served natively (they only grow)."""
         return sum(v.sends for v in self._vcpus)
 
-    def msi_failures(self) -> int:
-        return sum(v.msi_failures for v in self._vcpus)
+    def msi_failures(self) -> tuple[int, int]:
+        """(KVM_SIGNAL_MSI failures of upcalls sent in C so far, the last one's errno)."""
+        n, err = 0, 0
+        for v in self._vcpus:
+            if v.msi_failures:
+                n += v.msi_failures
+                err = v.msi_errno
+        return n, err
 
 
 #: what the mirror says of a port, a vcpu_info and an upcall (see _build.py)

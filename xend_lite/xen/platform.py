@@ -12,6 +12,7 @@ guest's XENMEM_add_to_physmap and the operator's xen-overlay-map make.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Callable
 
 from xend_lite.errors import GuestMemoryError, InvalidArgument
@@ -158,6 +159,7 @@ class XenPlatform:
                                      wake=lambda: self.evtchn.wake(0))
         self._persist: XenPersist | None = None
         self.tree_pending: DomainInfo | None = None
+        self._msi_failed = 0          # native MSI failures logged so far
         self._install(store_tree)
 
     def _mirror_events(self) -> EvtchnMirror:
@@ -175,10 +177,16 @@ class XenPlatform:
         return mirror
 
     def _tick(self) -> None:
-        """The timer thread's regular work: refresh guest time, retry untaken upcalls."""
+        """The timer thread's regular work: refresh guest time, retry untaken upcalls, log
+        upcalls C failed to send (as Upcalls.inject logs its own)."""
         self.time.refresh()
         with self.machine.host_access():
             self.upcalls.retry_all()
+        failed, err = self.native.msi_failures()
+        if failed != self._msi_failed:
+            log.warning("%d upcall(s) sent by native event-channel calls failed: "
+                        "KVM_SIGNAL_MSI: %s", failed - self._msi_failed, os.strerror(err))
+            self._msi_failed = failed
 
     @property
     def persist(self) -> XenPersist:
