@@ -19,11 +19,12 @@ here). The asynchronous one (``async_dispatch_to_serializable``) gathers each re
 task of its own, which costs three more turns of the event loop per request on the way in
 and three on the way out (about 60 us of a query-status round trip here, 90 us of a stop).
 A method registered ``on_loop`` answers from the daemon's own state without awaiting
-anything (query-status and the like) and is run to its end there. Any other method (one that awaits
-the VM owner) has its parameters bound and refused there too, and its coroutine is then
-awaited by ``Dispatcher.one`` in the request's own task; that is also how a notification's
-method still runs to its end though it gets no reply. The replies are byte for byte those of
-the asynchronous entry point, which is kept as the reference (tests compare the two).
+anything (query-status and the like) and is run to its end there. Any other method (one
+that awaits the VM owner) has its parameters bound and refused there too, and its coroutine
+is then awaited by ``Dispatcher.one`` in the request's own task; that is also how a
+notification's method still runs to its end though it gets no reply. The replies are byte
+for byte those of the asynchronous entry point, which is kept as the reference (tests
+compare the two).
 
 Methods are small async functions registered with ``@method(name, params...)``
 (methods.py); one adapter binds their parameters (-32602 naming the bad one) and maps every
