@@ -179,3 +179,43 @@ def test_limits_follow_the_descriptor_limit():
         1024 - 30 - C.FD_RESERVE - 2 * C.ACCEPTS_PER_TURN
     assert C.Limits.for_fd_limit(1 << 20, 30).max_connections == C.MAX_CONNECTIONS
     assert C.Limits.for_fd_limit(50, 40).max_connections >= 1
+
+
+async def test_a_request_after_an_earlier_one_gets_the_whole_timeout(small, start_daemon):
+    """The clock's timer, set for the first request, runs out before the deadline of a half
+    request sent later on the same connection: that one is still given its whole second,
+    and then closed."""
+    d = await start_daemon()
+    loop = asyncio.get_running_loop()
+    s = (await opened(d.cfg.socket, 1))[0]
+    try:
+        await loop.sock_sendall(s, QUERY)
+        assert (await asyncio.wait_for(loop.sock_recv(s, 65536), 2)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.5)
+        await loop.sock_sendall(s, HALF)
+        t_half = time.monotonic()
+        while not closed_by_peer(s):
+            assert time.monotonic() - t_half < 3, "the half request was never timed out"
+            await asyncio.sleep(0.02)
+        assert 0.9 < time.monotonic() - t_half < 2.0
+    finally:
+        s.close()
+
+
+async def test_back_to_back_requests_share_one_clock_timer(small, start_daemon, monkeypatch):
+    """A keep-alive client's requests start the clock without making a timer each."""
+    d = await start_daemon()
+    loop = asyncio.get_running_loop()
+    made = []
+    real = loop.call_at
+
+    def call_at(when, callback, *args, **kw):
+        if getattr(callback, "__func__", None) is C.Connection._expired:
+            made.append(when)
+        return real(when, callback, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_at", call_at)
+    async with d.client() as c:
+        for _ in range(50):
+            assert (await c.call("query-status"))["status"] == "running"
+    assert 1 <= len(made) <= 2, made

@@ -385,3 +385,95 @@ def test_methods_registered_on_loop_never_await():
             tree = ast.parse(textwrap.dedent(inspect.getsource(m.fn)))
             awaits = [n for n in ast.walk(tree) if isinstance(n, (ast.Await, ast.AsyncFor, ast.AsyncWith))]
             assert not awaits, name
+
+
+# -- methods that await the VM owner: the synchronous entry point, their outcome awaited -------
+
+def _owner_sequence():
+    """Request bodies, in order, that pass through every outcome a method awaiting the VM
+    owner can have: results, bad params naming the param, state errors with their data,
+    domain errors, an internal error, notifications (which must still run), batches."""
+    b = lambda doc: json.dumps(doc).encode()   # noqa: E731
+    seq = [
+        b(req("query-status")),
+        b(req("x-write-memory", {"gpa": 0, "data": "AA=="})),          # running: a StateError
+        b(req("xen-overlay-map", {"page": "shared_info"})),            # missing gpa
+        b(req("xen-overlay-map", {"page": "shared_info", "gpa": -5})),
+        b(req("xen-overlay-map", {"page": "nope", "gpa": 4096})),       # NotFound from the domain
+        b(req("xen-overlay-map", {"page": "shared_info", "gpa": 4097})),
+        b(req("xen-overlay-map", {"page": "shared_info", "gpa": 0x400000}, id_="m")),
+        b(req("xen-overlay-map", [1, 2])),
+        b(req("console-write", {"data": "a", "data-base64": "YQ=="})),  # refused in the method
+        b(req("query-vcpus", {"registers": "yes"})),
+        b(req("stop", id_=None)),                                      # a notification: still runs
+        b(req("x-write-memory", {"gpa": 0, "data": "AA=="}, id_=1.5)),  # paused now: done
+        b(req("stop", id_="s")),
+        b(req("query-snapshot", {"path": "missing.xls"})),
+        b({"jsonrpc": "2.0", "method": "cont", "id": None}),
+        b([req("stop", id_=1), req("query-status", id_=2), req("cont", id_=None), 7,
+           req("query-status", id_=3), req("nope", id_=4), req("xen-overlay-unmap", {"page": "shared_info"}, id_=5),
+           {"jsonrpc": "2.0", "id": 6}, req("stop", id_=7), req("cont", id_=8), req("query-vcpus", id_=9)]),
+        b([req("stop", id_=None), req("cont", id_=None)]),              # no reply at all
+        b([req("x-write-memory", {"gpa": 0, "data": "AA=="}, id_=None), req("query-hypercalls", id_=1)]),
+    ]
+    for name in sorted(rpc.METHODS):
+        seq.append(b(req(name, {"zz-unknown": 1}, id_=name)))
+        seq.append(b(req(name, {"zz-unknown": 1}, id_=None)))
+    return seq
+
+
+async def _replies(d, dispatcher, bodies):
+    out = []
+    for body in bodies:
+        out.append(await dispatcher.handle(body, rpc.RpcContext(d.controller, d.daemon)))
+    return out
+
+
+async def test_owner_methods_answer_as_through_the_async_entry_point(start_daemon, short_tmp, monkeypatch):
+    """The same requests against two daemons alike, one through the synchronous entry point
+    (every method), one through the asynchronous one only: the reply bodies are the same
+    bytes, request by request (errors with their data, notifications unanswered but run,
+    batches in order), and the daemons count the same calls."""
+    import os
+
+    a = await start_daemon(socket=os.path.join(short_tmp, "a.sock"))
+    b = await start_daemon(socket=os.path.join(short_tmp, "b.sock"))
+    sync, only_async = rpc.Dispatcher(), rpc.Dispatcher()
+    only_async._now = {}
+    assert {n for n, m in rpc.METHODS.items() if not m.on_loop} <= set(sync._now)
+    bodies = _owner_sequence()
+    got = await _replies(a, sync, bodies)
+    want = await _replies(b, only_async, bodies)
+    for body, g, w in zip(bodies, got, want):
+        assert g == w, body
+    # an internal error, details kept out of the reply
+    for d in (a, b):
+        monkeypatch.setattr(d.domain, "query_vcpus", lambda: 1 / 0)
+    body = [json.dumps(req("query-vcpus")).encode()]
+    g, w = (await _replies(a, sync, body))[0], (await _replies(b, only_async, body))[0]
+    assert g == w and json.loads(g)["error"] == {"code": rpc.INTERNAL_ERROR, "data": {"class": "InternalError"},
+                                                 "message": "Internal error: see the daemon's log"}
+    # the notifications ran: each stop and cont reached the domain alike
+    assert [n for n, _t in a.domain.calls] == [n for n, _t in b.domain.calls]
+    assert a.daemon.metrics.requests == b.daemon.metrics.requests
+    assert a.daemon.metrics.requests[("stop", "ok")] >= 5
+
+
+async def test_a_notification_of_an_owner_method_runs_to_its_end(daemon):
+    """A notification gets no reply, yet its method runs, and its outcome is in before the
+    (empty) reply goes back."""
+    d = rpc.Dispatcher()
+    ctx = rpc.RpcContext(daemon.controller, daemon.daemon)
+    assert await d.handle(json.dumps(req("stop", id_=None)).encode(), ctx) is None
+    assert daemon.controller.state.value == "paused"
+    assert await d.handle(json.dumps([req("cont", id_=None), req("stop", id_=None)]).encode(), ctx) is None
+    assert [t for t in daemon.controller.transitions[-3:]] == [
+        (rpc_state("running"), rpc_state("paused")), (rpc_state("paused"), rpc_state("running")),
+        (rpc_state("running"), rpc_state("paused"))]
+    assert not d._later
+
+
+def rpc_state(name):
+    from xend_lite.daemon.runstate import RunState
+
+    return RunState(name)

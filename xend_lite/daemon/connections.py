@@ -149,12 +149,18 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.started = False              # aiohttp's side has the connection
         self.closed = False
+        # the request clock: its deadline, and one timer that is moved on by letting it run
+        # out and setting it again, not remade for every request
+        self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         if not self.guard.admit(self):
             self.closed = True
             transport.abort()
@@ -177,7 +183,7 @@ class Connection(asyncio.Protocol):
         return None if self.closed else self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._stop_clock()
         self.guard.forget(self)
         self.closed = True
         if self.started:
@@ -215,25 +221,42 @@ class Connection(asyncio.Protocol):
     def close(self, why: str) -> None:
         if self.closed or self.transport is None:
             return
-        self._disarm()
+        self._stop_clock()
         self.closed = True
         self.guard.closed_by_us(self, why)
         self.transport.abort()
 
     def _arm(self) -> None:
-        self._disarm()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.guard.limits.request_timeout, self._expired)
+        """Start the request clock. A timer already set (for an earlier deadline) is left
+        to run out and set again for this one: a keep-alive client's requests make and
+        cancel no timer each."""
+        loop = self._loop or asyncio.get_running_loop()
+        self._deadline = loop.time() + self.guard.limits.request_timeout
+        if self._timer is None:
+            self._set_timer(loop, self._deadline)
 
     def _disarm(self) -> None:
+        self._deadline = None       # a timer still set finds nothing to do when it runs out
+
+    def _stop_clock(self) -> None:
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def _set_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._expired)
+
     def _expired(self) -> None:
         self._timer = None
-        if not self.held:
-            self.close("no whole request within the request timeout")
+        deadline = self._deadline
+        if deadline is None or self.held or self.closed:
+            return
+        if deadline > self._timer_at:        # the clock started again since the timer was set
+            self._set_timer(self._loop or asyncio.get_running_loop(), deadline)
+            return
+        self.close("no whole request within the request timeout")
 
 
 class ConnectionGuard:

@@ -5,19 +5,24 @@ bottom half on the owner, kept side by side so one command reads in one place.)
 
 The event loop never touches the VM. It calls the controller's async methods (the upper
 half), which refuse at once when the run state does not allow the command, then submit one
-command to the VM's owner thread (machine/owner.py) and await its one reply (a
-concurrent.futures.Future wrapped for asyncio). The command (the bottom half, the
+command to the VM's owner thread (machine/owner.py) and await its one reply (settled on
+the loop from the owner's concurrent.futures.Future, see below). The command (the bottom half, the
 ``_``-prefixed methods) checks the state again where it runs, calls the VM (vmm.api.VmApi)
 and moves the state machine. Building and closing the VM run on a worker thread.
 
 Events from the Domain arrive on vCPU threads (or on the owner thread); they are stamped
-where they happen and handed to the loop with ``call_soon_threadsafe``, in order. A guest
+where they happen and handed to the loop in order, through one queue (``_to_loop``) that
+wakes the loop once for whatever is in it when it turns. A command's reply goes back through
+the same queue, and what the command itself sends (its events, the run state) waits there
+for the reply: a stop wakes the loop once for STOP, the new state and its reply, not three
+times. (A long command, a save or a load, sends its events as they happen.) A guest
 shutdown also moves the state and asks the loop to apply the poweroff/reboot policy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -47,6 +52,13 @@ QUERIES = frozenset({"query_vcpus", "query_memory_map", "query_console", "query_
 # Reasons a guest run ends that the reboot policy handles; every other reason but "stopped"
 # (the daemon's own stop) goes to the poweroff policy.
 REBOOT_REASONS = ("reboot",)
+
+
+def streams(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a long command (a save, a load): its events reach the loop as they happen
+    (progress, STOP at its start), not held for its reply."""
+    fn.streams = True  # type: ignore[attr-defined]
+    return fn
 
 
 class GuestStop(Frozen):
@@ -97,6 +109,11 @@ class Controller:
         self.console = ConsoleHub()       # console output to attached clients (loop only)
         self.stop_reason: str | None = None     # why the guest last stopped by itself
         self.job: SnapshotJob | None = None      # the save or load running now
+        # calls for the loop, in order (_to_loop), and whether a wake for them is pending
+        self._out: list[tuple[Callable[..., Any], tuple]] = []
+        self._out_lock = threading.Lock()
+        self._out_armed = False
+        self._holder: int | None = None   # the owner thread while a command holds its calls
 
     # -- state ---------------------------------------------------------------------------
 
@@ -138,18 +155,66 @@ class Controller:
             check_state(self._state, allowed, fn.action)
         if self.domain is None or not self.domain.owner.alive:
             raise StateError("the VM is not running: it was not built or is closed", self._state.value)
-        return await asyncio.wrap_future(self.domain.owner.submit(fn, *args))
+        if self._loop is None:
+            self.attach_loop()
+        reply = self._loop.create_future()
+        done = self.domain.owner.submit(fn if getattr(fn, "streams", False) else self._holding(fn), *args)
+        # on the owner, once the command has run (or at once, here, if it already has)
+        done.add_done_callback(lambda f: self._to_loop(_settle, reply, f))
+        try:
+            return await reply
+        except asyncio.CancelledError:
+            done.cancel()       # not run yet: it never will be
+            raise
+
+    def _holding(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` as a command whose calls for the loop wait for its reply."""
+        def command(*args: Any) -> Any:
+            self._holder = threading.get_ident()
+            try:
+                return fn(*args)
+            finally:
+                self._holder = None
+        command.__name__ = getattr(fn, "__name__", "command")   # the owner's busy name
+        return command
 
     # -- reaching the loop from any thread -----------------------------------------------
 
     def _to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` on the loop, after every call asked for before it. The loop is
+        woken once for the calls queued until it takes them; a command that holds its calls
+        (``_holding``) does not wake it: its reply will."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        with self._out_lock:
+            self._out.append((fn, args))
+            if self._out_armed or self._holder == threading.get_ident():
+                return
+            self._out_armed = True
         try:
-            loop.call_soon_threadsafe(fn, *args)
+            loop.call_soon_threadsafe(self._run_out)
         except RuntimeError:  # the loop closed in between
             pass
+
+    def _run_out(self) -> None:
+        """On the loop: the calls queued by _to_loop, in order; the run state's listener
+        (the service manager's STATUS=) a turn later, once a reply settled here has gone
+        out: the client waits for that reply, and nobody for the status line."""
+        with self._out_lock:
+            calls, self._out = self._out, []
+            self._out_armed = False
+        states = []
+        for fn, args in calls:
+            if fn is self._on_state:
+                states.append(args)
+                continue
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - one failing call must not lose the others
+                log.exception("a call from the VM to the event loop failed")
+        for args in states:
+            self._loop.call_soon(self._on_state, *args)
 
     def emit(self, name: str, data: dict | None = None) -> None:
         """Publish an event from any thread, stamped now, in order with the others."""
@@ -329,6 +394,7 @@ class Controller:
 
     # -- bottom half: runs on the VM owner thread ----------------------------------------
 
+    @streams
     @requires(R.CREATED)
     def _restore_at_start(self, path: str) -> dict:
         self._set_state(R.RESTORING)
@@ -451,6 +517,7 @@ class Controller:
         else:
             self._sync_state()
 
+    @streams
     @requires(R.RUNNING, R.PAUSED)
     def _snapshot_save(self, path: str, paused: bool) -> dict:
         from xend_lite.daemon.jobs import SnapshotJob
@@ -474,6 +541,7 @@ class Controller:
         self.emit("SNAPSHOT_SAVED", result)
         return result
 
+    @streams
     @requires(R.RUNNING, R.PAUSED)
     def _snapshot_load(self, path: str, verify: bool = True) -> dict:
         from xend_lite.daemon.jobs import SnapshotJob, memory_size
@@ -505,6 +573,20 @@ class Controller:
     @requires(*ALL_STATES)
     def _snapshot_describe(self, path: str) -> dict:
         return type(self.domain).snapshot_describe(path)
+
+
+def _settle(reply: asyncio.Future, done: concurrent.futures.Future) -> None:
+    """On the loop: a command's outcome into the future its caller awaits."""
+    if reply.cancelled():
+        return
+    if done.cancelled():
+        reply.cancel()
+        return
+    exc = done.exception()
+    if exc is not None:
+        reply.set_exception(exc)
+    else:
+        reply.set_result(done.result())
 
 
 def _warm_up(spec: Any, make_incoming: Callable[[Any], Any]) -> Any:
