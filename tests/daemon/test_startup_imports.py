@@ -1,6 +1,7 @@
 """What the daemon's start imports, and what it leaves for later: asyncio and aiohttp come
-without TLS (the daemon never uses it; ssl is given back for any other code), and the
-snapshot reader and writer wait for the first save or load."""
+without TLS (the daemon never uses it; ssl is given back for any other code), the
+snapshot reader and writer wait for the first save or load, and the inspection tools and
+the RAM detach for their first use (test_kvm.py uses them in a fresh daemon)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ out = {{
     "env": {{k: os.environ.get(k) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR")}},
     "snapshot": sorted(m for m in sys.modules if m.startswith("xend_lite.snapshot")),
     "persist": "xend_lite.vmm.persist" in sys.modules,
+    "on_demand": sorted(m for m in ("xend_lite.vmm.inspect", "xend_lite.vmm.pagewalk",
+                                    "xend_lite.vmm.detach") if m in sys.modules),
 }}
 import ssl
 out["later_cas"] = ssl.create_default_context().cert_store_stats()["x509_ca"]
@@ -72,3 +75,7 @@ def test_booting_imports_no_snapshot_reader_or_writer():
     assert not {"xend_lite.snapshot.reader", "xend_lite.snapshot.writer"} & set(got["snapshot"])
     assert got["lazy"] == ["xend_lite.snapshot.reader", "xend_lite.snapshot.writer",
                            "xend_lite.snapshot.state"]
+
+
+def test_booting_imports_no_inspection_tools_or_ram_detach():
+    assert _probe(dict(os.environ))["on_demand"] == []
