@@ -10,22 +10,27 @@ pieces, across ring wraps and across calls, and refuses a payload over XENSTORE_
 
 from __future__ import annotations
 
+from xend_lite.errors import XendLiteError
 from xend_lite.record import Frozen
 from xend_lite.record import set_field as _set
 from xend_lite.xen.page import Page, read_u32s, ring_read, ring_used, ring_write, write_u32
 from xend_lite.xen.xenstore.protocol import HEADER_SIZE, PAYLOAD_MAX, Header
 
 __all__ = ["XsRing", "RingBroken", "MessageReader", "Control", "RING_SIZE",
-           "FEATURE_RECONNECTION", "FEATURE_ERROR", "ERROR_COMM", "ERROR_RINGIDX",
-           "ERROR_PROTO", "CONNECTED", "RECONNECT"]
+           "FEATURE_RECONNECTION", "FEATURE_ERROR", "SERVER_FEATURES", "ERROR_COMM",
+           "ERROR_RINGIDX", "ERROR_PROTO", "CONNECTED", "RECONNECT", "PAGE_FAULTS"]
 
 REQ_OFF, RSP_OFF, RING_SIZE = 0, 1024, 1024      # XENSTORE_RING_SIZE
 REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, FEATURES, CONNECTION, ERROR = (
     2048 + 4 * i for i in range(7))
 
 FEATURE_RECONNECTION, FEATURE_ERROR = 1, 2       # XENSTORE_SERVER_FEATURE_*
+SERVER_FEATURES = FEATURE_RECONNECTION | FEATURE_ERROR     # what the server offers
 CONNECTED, RECONNECT = 0, 1                      # XENSTORE_CONNECTED / _RECONNECT
 ERROR_NONE, ERROR_COMM, ERROR_RINGIDX, ERROR_PROTO = 0, 1, 2, 3   # XENSTORE_ERROR_*
+# What a page accessor raises when guest memory is not there (the integrator's accessor
+# raises GuestMemoryError; BytesPage ValueError).
+PAGE_FAULTS = (XendLiteError, ValueError, OSError)
 
 
 class RingBroken(Exception):
