@@ -32,6 +32,7 @@ from xend_lite.xen.xenstore.protocol import (
     DOMID_FIRST_RESERVED,
     PAYLOAD_MAX,
     Header,
+    MessageReader,
     XsType,
     canonical,
     encode,
@@ -46,7 +47,6 @@ from xend_lite.xen.xenstore.ring import (
     PAGE_FAULTS,
     RECONNECT,
     SERVER_FEATURES,
-    MessageReader,
     RingBroken,
     XsRing,
 )
