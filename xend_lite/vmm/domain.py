@@ -64,7 +64,8 @@ class Domain:
                 raise InvalidArgument("memory must be between 16 MiB and 1 TiB")
             self.spec = spec
             self._emit = emit or (lambda _e, _d: None)
-            self.image, self.initrd = images or GuestImages.read(spec)
+            images = images or GuestImages.read(spec)
+            self.image, self.initrd = images.image, images.initrd
             self.kvm = prepared.kvm if prepared is not None else Kvm(spec.kvm_path)
         except BaseException:
             if prepared is not None:
