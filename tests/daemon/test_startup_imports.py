@@ -79,3 +79,50 @@ def test_booting_imports_no_snapshot_reader_or_writer():
 
 def test_booting_imports_no_inspection_tools_or_ram_detach():
     assert _probe(dict(os.environ))["on_demand"] == []
+
+
+COLLECTOR = r"""
+import gc, json, os, sys, threading, time
+sys.path.insert(0, os.getcwd())
+collections = []
+gc.callbacks.append(lambda phase, info: collections.append(1) if phase == "start" else None)
+from xend_lite.cli import daemon as cli
+seen = {}
+if sys.argv[1] == "--version":
+    rc = cli.main(["--version"])
+else:
+    from tests.daemon.fakes import FakeDomain
+    from xend_lite.daemon import main as daemon_main
+    def watch():      # the daemon runs: is the collector on, then stop it
+        while not os.path.exists(sys.argv[sys.argv.index("--socket") + 1]):
+            time.sleep(0.01)
+        time.sleep(0.2)
+        seen["running"] = gc.isenabled()
+        os.kill(os.getpid(), 15)
+    threading.Thread(target=watch, daemon=True).start()
+    real = daemon_main.main
+    daemon_main.main = lambda argv, **kw: real(argv, domain_factory=FakeDomain, **kw)
+    rc = cli.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "collections_while_loading": len(collections),
+                  "stack": "aiohttp" in sys.modules, "after": gc.isenabled(), **seen}))
+"""
+
+
+def _collector(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", COLLECTOR, *args], capture_output=True,
+                         text=True, check=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_the_command_loads_its_libraries_with_the_collector_off_and_gives_it_back():
+    got = _collector("--version")
+    assert got["rc"] == 0 and got["stack"]
+    assert got["collections_while_loading"] == 0
+    assert got["after"]
+
+
+def test_with_incoming_the_collector_is_on_while_the_daemon_waits(short_tmp):
+    sock = os.path.join(short_tmp, "in.sock")
+    got = _collector("--incoming", "--socket", sock, "--snapshot-dir", short_tmp)
+    assert got["rc"] == 0 and got["running"] and got["after"]
