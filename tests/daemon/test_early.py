@@ -122,3 +122,18 @@ def test_a_socket_in_use_stops_the_start_before_any_vm(short_tmp):
     assert built == []
     assert signal.getsignal(signal.SIGTERM) is before   # handlers given back
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+async def test_the_collector_a_caller_turned_off_is_on_again_after_ready(short_tmp):
+    cfg = make_config(short_tmp)
+    os.makedirs(cfg.snapshot_dir, exist_ok=True)
+    gc.disable()                                      # as the xend-lite command does
+    early = EarlyStart(cfg, Recorder, env={}, collecting=True)
+    d = Daemon(cfg, Recorder, notifier=Notifier({}), env={}, early=early)
+    try:
+        await d.start()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.enable()
+        d.request_exit(0, "test done")
+        await d.stop()

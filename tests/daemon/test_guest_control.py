@@ -79,7 +79,7 @@ async def test_system_powerdown_ends_a_guest_that_watches_control_shutdown(start
 async def test_guest_control_needs_a_xen_guest(start_daemon):
     """A plain KVM VM has no console ring and no xenstore: a clear NotSupported."""
     def factory(cfg, emit):
-        return Domain(DomainSpec.from_config(cfg)._replace(xen=False), emit)
+        return Domain(DomainSpec.from_config(cfg).replace(xen=False), emit)
 
     d = await start_daemon(factory=factory, memory_mib=64, start_paused=True)
     for method, params in (("console-write", {"data": "x"}), ("system_powerdown", None),

@@ -188,6 +188,11 @@ def test_xend_lite_runs_the_default_guest(short_tmp):
             break
     else:
         raise AssertionError("shared_info was not mapped")
+    # the inspection tools, loaded at their first use (a start leaves them out)
+    (vcpu,) = json.loads(ctl(sock, "query-vcpus", "registers=true").stdout)
+    rip = vcpu["general"]["rip"]
+    read = json.loads(ctl(sock, "x-read-memory", f"gva={rip}", "size=8").stdout)  # page walk
+    assert read["size"] == 8 and read["gva"] == rip
     r = ctl(sock, "snapshot-save", "path=boot.snap")
     assert r.returncode == 0, r.stderr
     rc, err = stop(proc, signal.SIGTERM, timeout=20)

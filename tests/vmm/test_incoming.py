@@ -60,7 +60,7 @@ def ram(d: Domain) -> bytes:
 
 def test_standby_restore_leaves_the_guest_as_an_ordinary_load(saved, incomings):
     spec, path = saved
-    plain = Domain(spec._replace(memory_mib=MIB, vcpus=2))
+    plain = Domain(spec.replace(memory_mib=MIB, vcpus=2))
     try:
         plain.snapshot_load(path)
         want = ram(plain)
@@ -68,7 +68,7 @@ def test_standby_restore_leaves_the_guest_as_an_ordinary_load(saved, incomings):
         want_map = plain.query_memory_map()
     finally:
         plain.close()
-    inc = incomings(spec._replace(vcpus=1))          # the file decides: 2 vCPUs
+    inc = incomings(spec.replace(vcpus=1))          # the file decides: 2 vCPUs
     inc.prepare()
     standby = inc.standby
     assert standby is not None and len(standby.vcpus) == 1
@@ -91,7 +91,7 @@ def test_standby_restore_leaves_the_guest_as_an_ordinary_load(saved, incomings):
 
 def test_a_standby_with_more_vcpus_than_the_snapshot_gives_way_to_a_new_vm(saved, incomings):
     spec, path = saved
-    inc = incomings(spec._replace(vcpus=4))
+    inc = incomings(spec.replace(vcpus=4))
     inc.prepare()
     standby = inc.standby
     assert standby is not None and len(standby.vcpus) == 4
@@ -121,7 +121,7 @@ def test_a_failed_load_spends_the_standby_and_a_new_one_serves_the_next(saved, i
     spec, path = saved
     bad = str(tmp_path / "bad.snap")
     _with_bad_xen_state(path, bad)
-    inc = incomings(spec._replace(vcpus=1))
+    inc = incomings(spec.replace(vcpus=1))
     inc.prepare()
     first = inc.standby
     before = set(os.listdir("/proc/self/fd"))
@@ -187,7 +187,7 @@ def test_the_guest_image_is_read_ahead_and_kept_for_a_reset(saved, incomings, tm
     spec, path = saved
     img = tmp_path / "kept.elf"
     img.write_bytes(open(spec.image, "rb").read())
-    inc = incomings(spec._replace(image=str(img)))
+    inc = incomings(spec.replace(image=str(img)))
     inc.prepare()
     img.unlink()
     d, _ = inc.restore(None, path)

@@ -85,3 +85,31 @@ def test_an_unsignalled_console_ring_is_still_served(guest_image, tmp_path):
         assert xen.ring_poll.period <= 2 * POLL_EVERY    # busy again: polled often
     finally:
         d.close()
+
+
+@pytest.mark.kvm
+def test_after_a_reset_the_poll_serves_the_new_store(guest_image, tmp_path):
+    """A system reset gives the guest a fresh store: a request left in the ring without a
+    signal is answered from that store, not from the one before the reset."""
+    img = tmp_path / "hammer32.elf"
+    img.write_bytes(guest_image("xen/guests/hammer32.S", bits=32))
+    d = Domain(DomainSpec(image=str(img), memory_mib=64, vcpus=1))
+    try:
+        d.start()
+        d.reset()
+        d.xenstore("write", "data/after-reset", b"yes")    # only the new store has it
+        path = b"/local/domain/1/data/after-reset\0"
+        store = d.xen.store_gpa
+        d.machine.mem.write(store, struct.pack("<IIII", 2, 7, 0, len(path)) + path)  # XS_READ
+        d.machine.mem.write(store + 2052, struct.pack("<I", 16 + len(path)))         # req_prod
+        deadline = time.monotonic() + POLL_IDLE_MAX + 2
+        while time.monotonic() < deadline:
+            (rsp_prod,) = struct.unpack("<I", d.machine.mem.read(store + 2060, 4))
+            if rsp_prod >= 16 + 3:
+                break
+            time.sleep(0.01)
+        reply = d.machine.mem.read(store + 1024, 16 + 3)
+        kind, req_id, _tx, length = struct.unpack("<IIII", reply[:16])
+        assert (kind, req_id, length, reply[16:]) == (2, 7, 3, b"yes")
+    finally:
+        d.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from xend_lite.daemon.snapdir import check_config_name
 from xend_lite.daemon.tokens import check_token_file
@@ -50,9 +50,14 @@ def default_snapshot_dir(uid: int | None = None, env: dict[str, str] | None = No
     return os.path.join(state, "xend-lite")
 
 
-class TcpAddress(NamedTuple):
+class TcpAddress(Frozen):
+    __slots__ = ("host", "port")
     host: str
     port: int
+
+    def __init__(self, host: str, port: int):
+        _set(self, "host", host)
+        _set(self, "port", port)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -234,12 +239,21 @@ def _type_name(v: Any) -> str:
             list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
 
 
-class Key(NamedTuple):
+class Key(Frozen):
+    __slots__ = ("section", "name", "field", "check", "option")
     section: str
     name: str
     field: str
     check: Callable[[Any], Any]
     option: str  # the command-line option that sets it
+
+    def __init__(self, section: str, name: str, field: str, check: Callable[[Any], Any],
+                 option: str):
+        _set(self, "section", section)
+        _set(self, "name", name)
+        _set(self, "field", field)
+        _set(self, "check", check)
+        _set(self, "option", option)
 
     @property
     def dotted(self) -> str:

@@ -13,11 +13,13 @@ the socket exists a stop signal is the daemon's to handle, as it was when the lo
 SIGTERM and SIGINT are held until the loop's own handlers replace these (Daemon.run), then
 handled there (a clean stop).
 
-The cyclic garbage collector is off from here to READY=1: a start makes some fifty thousand
+The cyclic garbage collector is off from here to READY=1 (for the `xend-lite` command, from
+before the libraries are imported: cli/daemon.py): a start makes some fifty thousand
 objects (modules, classes, the VM) that live as long as the daemon, and the collector went
-over the young ones again and again (about 2.5 ms a start). At READY=1 they are frozen
-(gc.freeze: left out of every later collection, which also shortens the pauses that hold the
-GIL from the vCPU threads) and the collector is on again.
+over the young ones again and again (about 2.5 ms a start, and some 10 ms more while the
+libraries were imported). At READY=1 they are frozen (gc.freeze: left out of every later
+collection, which also shortens the pauses that hold the GIL from the vCPU threads) and the
+collector is on again.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ class EarlyStart:
     """Sockets bound and the VM building: made by main() once the configuration is checked.
     Raises StartError (nothing left open) when a socket cannot be made."""
 
-    def __init__(self, cfg: Any, factory: DomainFactory, env: dict[str, str] | None = None):
-        self._collecting: bool | None = gc.isenabled()
+    def __init__(self, cfg: Any, factory: DomainFactory, env: dict[str, str] | None = None,
+                 collecting: bool | None = None):
+        """``collecting``: the collector was on before the caller turned it off (None: as
+        it is now); settle() turns it on again if so."""
+        self._collecting: bool | None = gc.isenabled() if collecting is None else collecting
         gc.disable()                        # until settle()
         self.signals: list[int] = []        # stop signals received before the loop ran
         self._handlers = {sig: signal.signal(sig, self._hold) for sig in STOP_SIGNALS}

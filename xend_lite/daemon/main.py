@@ -4,6 +4,7 @@ with the status ExitCode gives them; tracebacks only with --debug or --log-level
 
 from __future__ import annotations
 
+import gc
 import sys
 
 
@@ -144,8 +145,12 @@ def options_from(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None = None) -> int:
-    """The `xend-lite` entry point. ``domain_factory`` replaces the real Domain (tests)."""
+def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None = None,
+         collecting: bool | None = None) -> int:
+    """The `xend-lite` entry point. ``domain_factory`` replaces the real Domain (tests).
+    ``collecting``: the garbage collector was on before the caller turned it off
+    (cli/daemon.py), for the early start to turn it on again at READY=1; None: it is as
+    the caller left it."""
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.version:
@@ -183,7 +188,9 @@ def main(argv: list[str] | None = None, *, domain_factory: DomainFactory | None 
         preflight(cfg, check_kvm=real)
         factory = domain_factory or real_domain_factory
         # sockets bound and the VM building (early.py) while the rest of the daemon loads
-        early = None if cfg.incoming else EarlyStart(cfg, factory)
+        early = None if cfg.incoming else EarlyStart(cfg, factory, collecting=collecting)
+        if early is None and collecting:
+            gc.enable()     # --incoming: no early start to give the collector back
         try:
             from xend_lite.daemon.service import Daemon
 

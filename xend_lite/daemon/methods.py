@@ -12,7 +12,6 @@ from xend_lite.daemon.params import Param, boolean, int_range, opt, string, u64
 from xend_lite.daemon.rpc import METHODS, RpcContext, method
 from xend_lite.daemon.runstate import qmp_name
 from xend_lite.errors import InvalidArgument
-from xend_lite.xen.xenstore.server import escape
 
 __all__ = ["METHODS", "xend_lite_version"]
 
@@ -202,6 +201,8 @@ def _decode_value(value: bytes) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
+        from xend_lite.xen.xenstore.server import escape   # loaded by the read already
+
         return escape(value)
 
 

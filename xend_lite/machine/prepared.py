@@ -16,7 +16,6 @@ seconds before its first memory slot takes that slot in a quarter of a milliseco
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from typing import Callable
 
 from xend_lite.errors import InvalidArgument, NotSupported
@@ -25,29 +24,37 @@ from xend_lite.kvm import const as K
 from xend_lite.machine.msrfilter import msr_filter_ranges
 from xend_lite.machine.owner import VmOwner
 from xend_lite.machine.power import VcpuPowerOn, VmPowerOn
+from xend_lite.record import Record
 
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 MAX_VCPUS = 64
 
 
-@dataclass
-class PreparedVm:
+class PreparedVm(Record):
     """A VM made ahead: ``vcpus`` are created (vCPU n has id n) with ``cpuid`` set and their
     ``power_on`` state taken. A Machine adopts it once (``adopted``) and owns it from then on;
-    until then ``close`` releases it (the Kvm stays its caller's)."""
+    until then ``close`` releases it (the Kvm stays its caller's). A record (record.py), not
+    a dataclass: every start makes one."""
 
-    kvm: Kvm
-    vm: Vm
-    irqchip: bool
-    cpuid: list[CpuidEntry]
-    owner: VmOwner
-    vcpus: list[Vcpu] = field(default_factory=list)
-    power_on: list[VcpuPowerOn] = field(default_factory=list)
-    vm_power_on: VmPowerOn | None = None
-    user_msrs: bool = False          # KVM_CAP_X86_USER_SPACE_MSR enabled (filter exits)
-    threads: list[ParkedThread] = field(default_factory=list)   # see Machine.spawn
-    adopted: bool = False
+    __slots__ = ("kvm", "vm", "irqchip", "cpuid", "owner", "vcpus", "power_on", "vm_power_on",
+                 "user_msrs", "threads", "adopted")
+
+    def __init__(self, kvm: Kvm, vm: Vm, irqchip: bool, cpuid: list[CpuidEntry], owner: VmOwner,
+                 vcpus: list[Vcpu] | None = None, power_on: list[VcpuPowerOn] | None = None,
+                 vm_power_on: VmPowerOn | None = None, user_msrs: bool = False,
+                 threads: list[ParkedThread] | None = None, adopted: bool = False):
+        self.kvm = kvm
+        self.vm = vm
+        self.irqchip = irqchip
+        self.cpuid = cpuid
+        self.owner = owner
+        self.vcpus: list[Vcpu] = [] if vcpus is None else vcpus
+        self.power_on: list[VcpuPowerOn] = [] if power_on is None else power_on
+        self.vm_power_on = vm_power_on
+        self.user_msrs = user_msrs          # KVM_CAP_X86_USER_SPACE_MSR enabled (filter exits)
+        self.threads: list[ParkedThread] = [] if threads is None else threads  # see Machine.spawn
+        self.adopted = adopted
 
     @classmethod
     def make(cls, kvm: Kvm, vcpus: int = 1, irqchip: bool = True,

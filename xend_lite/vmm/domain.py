@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.errors import InvalidArgument, NotFound, NotSupported, StateError
 from xend_lite.kvm import CAPABILITIES, Kvm
@@ -26,11 +26,12 @@ from xend_lite.machine.loader import BootInfo, load_image
 from xend_lite.machine.machine import Machine, ShutdownStatus
 from xend_lite.machine.owner import VmOwner
 from xend_lite.machine.prepared import PreparedVm
-from xend_lite.vmm import inspect
-from xend_lite.vmm.detach import RamDetach
 from xend_lite.vmm.spec import DomainSpec, GuestImages
 from xend_lite.xen.overlay import OverlayDevice
 from xend_lite.xen.platform import OverlayChange, XenConfig, XenPlatform
+
+if TYPE_CHECKING:
+    from xend_lite.vmm.detach import RamDetach
 
 log = logging.getLogger("xend_lite.domain")
 
@@ -63,7 +64,8 @@ class Domain:
                 raise InvalidArgument("memory must be between 16 MiB and 1 TiB")
             self.spec = spec
             self._emit = emit or (lambda _e, _d: None)
-            self.image, self.initrd = images or GuestImages.read(spec)
+            images = images or GuestImages.read(spec)
+            self.image, self.initrd = images.image, images.initrd
             self.kvm = prepared.kvm if prepared is not None else Kvm(spec.kvm_path)
         except BaseException:
             if prepared is not None:
@@ -353,6 +355,8 @@ class Domain:
 
     def _detach_later(self, info: dict, path: Any) -> dict:
         """RAM restored from a file moves off it in the background (see ``detached``)."""
+        from xend_lite.vmm.detach import RamDetach   # only a restore moves RAM off its file
+
         fd, offset = info.pop("_detach")
         self.detached.clear()
         self._detach_job = RamDetach(self.machine, fd, offset, os.fspath(path), self.detached)

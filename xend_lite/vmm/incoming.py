@@ -104,7 +104,7 @@ class Incoming:
             shape = shape_of(snap, path)
             if not shape["xen"]:
                 raise SnapshotError(f"snapshot {path} is of a plain KVM VM, not a Xen domain")
-            spec = self.spec._replace(**{k: shape[k] for k in SHAPE if k in shape})
+            spec = self.spec.replace(**{k: shape[k] for k in SHAPE if k in shape})
             t1 = time.perf_counter()
             ram = ram_backing(snap)
             domain = Domain(spec, emit, prepared=self._take(spec), ram=ram, images=self._images)

@@ -20,6 +20,7 @@ from xend_lite.kvm import const
 from xend_lite.machine.backing import Backing
 from xend_lite.machine.cpustate import apply_vcpu, apply_vm, capture_vcpu, capture_vm
 from xend_lite.snapshot import MemoryRegion, State, check_sections, load_snapshot, save_snapshot
+from xend_lite.vmm import detach  # noqa: F401 - a restore's RAM then moves off its file
 from xend_lite.vmm.shape import DomainShapeState
 from xend_lite.xen.persist import OPTIONAL, SECTIONS, STATE_CLASSES
 

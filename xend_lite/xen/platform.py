@@ -208,7 +208,9 @@ class XenPlatform:
         m.register_msr(xcpuid.HYPERCALL_MSR, write=self._write_hypercall_msr)
         m.exits.register_doorbell(HYPERCALL_PORT, self.hypercalls.on_hypercall, hook=NATIVE_HOOK,
                                   ctx=self.native.ctx)
-        self.ring_poll = RingPoll(lambda: m.state == "running", [self.console.serve, self.xenstore.serve])
+        # the store's backend is replaced by a reset (soft_reset): the poll serves the current one
+        self.ring_poll = RingPoll(lambda: m.state == "running",
+                                  [self.console.serve, lambda: self.xenstore.serve()])
         self._default_params(store_tree)
         m.owner.every(POLL_EVERY, self.ring_poll)
 

@@ -1,5 +1,7 @@
 """The xenstore wire protocol (io/xs_wire.h, docs/misc/xenstore.txt): message types, the
-16-byte header, payload arguments and paths.
+16-byte header, payload arguments and paths, and :class:`MessageReader`, which rebuilds
+messages from what arrives in pieces, across ring wraps and across calls, and refuses a
+payload over XENSTORE_PAYLOAD_MAX.
 
 Everything here takes guest bytes and either returns checked values or raises
 :class:`XsError` with the name a reply carries: an unterminated string, a wrong number of
@@ -16,10 +18,12 @@ import struct
 from xend_lite.record import Frozen
 from xend_lite.record import set_field as _set
 from xend_lite.xen.xenstore.errors import XsError
+from xend_lite.xen.xenstore.ring import ERROR_PROTO, RingBroken
 
 __all__ = ["XsType", "Header", "HEADER_SIZE", "PAYLOAD_MAX", "ABS_PATH_MAX", "REL_PATH_MAX",
            "PRIVILEGED_ONLY", "encode", "error_message", "one_arg", "strings",
-           "home_path", "canonical", "local_offset", "parse_domid", "DOMID_FIRST_RESERVED"]
+           "home_path", "canonical", "local_offset", "parse_domid", "DOMID_FIRST_RESERVED",
+           "MessageReader"]
 
 HEADER = struct.Struct("<IIII")        # struct xsd_sockmsg: type, req_id, tx_id, len
 HEADER_SIZE = HEADER.size
@@ -161,3 +165,40 @@ def canonical(raw: bytes | str, domid: int, *, allow_special: bool = False,
     if path_max is not None and len(path) - local_offset(path) > path_max:
         raise XsError("EINVAL", "path too long")
     return path, relative
+
+
+class MessageReader:
+    """Collects one request: a header, then its payload."""
+
+    def __init__(self, partial: bytes = b""):
+        self.buf = bytearray(partial)
+
+    @property
+    def header(self) -> Header | None:
+        return Header.unpack(bytes(self.buf[:HEADER_SIZE])) if len(self.buf) >= HEADER_SIZE \
+            else None
+
+    def need(self) -> int:
+        """Bytes still missing from the current message."""
+        hdr = self.header
+        if hdr is None:
+            return HEADER_SIZE - len(self.buf)
+        return HEADER_SIZE + hdr.len - len(self.buf)
+
+    def feed(self, data: bytes) -> tuple[Header, bytes] | None:
+        """Add bytes (no more than :meth:`need`); a complete message comes back."""
+        assert len(data) <= self.need()
+        self.buf += data
+        hdr = self.header
+        if hdr is None:
+            return None
+        if hdr.len > PAYLOAD_MAX:
+            raise RingBroken(ERROR_PROTO, f"payload of {hdr.len} bytes")
+        if len(self.buf) < HEADER_SIZE + hdr.len:
+            return None
+        payload = bytes(self.buf[HEADER_SIZE:])
+        self.buf.clear()
+        return hdr, payload
+
+    def partial(self) -> bytes:
+        return bytes(self.buf)

@@ -4,28 +4,33 @@
 then the u32 fields req_cons, req_prod, rsp_cons, rsp_prod, server_features, connection and
 error. Indices are free-running modulo 2**32 and re-read from the page on every access; a
 pair with the producer more than a ring ahead of the consumer raises :class:`RingBroken`
-(nothing is read or written). :class:`MessageReader` rebuilds messages from what arrives in
-pieces, across ring wraps and across calls, and refuses a payload over XENSTORE_PAYLOAD_MAX.
+(nothing is read or written). Messages are rebuilt from the bytes taken by
+protocol.MessageReader; this module knows only the page, so the domain can read a ring's
+indices without loading the protocol (xenstore/backend.py).
 """
 
 from __future__ import annotations
 
+from xend_lite.errors import XendLiteError
 from xend_lite.record import Frozen
 from xend_lite.record import set_field as _set
 from xend_lite.xen.page import Page, read_u32s, ring_read, ring_used, ring_write, write_u32
-from xend_lite.xen.xenstore.protocol import HEADER_SIZE, PAYLOAD_MAX, Header
 
-__all__ = ["XsRing", "RingBroken", "MessageReader", "Control", "RING_SIZE",
-           "FEATURE_RECONNECTION", "FEATURE_ERROR", "ERROR_COMM", "ERROR_RINGIDX",
-           "ERROR_PROTO", "CONNECTED", "RECONNECT"]
+__all__ = ["XsRing", "RingBroken", "Control", "RING_SIZE",
+           "FEATURE_RECONNECTION", "FEATURE_ERROR", "SERVER_FEATURES", "ERROR_COMM",
+           "ERROR_RINGIDX", "ERROR_PROTO", "CONNECTED", "RECONNECT", "PAGE_FAULTS"]
 
 REQ_OFF, RSP_OFF, RING_SIZE = 0, 1024, 1024      # XENSTORE_RING_SIZE
 REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD, FEATURES, CONNECTION, ERROR = (
     2048 + 4 * i for i in range(7))
 
 FEATURE_RECONNECTION, FEATURE_ERROR = 1, 2       # XENSTORE_SERVER_FEATURE_*
+SERVER_FEATURES = FEATURE_RECONNECTION | FEATURE_ERROR     # what the server offers
 CONNECTED, RECONNECT = 0, 1                      # XENSTORE_CONNECTED / _RECONNECT
 ERROR_NONE, ERROR_COMM, ERROR_RINGIDX, ERROR_PROTO = 0, 1, 2, 3   # XENSTORE_ERROR_*
+# What a page accessor raises when guest memory is not there (the integrator's accessor
+# raises GuestMemoryError; BytesPage ValueError).
+PAGE_FAULTS = (XendLiteError, ValueError, OSError)
 
 
 class RingBroken(Exception):
@@ -99,40 +104,3 @@ class XsRing:
         """Empty both queues (reconnection: the guest ignores the ring meanwhile)."""
         for off in (REQ_CONS, REQ_PROD, RSP_CONS, RSP_PROD):
             write_u32(self.page, off, 0)
-
-
-class MessageReader:
-    """Collects one request: a header, then its payload."""
-
-    def __init__(self, partial: bytes = b""):
-        self.buf = bytearray(partial)
-
-    @property
-    def header(self) -> Header | None:
-        return Header.unpack(bytes(self.buf[:HEADER_SIZE])) if len(self.buf) >= HEADER_SIZE \
-            else None
-
-    def need(self) -> int:
-        """Bytes still missing from the current message."""
-        hdr = self.header
-        if hdr is None:
-            return HEADER_SIZE - len(self.buf)
-        return HEADER_SIZE + hdr.len - len(self.buf)
-
-    def feed(self, data: bytes) -> tuple[Header, bytes] | None:
-        """Add bytes (no more than :meth:`need`); a complete message comes back."""
-        assert len(data) <= self.need()
-        self.buf += data
-        hdr = self.header
-        if hdr is None:
-            return None
-        if hdr.len > PAYLOAD_MAX:
-            raise RingBroken(ERROR_PROTO, f"payload of {hdr.len} bytes")
-        if len(self.buf) < HEADER_SIZE + hdr.len:
-            return None
-        payload = bytes(self.buf[HEADER_SIZE:])
-        self.buf.clear()
-        return hdr, payload
-
-    def partial(self) -> bytes:
-        return bytes(self.buf)

@@ -22,7 +22,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from xend_lite.errors import InvalidArgument, XendLiteError
+from xend_lite.errors import InvalidArgument
 from xend_lite.record import Frozen, Record
 from xend_lite.record import set_field as _set
 from xend_lite.xen.page import Page
@@ -32,6 +32,7 @@ from xend_lite.xen.xenstore.protocol import (
     DOMID_FIRST_RESERVED,
     PAYLOAD_MAX,
     Header,
+    MessageReader,
     XsType,
     canonical,
     encode,
@@ -42,11 +43,10 @@ from xend_lite.xen.xenstore.ring import (
     CONNECTED,
     ERROR,
     ERROR_COMM,
-    FEATURE_ERROR,
-    FEATURE_RECONNECTION,
     FEATURES,
+    PAGE_FAULTS,
     RECONNECT,
-    MessageReader,
+    SERVER_FEATURES,
     RingBroken,
     XsRing,
 )
@@ -59,10 +59,6 @@ __all__ = ["XenstoreServer", "ProcessResult", "Outgoing", "MAX_REQUESTS"]
 log = logging.getLogger("xend_lite.xenstore")
 
 MAX_REQUESTS = 64               # requests handled by one process() call
-SERVER_FEATURES = FEATURE_RECONNECTION | FEATURE_ERROR
-# What a page accessor raises when guest memory is not there (the integrator's accessor
-# raises GuestMemoryError; BytesPage ValueError).
-PAGE_FAULTS = (XendLiteError, ValueError, OSError)
 
 
 class ProcessResult(Record):

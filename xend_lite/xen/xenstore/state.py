@@ -20,11 +20,12 @@ from xend_lite.xen.xenstore.protocol import (
     HEADER_SIZE,
     PAYLOAD_MAX,
     Header,
+    MessageReader,
     XsType,
     canonical,
     home_path,
 )
-from xend_lite.xen.xenstore.ring import ERROR_PROTO, MessageReader
+from xend_lite.xen.xenstore.ring import ERROR_PROTO
 from xend_lite.xen.xenstore.server import Outgoing, XenstoreServer
 from xend_lite.xen.xenstore.store import (
     SPECIAL,

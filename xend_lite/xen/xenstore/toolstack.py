@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
+from typing import TYPE_CHECKING
+
 from xend_lite.errors import InvalidArgument
 from xend_lite.record import Frozen
 from xend_lite.record import set_field as _set
-from xend_lite.xen.xenstore import ops
-from xend_lite.xen.xenstore.protocol import home_path
-from xend_lite.xen.xenstore.store import Edit, Perms
+
+if TYPE_CHECKING:   # a domain's info is made with the domain, its tree written with the store
+    from xend_lite.xen.xenstore.store import Edit, Perms
 
 __all__ = ["DomainInfo", "write_domain_tree", "CONSOLE_LIMIT"]
 
@@ -77,6 +79,9 @@ class DomainInfo(Frozen):
 
 def write_domain_tree(edit: Edit, domid: int, info: DomainInfo) -> None:
     """Write the guest's tree as domain 0 in one edit (all or nothing)."""
+    from xend_lite.xen.xenstore import ops
+    from xend_lite.xen.xenstore.protocol import home_path
+
     dom = home_path(domid)
     vm = f"/vm/{info.vm_uuid()}"
     ro: Perms = ((0, "n"), (domid, "r"))        # libxl's roperm
