@@ -89,7 +89,9 @@ gc.callbacks.append(lambda phase, info: collections.append(1) if phase == "start
 from xend_lite.cli import daemon as cli
 seen = {}
 if sys.argv[1] == "--version":
+    collections.clear()      # what the command's own imports make run, nothing before
     rc = cli.main(["--version"])
+    seen["collections_while_loading"] = len(collections)   # before anything else allocates
 else:
     from tests.daemon.fakes import FakeDomain
     from xend_lite.daemon import main as daemon_main
@@ -103,8 +105,8 @@ else:
     real = daemon_main.main
     daemon_main.main = lambda argv, **kw: real(argv, domain_factory=FakeDomain, **kw)
     rc = cli.main(sys.argv[1:])
-print(json.dumps({"rc": rc, "collections_while_loading": len(collections),
-                  "stack": "aiohttp" in sys.modules, "after": gc.isenabled(), **seen}))
+seen.setdefault("collections_while_loading", len(collections))
+print(json.dumps({"rc": rc, "stack": "aiohttp" in sys.modules, "after": gc.isenabled(), **seen}))
 """
 
 
