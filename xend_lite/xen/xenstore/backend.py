@@ -21,8 +21,8 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from xend_lite.errors import GuestMemoryError
-from xend_lite.xen.page import Page, write_u32
-from xend_lite.xen.xenstore.ring import FEATURES, PAGE_FAULTS, RECONNECT, SERVER_FEATURES, XsRing
+from xend_lite.xen.page import Page
+from xend_lite.xen.xenstore.ring import PAGE_FAULTS, RECONNECT, XsRing
 
 if TYPE_CHECKING:   # saving and loading bring in the snapshot layer: imported when used
     from xend_lite.xen.xenstore.server import XenstoreServer
@@ -76,9 +76,7 @@ class XenstoreBackend:
         on the ring, no reconnection), with the feature bits set as the server's first pass
         sets them. A page that cannot be read is left to the server, which reports it."""
         try:
-            ctl = XsRing(self._page).control()
-            if ctl.features & SERVER_FEATURES != SERVER_FEATURES:
-                write_u32(self._page, FEATURES, ctl.features | SERVER_FEATURES)
+            ctl = XsRing(self._page).offer_features()
         except PAGE_FAULTS:
             return False
         return ctl.connection != RECONNECT and ctl.req_cons == ctl.req_prod

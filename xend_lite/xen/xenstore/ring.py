@@ -75,6 +75,14 @@ class XsRing:
     def set_field(self, off: int, value: int) -> None:
         write_u32(self.page, off, value)
 
+    def offer_features(self) -> Control:
+        """The control fields, with the server's feature bits set first if the guest's
+        page lacks them (every pass of the server, and the domain before it makes one)."""
+        ctl = self.control()
+        if ctl.features & SERVER_FEATURES != SERVER_FEATURES:
+            self.set_field(FEATURES, ctl.features | SERVER_FEATURES)
+        return ctl
+
     def take(self, n: int) -> bytes:
         """Up to ``n`` request bytes the guest has produced; advances req_cons."""
         cons, prod = read_u32s(self.page, REQ_CONS, 2)

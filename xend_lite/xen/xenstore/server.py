@@ -43,10 +43,8 @@ from xend_lite.xen.xenstore.ring import (
     CONNECTED,
     ERROR,
     ERROR_COMM,
-    FEATURES,
     PAGE_FAULTS,
     RECONNECT,
-    SERVER_FEATURES,
     RingBroken,
     XsRing,
 )
@@ -109,9 +107,7 @@ class XenstoreServer:
         res = ProcessResult()
         was_broken = self.broken
         try:
-            ctl = self.ring.control()
-            if ctl.features & SERVER_FEATURES != SERVER_FEATURES:
-                self.ring.set_field(FEATURES, ctl.features | SERVER_FEATURES)
+            ctl = self.ring.offer_features()
             if ctl.connection == RECONNECT:
                 self._reconnect()
                 res.reconnected = True
